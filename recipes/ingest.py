@@ -1,0 +1,382 @@
+"""Validated ingest: raw source rows in, clean keyed rows and quarantine rows out, counts that add up.
+
+Adapters (recipes/sources.py) turn a source's files into `RawSource`: string columns plus `__file`/`__line` so
+every row can be traced. `ingest` validates items, images, users and interactions, writes the good rows through
+keyed upserts and every bad row into `quarantine` with a reason code, and returns a report in which, per source
+file, rows read = rows stored + rows merged (identical duplicates) + rows quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from extractors.images import ImageError, inspect_image, resolve_inside
+from stores.schema import INTERACTIONS, ITEM_IMAGES, ITEMS, QUARANTINE, USERS
+from stores.workspace import UpsertResult, Workspace, conform
+
+
+@dataclass
+class FileTally:
+    """Per source file: rows read, and where each one went."""
+
+    read: int = 0
+    stored: int = 0
+    merged: int = 0
+    quarantined: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def balanced(self) -> bool:
+        return self.read == self.stored + self.merged + self.quarantined
+
+
+@dataclass
+class RawSource:
+    """What an adapter read. Tables hold strings (bytes where decoding must be checked) plus `__file`/`__line`."""
+
+    name: str
+    items: pa.Table | None = None
+    users: pa.Table | None = None
+    interactions: pa.Table | None = None
+    image_root: Path | None = None
+    text_encoding: str = "utf-8"
+    derive_items: bool = False
+    derive_users: bool = False
+    default_event: str = "interaction"
+    tallies: dict[str, FileTally] = field(default_factory=dict)
+    quarantine: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class IngestReport:
+    source: str
+    tables: dict[str, UpsertResult]
+    files: dict[str, FileTally]
+
+    @property
+    def balanced(self) -> bool:
+        return all(t.balanced for t in self.files.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "tables": {k: vars(v) | {"written": v.written} for k, v in self.tables.items()},
+            "files": {k: vars(v) | {"reasons": dict(v.reasons), "balanced": v.balanced} for k, v in self.files.items()},
+            "balanced": self.balanced,
+        }
+
+
+def key_hash(kind: str, key: str) -> str:
+    """How the deny-list names a forgotten user or item without storing the key itself."""
+    return hashlib.sha256(f"{kind}:{key}".encode()).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _excerpt(row: dict) -> str:
+    clean = {
+        k: (v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v)
+        for k, v in row.items()
+        if not k.startswith("__")
+    }
+    return json.dumps(clean, default=str, ensure_ascii=False)[:300]
+
+
+class _Quarantine:
+    """Collects quarantine rows and keeps the per-file tallies in step with them."""
+
+    def __init__(self, source: RawSource):
+        self.source = source
+        self.rows = list(source.quarantine)
+
+    def tally(self, file: str) -> FileTally:
+        return self.source.tallies.setdefault(file, FileTally())
+
+    def add(self, file: str, line: int | str, key: str | None, reason: str, detail: str, raw: str | None) -> None:
+        qid = hashlib.sha256(f"{self.source.name}|{file}|{line}|{reason}".encode()).hexdigest()[:32]
+        self.rows.append(
+            {
+                "quarantine_id": qid,
+                "source": self.source.name,
+                "file": f"{file}:{line}",
+                "record_key": key,
+                "reason": reason,
+                "detail": detail,
+                "raw_excerpt": raw,
+                "created_at": _now(),
+            }
+        )
+        tally = self.tally(file)
+        tally.quarantined += 1
+        tally.reasons[reason] += 1
+
+
+def _decode(value: object, encoding: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode(encoding)
+    return str(value)
+
+
+def _content_hash(*parts: str | None) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update((part or "").encode())
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def _validate_items(src: RawSource, q: _Quarantine, denied: set[str]) -> tuple[list[dict], list[tuple[str, str, str, int]]]:
+    """Items → clean rows; also returns (item_id, image path, file, line) for every item that names an image."""
+    rows: dict[str, dict] = {}
+    images: list[tuple[str, str, str, int]] = []
+    now = _now()
+    for raw in src.items.to_pylist():
+        file, line = raw["__file"], raw["__line"]
+        q.tally(file).read += 1
+        try:
+            item_id = (_decode(raw.get("item_id"), "utf-8") or "").strip()
+            title = _decode(raw.get("title"), src.text_encoding)
+            text = _decode(raw.get("text"), src.text_encoding)
+            attributes = _decode(raw.get("attributes"), src.text_encoding)
+        except UnicodeDecodeError as exc:
+            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", _excerpt(raw))
+            continue
+        if not item_id:
+            q.add(file, line, None, "empty_id", "item_id is empty; every item needs a non-empty string id", _excerpt(raw))
+            continue
+        if key_hash("item", item_id) in denied:
+            q.add(file, line, None, "forgotten", "item was erased by a forget request; not re-ingested", None)
+            continue
+        rights = _decode(raw.get("rights"), "utf-8")
+        digest = _content_hash(title, text, attributes, rights)
+        if item_id in rows:
+            if rows[item_id]["content_hash"] == digest:
+                q.tally(file).merged += 1
+            else:
+                q.add(
+                    file,
+                    line,
+                    item_id,
+                    "duplicate_conflict",
+                    f"item_id {item_id!r} appears again with different content; the first row was kept. "
+                    "De-duplicate the source.",
+                    _excerpt(raw),
+                )
+            continue
+        rows[item_id] = {
+            "item_id": item_id,
+            "title": title,
+            "text": text,
+            "attributes": attributes,
+            "source": src.name,
+            "rights": rights,
+            "content_hash": digest,
+            "created_at": now,
+            "updated_at": now,
+        }
+        q.tally(file).stored += 1
+        image = raw.get("image")
+        if image is not None and str(image).strip():
+            images.append((item_id, str(image), file, line))
+    return list(rows.values()), images
+
+
+def _validate_images(src: RawSource, refs: list[tuple[str, str, str, int]], q: _Quarantine) -> list[dict]:
+    rows = []
+    root = src.image_root
+    label = str(root) if root else "images"
+    now = _now()
+    for item_id, rel, _file, _line in tqdm(refs, desc="images", unit="img", disable=len(refs) < 500):
+        q.tally(label).read += 1
+        try:
+            if root is None:
+                raise ImageError("missing_image", "the source names images but no image root was given (--images DIR)")
+            path = resolve_inside(root, rel)
+            data = path.read_bytes()
+            info = inspect_image(data)
+        except ImageError as exc:
+            q.add(label, rel, item_id, exc.code, exc.detail, json.dumps({"item_id": item_id, "image": rel}))
+            continue
+        rows.append(
+            {
+                "item_id": item_id,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "format": info.format,
+                "width": info.width,
+                "height": info.height,
+                "image": data,
+                "source": src.name,
+                "created_at": now,
+            }
+        )
+        q.tally(label).stored += 1
+    return rows
+
+
+def _validate_users(src: RawSource, q: _Quarantine, denied: set[str]) -> list[dict]:
+    rows: dict[str, dict] = {}
+    now = _now()
+    for raw in src.users.to_pylist():
+        file, line = raw["__file"], raw["__line"]
+        q.tally(file).read += 1
+        try:
+            user_id = (_decode(raw.get("user_id"), "utf-8") or "").strip()
+            attributes = _decode(raw.get("attributes"), src.text_encoding)
+        except UnicodeDecodeError as exc:
+            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", _excerpt(raw))
+            continue
+        if not user_id:
+            q.add(file, line, None, "empty_id", "user_id is empty", _excerpt(raw))
+            continue
+        if key_hash("user", user_id) in denied:
+            q.add(file, line, None, "forgotten", "user was erased by a forget request; not re-ingested", None)
+            continue
+        if user_id in rows:
+            if rows[user_id]["attributes"] == attributes:
+                q.tally(file).merged += 1
+            else:
+                q.add(file, line, user_id, "duplicate_conflict", f"user_id {user_id!r} appears again with different attributes", _excerpt(raw))
+            continue
+        rows[user_id] = {"user_id": user_id, "attributes": attributes, "source": src.name, "created_at": now}
+        q.tally(file).stored += 1
+    return list(rows.values())
+
+
+_TS_SECONDS = """
+CASE
+  WHEN regexp_full_match(trim(ts), '-?[0-9]+(\\.[0-9]+)?') THEN TRY_CAST(floor(TRY_CAST(trim(ts) AS DOUBLE)) AS BIGINT)
+  ELSE epoch(TRY_CAST(trim(ts) AS TIMESTAMP))::BIGINT
+END
+"""
+
+
+def _validate_interactions(
+    src: RawSource, con: duckdb.DuckDBPyConnection, q: _Quarantine, check_items: bool, check_users: bool, denied: bool
+) -> None:
+    """Classify interactions in DuckDB (vectorised); leaves the clean rows in the DuckDB table `clean`."""
+    con.register("raw_inter", src.interactions)
+    cols = set(src.interactions.column_names)
+    event = "COALESCE(NULLIF(trim(CAST(event AS VARCHAR)), ''), $ev)" if "event" in cols else "$ev"
+    value = "CAST(value AS VARCHAR)" if "value" in cols else "NULL::VARCHAR"
+    deny = (
+        "WHEN sha256('user:' || u) IN (SELECT key_hash FROM denied) OR sha256('item:' || i) IN (SELECT key_hash FROM denied) "
+        "THEN 'forgotten'"
+        if denied
+        else ""
+    )
+    unknown_item = "WHEN i NOT IN (SELECT item_id FROM known_items) THEN 'unknown_item'" if check_items else ""
+    unknown_user = "WHEN u NOT IN (SELECT user_id FROM known_users) THEN 'unknown_user'" if check_users else ""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE classified AS
+        WITH raw AS (
+          SELECT trim(CAST(user_id AS VARCHAR)) AS u, trim(CAST(item_id AS VARCHAR)) AS i, CAST(timestamp AS VARCHAR) AS ts,
+                 {event} AS e, {value} AS v, __file, __line
+          FROM raw_inter
+        ), parsed AS (
+          SELECT *, {_TS_SECONDS} AS t, TRY_CAST(v AS DOUBLE) AS val FROM raw
+        )
+        SELECT *, CASE
+          WHEN u IS NULL OR u = '' OR i IS NULL OR i = '' THEN 'empty_id'
+          WHEN t IS NULL THEN 'bad_timestamp'
+          WHEN v IS NOT NULL AND trim(v) <> '' AND val IS NULL THEN 'bad_value'
+          {deny}
+          {unknown_item}
+          {unknown_user}
+          ELSE NULL END AS reason
+        FROM parsed
+        """,
+        {"ev": src.default_event},
+    )
+    con.unregister("raw_inter")
+    for file, n in con.sql("SELECT __file, count(*) FROM classified GROUP BY ALL").fetchall():
+        q.tally(file).read += n
+    details = {
+        "empty_id": "user_id or item_id is empty",
+        "bad_timestamp": "timestamp is neither unix seconds nor an ISO date/time",
+        "bad_value": "value is not a number",
+        "forgotten": "user or item was erased by a forget request; not re-ingested",
+        "unknown_item": "item_id is not among the source's or the workspace's items; ingest the item first",
+        "unknown_user": "user_id is not among the source's or the workspace's users; ingest the user first",
+    }
+    bad = con.sql("SELECT __file, __line, u, i, ts, e, v, reason FROM classified WHERE reason IS NOT NULL").fetchall()
+    for file, line, u, i, ts, e, v, reason in bad:
+        if reason == "forgotten":
+            q.add(file, line, None, reason, details[reason], None)
+        else:
+            raw = json.dumps({"user_id": u, "item_id": i, "timestamp": ts, "event": e, "value": v})[:300]
+            q.add(file, line, f"{u}|{i}", reason, f"{details[reason]}: {raw}", raw)
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE clean AS
+        SELECT u AS user_id, i AS item_id, to_timestamp(t) AS timestamp, e AS event,
+               (row_number() OVER (PARTITION BY u, i, t, e ORDER BY __file, __line) - 1)::INTEGER AS seq,
+               val AS value, $src AS source, __file
+        FROM classified WHERE reason IS NULL
+        """,
+        {"src": src.name},
+    )
+    for file, n in con.sql("SELECT __file, count(*) FROM clean GROUP BY ALL").fetchall():
+        q.tally(file).stored += n
+
+
+def ingest(ws: Workspace, src: RawSource) -> IngestReport:
+    """Validate and write one source into the workspace; see the module docstring for the guarantees."""
+    q = _Quarantine(src)
+    tables: dict[str, UpsertResult] = {}
+    denied = set(ws.read("deny_list", columns=["key_hash"])["key_hash"].to_pylist())
+
+    if src.items is not None:
+        items, image_refs = _validate_items(src, q, denied)
+        tables["items"] = ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
+        if image_refs:
+            images = _validate_images(src, image_refs, q)
+            tables["item_images"] = ws.upsert(ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema))
+    if src.users is not None:
+        users = _validate_users(src, q, denied)
+        tables["users"] = ws.upsert(USERS, pa.Table.from_pylist(users, schema=USERS.schema))
+
+    if src.interactions is not None:
+        con = duckdb.connect()
+        con.register("known_items", ws.read("items", columns=["item_id"]))
+        con.register("known_users", ws.read("users", columns=["user_id"]))
+        if denied:
+            con.register("denied", pa.table({"key_hash": sorted(denied)}))
+        _validate_interactions(
+            src,
+            con,
+            q,
+            check_items=not src.derive_items,
+            check_users=not src.derive_users,
+            denied=bool(denied),
+        )
+        now = _now()
+        if src.derive_items:
+            derived = con.sql(
+                "SELECT DISTINCT item_id, $src AS source FROM clean", params={"src": src.name}
+            ).to_arrow_table()
+            derived = derived.append_column("content_hash", pa.array([_content_hash()] * derived.num_rows))
+            derived = derived.append_column("created_at", pa.array([now] * derived.num_rows, ITEMS.schema.field("created_at").type))
+            tables["items"] = ws.upsert(ITEMS, conform(derived, ITEMS.schema))
+        if src.derive_users:
+            derived = con.sql("SELECT DISTINCT user_id, $src AS source FROM clean", params={"src": src.name}).to_arrow_table()
+            derived = derived.append_column("created_at", pa.array([now] * derived.num_rows, USERS.schema.field("created_at").type))
+            tables["users"] = ws.upsert(USERS, conform(derived, USERS.schema))
+        tables["interactions"] = ws.upsert_relation(INTERACTIONS, con, "clean")
+        con.close()
+
+    tables["quarantine"] = ws.upsert(QUARANTINE, pa.Table.from_pylist(q.rows, schema=QUARANTINE.schema))
+    return IngestReport(src.name, tables, src.tallies)

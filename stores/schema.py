@@ -1,0 +1,154 @@
+"""The data model: every workspace table, its Arrow schema and its key.
+
+Keys are strings end to end, so ids such as H&M's "0108775015" keep their leading zeros. Each table names the
+columns that identify a row (`key`) and the cheap columns that tell whether a row's content changed (`compare`);
+`stores.workspace.upsert` uses both so that writing the same rows twice adds nothing and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+EVENT_TIME = pa.timestamp("s", tz="UTC")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table of the workspace: its name, schema, key columns and change-detection columns."""
+
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]
+    compare: tuple[str, ...] = ()
+
+
+ITEMS = TableSpec(
+    "items",
+    pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("title", pa.string()),
+            pa.field("text", pa.string()),
+            # JSON object of source-specific attributes (genres, year, category, ...), queryable with DuckDB's json_*.
+            pa.field("attributes", pa.string()),
+            pa.field("source", pa.string()),
+            # Rights / licence tag, used by attribute-based forget requests ("licence revoked").
+            pa.field("rights", pa.string()),
+            # sha256 over title, text, attributes and rights: what extractors and upserts compare.
+            pa.field("content_hash", pa.string()),
+            pa.field("created_at", TIMESTAMP),
+            pa.field("updated_at", TIMESTAMP),
+        ]
+    ),
+    key=("item_id",),
+    compare=("content_hash",),
+)
+
+ITEM_IMAGES = TableSpec(
+    "item_images",
+    pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("sha256", pa.string(), nullable=False),
+            pa.field("format", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            # The original file bytes, unchanged; decoders apply EXIF orientation and mode at read time.
+            pa.field("image", pa.large_binary()),
+            pa.field("source", pa.string()),
+            pa.field("created_at", TIMESTAMP),
+        ]
+    ),
+    key=("item_id",),
+    compare=("sha256",),
+)
+
+USERS = TableSpec(
+    "users",
+    pa.schema(
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("attributes", pa.string()),
+            pa.field("source", pa.string()),
+            pa.field("created_at", TIMESTAMP),
+        ]
+    ),
+    key=("user_id",),
+    compare=("attributes",),
+)
+
+INTERACTIONS = TableSpec(
+    "interactions",
+    pa.schema(
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("timestamp", EVENT_TIME, nullable=False),
+            pa.field("event", pa.string(), nullable=False),
+            # Occurrence number of an identical (user, item, timestamp, event) within one source: repeat purchases
+            # on the same day (H&M) stay distinct rows, while re-ingesting the source maps onto the same keys.
+            pa.field("seq", pa.int32(), nullable=False),
+            pa.field("value", pa.float64()),
+            pa.field("source", pa.string()),
+        ]
+    ),
+    key=("user_id", "item_id", "timestamp", "event", "seq"),
+    compare=("value",),
+)
+
+QUARANTINE = TableSpec(
+    "quarantine",
+    pa.schema(
+        [
+            pa.field("quarantine_id", pa.string(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("file", pa.string()),
+            pa.field("record_key", pa.string()),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("detail", pa.string()),
+            pa.field("raw_excerpt", pa.string()),
+            pa.field("created_at", TIMESTAMP),
+        ]
+    ),
+    key=("quarantine_id",),
+)
+
+# Hashed keys of forgotten users and items: re-ingesting a source that still holds them quarantines the rows
+# without storing the key itself (see stores/erasure.py).
+DENY_LIST = TableSpec(
+    "deny_list",
+    pa.schema(
+        [
+            pa.field("key_hash", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("request_id", pa.string()),
+            pa.field("created_at", TIMESTAMP),
+        ]
+    ),
+    key=("key_hash",),
+)
+
+# Versioned artifacts (splits, graphs, snapshots, exports): a name, its kind, the table that holds its rows and a
+# JSON manifest recording the input tables and their versions, the parameters and the counts.
+ARTIFACTS = TableSpec(
+    "artifacts",
+    pa.schema(
+        [
+            pa.field("name", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("table_name", pa.string()),
+            pa.field("table_version", pa.int64()),
+            pa.field("manifest", pa.string()),
+            pa.field("created_at", TIMESTAMP),
+        ]
+    ),
+    key=("kind", "name"),
+    compare=("table_version", "manifest"),
+)
+
+CORE_TABLES: dict[str, TableSpec] = {
+    spec.name: spec for spec in (ITEMS, ITEM_IMAGES, USERS, INTERACTIONS, QUARANTINE, DENY_LIST, ARTIFACTS)
+}

@@ -1,0 +1,232 @@
+"""The workspace: a LanceDB root (directory or object-store URI) holding every table of the platform.
+
+A `Workspace` opens tables by name, creates them from their explicit schema on first use, and writes through
+keyed upserts: rows whose key is new are inserted, rows whose compare-columns changed are updated, and identical
+rows are left alone, so re-running an ingest or an extractor writes nothing and creates no new table version.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import lance
+import lancedb
+import pyarrow as pa
+
+from stores.schema import CORE_TABLES, TableSpec
+
+DEFAULT_HOME = "./mmfeat-data"
+_BATCH_ROWS = 1 << 19
+
+
+def resolve_uri(uri: str | os.PathLike | None = None) -> str:
+    """The workspace location: the argument, else $MMFEAT_HOME, else ./mmfeat-data (local paths made absolute)."""
+    uri = str(uri) if uri is not None else os.environ.get("MMFEAT_HOME", DEFAULT_HOME)
+    if "://" in uri:
+        return uri.rstrip("/")
+    return str(Path(uri).expanduser().resolve())
+
+
+def storage_options_from_env() -> dict[str, str]:
+    """Object-store settings for s3:// workspaces, taken from the usual AWS variables (for MinIO, moto, ...)."""
+    mapping = {
+        "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+        "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+        "AWS_SESSION_TOKEN": "aws_session_token",
+        "AWS_REGION": "aws_region",
+        "AWS_ENDPOINT_URL": "aws_endpoint",
+        "AWS_ENDPOINT": "aws_endpoint",
+    }
+    opts = {key: os.environ[env] for env, key in mapping.items() if os.environ.get(env)}
+    if opts.get("aws_endpoint", "").startswith("http://"):
+        opts["allow_http"] = "true"
+    return opts
+
+
+@dataclass
+class UpsertResult:
+    """What one keyed upsert did: rows inserted, updated and left unchanged, and the table version after it."""
+
+    table: str
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    version: int | None = None
+
+    @property
+    def written(self) -> int:
+        return self.inserted + self.updated
+
+
+class Workspace:
+    """A LanceDB root with the platform's tables. Cheap to construct; picklable (holds only its URI)."""
+
+    def __init__(self, uri: str | os.PathLike | None = None, storage_options: dict[str, str] | None = None):
+        self.uri = resolve_uri(uri)
+        self.is_local = "://" not in self.uri
+        if storage_options is None and not self.is_local:
+            storage_options = storage_options_from_env()
+        self.storage_options = storage_options or {}
+        if self.is_local:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        self._db: Any = None
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["uri"], state["storage_options"])
+
+    def __repr__(self) -> str:
+        return f"Workspace({self.uri!r})"
+
+    @property
+    def db(self) -> Any:
+        if self._db is None:
+            self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None)
+        return self._db
+
+    # ---- tables -------------------------------------------------------------------------------------------
+    def table_names(self) -> list[str]:
+        names: list[str] = []
+        token = None
+        while True:
+            page = self.db.list_tables(page_token=token)
+            names.extend(page.tables)
+            token = page.page_token
+            if not token:
+                return sorted(names)
+
+    def exists(self, name: str) -> bool:
+        return name in self.table_names()
+
+    def open(self, name: str) -> Any:
+        """Open an existing table; raise a clear error naming what exists when it does not."""
+        if not self.exists(name):
+            have = ", ".join(self.table_names()) or "none"
+            raise KeyError(f"table {name!r} does not exist in workspace {self.uri} (tables: {have})")
+        return self.db.open_table(name)
+
+    def ensure(self, spec: TableSpec) -> Any:
+        """Open `spec`'s table, creating it empty with its explicit schema when missing."""
+        if self.exists(spec.name):
+            return self.db.open_table(spec.name)
+        return self.db.create_table(spec.name, schema=spec.schema, exist_ok=True)
+
+    def dataset(self, name: str, version: int | None = None) -> lance.LanceDataset:
+        """The Lance dataset behind a table, optionally checked out at `version`."""
+        return self.open(name).to_lance() if version is None else lance.dataset(
+            self.table_uri(name), version=version, storage_options=self.storage_options or None
+        )
+
+    def table_uri(self, name: str) -> str:
+        return f"{self.uri}/{name}.lance"
+
+    def version(self, name: str) -> int | None:
+        return self.open(name).version if self.exists(name) else None
+
+    def versions(self) -> dict[str, int]:
+        """Current version of every table: what a manifest or snapshot pins."""
+        return {name: self.open(name).version for name in self.table_names()}
+
+    def count(self, name: str, where: str | None = None) -> int:
+        if not self.exists(name):
+            return 0
+        return self.open(name).count_rows(where)
+
+    def read(
+        self,
+        name: str,
+        columns: list[str] | None = None,
+        where: str | None = None,
+        version: int | None = None,
+    ) -> pa.Table:
+        """Read a table (or a version of it) into Arrow; missing core tables read as empty with their schema."""
+        if not self.exists(name):
+            if name in CORE_TABLES:
+                schema = CORE_TABLES[name].schema
+                empty = schema.empty_table()
+                return empty.select(columns) if columns else empty
+            self.open(name)  # raises the clear error
+        return self.dataset(name, version).to_table(columns=columns, filter=where)
+
+    # ---- writes -------------------------------------------------------------------------------------------
+    def upsert(self, spec: TableSpec, data: pa.Table) -> UpsertResult:
+        """Keyed upsert of `data` (rows with unique keys) into `spec`'s table.
+
+        New keys are appended; rows whose compare-columns differ are merged in; identical rows are skipped, and
+        when nothing differs no write happens at all (no new version).
+        """
+        con = duckdb.connect()
+        con.register("new_rows", data)
+        return self.upsert_relation(spec, con, "new_rows")
+
+    def upsert_relation(self, spec: TableSpec, con: duckdb.DuckDBPyConnection, relation: str) -> UpsertResult:
+        """`upsert` for rows already held by DuckDB (a table or view named `relation` in `con`), streamed out in
+        batches so that large ingests never hold the whole table in memory twice."""
+        table = self.ensure(spec)
+        result = UpsertResult(spec.name)
+        total = con.sql(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
+        cols = ", ".join(f'n."{c}"' for c in spec.schema.names)
+        if table.count_rows() == 0:
+            if total:
+                table.add(_batches(con, f"SELECT {cols} FROM {relation} n", spec.schema))
+            result.inserted = total
+            result.version = table.version
+            return result
+        con.register("old_rows", table.to_lance())
+        on = " AND ".join(f'n."{k}" = o."{k}"' for k in spec.key)
+        new_query = f"SELECT {cols} FROM {relation} n ANTI JOIN old_rows o ON {on}"
+        result.inserted = con.sql(f"SELECT count(*) FROM ({new_query})").fetchall()[0][0]
+        if result.inserted:
+            table.add(_batches(con, new_query, spec.schema))
+        if spec.compare:
+            differs = " OR ".join(f'n."{c}" IS DISTINCT FROM o."{c}"' for c in spec.compare)
+            changed = _fetch(con, f"SELECT {cols} FROM {relation} n JOIN old_rows o ON {on} WHERE {differs}", spec.schema)
+            if changed.num_rows:
+                table.merge_insert(list(spec.key)).when_matched_update_all().when_not_matched_insert_all().execute(
+                    changed
+                )
+            result.updated = changed.num_rows
+        result.unchanged = total - result.inserted - result.updated
+        result.version = table.version
+        con.unregister("old_rows")
+        return result
+
+    # ---- SQL ----------------------------------------------------------------------------------------------
+    def sql(self, query: str, versions: dict[str, int] | None = None) -> pa.Table:
+        """Read-only DuckDB SQL over every table of the workspace (see stores/sql.py)."""
+        from stores.sql import run_sql
+
+        return run_sql(self, query, versions=versions)
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_batches(list(_iter_batches(con, query, schema)), schema=schema)
+
+
+def _batches(con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema) -> pa.RecordBatchReader:
+    return pa.RecordBatchReader.from_batches(schema, _iter_batches(con, query, schema))
+
+
+def _iter_batches(con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    reader = con.sql(query).to_arrow_reader(_BATCH_ROWS)
+    for batch in reader:
+        if batch.num_rows:
+            yield from conform(pa.Table.from_batches([batch]), schema).combine_chunks().to_batches()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast `table`'s columns to `schema` (DuckDB hands back binary for large_binary, us for s, ...)."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table[field.name].cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
