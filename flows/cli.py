@@ -219,7 +219,7 @@ def _cell(value) -> str:
 @click.pass_context
 def demo(ctx, n_items, n_users, seed):
     """Generate a synthetic multimodal catalog, ingest it, and print a summary (offline)."""
-    from recipes.demo_data import run_demo
+    from flows.demo import run_demo
 
     run_demo(_ws(ctx), n_items=n_items, n_users=n_users, seed=seed, echo=click.echo)
 

@@ -101,7 +101,10 @@ class _Quarantine:
         self.rows = list(source.quarantine)
 
     def tally(self, file: str) -> FileTally:
-        return self.source.tallies.setdefault(file, FileTally())
+        tally = self.source.tallies.get(file)
+        if tally is None:
+            tally = self.source.tallies[file] = FileTally()
+        return tally
 
     def add(self, file: str, line: int | str, key: str | None, reason: str, detail: str, raw: str | None) -> None:
         qid = hashlib.sha256(f"{self.source.name}|{file}|{line}|{reason}".encode()).hexdigest()[:32]
@@ -188,9 +191,9 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: set[str]) -> tuple[l
             "updated_at": now,
         }
         q.tally(file).stored += 1
-        image = raw.get("image")
-        if image is not None and str(image).strip():
-            images.append((item_id, str(image), file, line))
+        image = _decode(raw.get("image"), "utf-8")
+        if image is not None and image.strip():
+            images.append((item_id, image.strip(), file, line))
     return list(rows.values()), images
 
 
@@ -319,16 +322,25 @@ def _validate_interactions(
         else:
             raw = json.dumps({"user_id": u, "item_id": i, "timestamp": ts, "event": e, "value": v})[:300]
             q.add(file, line, f"{u}|{i}", reason, f"{details[reason]}: {raw}", raw)
+    # `seq` numbers identical (user, item, time, event) rows; only duplicated keys need the (costly) window.
     con.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE clean AS
-        SELECT u AS user_id, i AS item_id, to_timestamp(t) AS timestamp, e AS event,
-               (row_number() OVER (PARTITION BY u, i, t, e ORDER BY __file, __line) - 1)::INTEGER AS seq,
-               val AS value, $src AS source, __file
-        FROM classified WHERE reason IS NULL
-        """,
-        {"src": src.name},
+        "CREATE OR REPLACE TEMP TABLE dup_keys AS SELECT u, i, t, e FROM classified WHERE reason IS NULL "
+        "GROUP BY ALL HAVING count(*) > 1"
     )
+    has_dups = con.sql("SELECT count(*) FROM dup_keys").fetchall()[0][0] > 0
+    select = "SELECT u AS user_id, i AS item_id, to_timestamp(t) AS timestamp, e AS event, {seq} AS seq, val AS value, " \
+             "{src} AS source, __file FROM classified c WHERE reason IS NULL"
+    literal = "'" + src.name.replace("'", "''") + "'"
+    select = select.replace("{src}", literal)
+    query = select.format(seq="0::INTEGER")
+    if has_dups:
+        query = (
+            f"{query} AND NOT EXISTS (SELECT 1 FROM dup_keys d WHERE d.u = c.u AND d.i = c.i AND d.t = c.t AND d.e = c.e) "
+            "UNION ALL "
+            + select.format(seq="(row_number() OVER (PARTITION BY u, i, t, e ORDER BY __file, __line) - 1)::INTEGER")
+            + " AND EXISTS (SELECT 1 FROM dup_keys d WHERE d.u = c.u AND d.i = c.i AND d.t = c.t AND d.e = c.e)"
+        )
+    con.execute(f"CREATE OR REPLACE TEMP VIEW clean AS {query}")
     for file, n in con.sql("SELECT __file, count(*) FROM clean GROUP BY ALL").fetchall():
         q.tally(file).stored += n
 

@@ -11,6 +11,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -36,8 +37,9 @@ def _require(path: Path, what: str, fix: str) -> Path:
 
 def _with_lineage(table: pa.Table, file: str) -> pa.Table:
     n = table.num_rows
-    table = table.append_column("__file", pa.array([file] * n, pa.string()))
-    return table.append_column("__line", pa.array(range(1, n + 1), pa.int64()))
+    files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([file]))
+    table = table.append_column("__file", files)
+    return table.append_column("__line", pa.array(np.arange(1, n + 1, dtype=np.int64)))
 
 
 def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None = None) -> pa.Table:

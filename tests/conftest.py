@@ -1,0 +1,41 @@
+"""Shared test setup: offline model hubs, a fresh workspace per test, and the shared real dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = REPO.parent / "shared" / "data" / "ml100k-posters"
+
+
+@pytest.fixture
+def ws(tmp_path):
+    """An empty workspace in a temporary directory."""
+    from stores.workspace import Workspace
+
+    return Workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    """The shared MovieLens-100K + posters folder; tests using it are skipped where it is absent."""
+    if not (ML100K / "ml-100k" / "u.data").exists():
+        pytest.skip(f"shared dataset not found at {ML100K} (realdata tests need ../shared/data/ml100k-posters)")
+    return ML100K
+
+
+def ingest_ml100k(ws, root: Path):
+    """Ingest ML-100K with its TMDB items CSV and posters, the way `mmfeat ingest movielens` does."""
+    from recipes.ingest import ingest
+    from recipes.sources import movielens
+
+    return ingest(ws, movielens(root, root / "items_tmdb.csv", root / "posters"))

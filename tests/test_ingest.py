@@ -1,0 +1,215 @@
+"""Ingest: validation, quarantine reason codes, counts that add up, idempotent keyed upserts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from recipes.ingest import ingest
+from recipes.sources import SourceError, mmrec, parse_mapping, recbole, table
+
+
+def _jpeg(colour=(200, 30, 30), size=(24, 32), exif_orientation: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", size, colour)
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        img.save(buf, "JPEG", exif=exif)
+    else:
+        img.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _png_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
+    """A tiny PNG whose header claims 1.6 billion pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def bad_source(tmp_path: Path):
+    """A small catalogue with one example of every bad-input kind the platform must quarantine."""
+    root = tmp_path / "src"
+    images = root / "images"
+    images.mkdir(parents=True)
+    (images / "ok.jpg").write_bytes(_jpeg())
+    (images / "rotated.jpg").write_bytes(_jpeg(size=(20, 40), exif_orientation=6))
+    good = _jpeg()
+    (images / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (images / "garbage.jpg").write_bytes(b"this is not an image at all")
+    bmp = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(bmp, "BMP")
+    (images / "picture.bmp").write_bytes(bmp.getvalue())
+    (images / "bomb.png").write_bytes(_png_bomb())
+    (tmp_path / "secret.jpg").write_bytes(_jpeg())
+    (images / "escape.jpg").symlink_to(tmp_path / "secret.jpg")
+    rows = [
+        ["0001", "Good item", "fine text", "ok.jpg"],
+        ["0002", "Rotated", "exif", "rotated.jpg"],
+        ["0003", "Truncated", "x", "truncated.jpg"],
+        ["0004", "Garbage", "x", "garbage.jpg"],
+        ["0005", "Bitmap", "x", "picture.bmp"],
+        ["0006", "Bomb", "x", "bomb.png"],
+        ["0007", "Missing", "x", "nowhere.jpg"],
+        ["0008", "Dotdot", "x", "../secret.jpg"],
+        ["0009", "Symlink", "x", "escape.jpg"],
+        ["0010", "No image", "text only", ""],
+        ["0001", "Good item", "fine text", "ok.jpg"],  # identical duplicate: merged
+        ["0002", "Rotated v2", "conflicting", "rotated.jpg"],  # conflicting duplicate: quarantined
+        ["", "No id", "x", ""],  # empty id
+    ]
+    items = _write_csv(root / "items.csv", ["item_id", "title", "text", "image"], rows)
+    with open(items, "ab") as fh:  # a latin-1 row in a UTF-8 file
+        fh.write("0011,Caf\xe9,cr\xe8me br\xfbl\xe9e,\n".encode("latin-1"))
+    users = _write_csv(root / "users.csv", ["user_id", "age"], [["u1", "30"], ["u2", "41"]])
+    inter = _write_csv(
+        root / "interactions.csv",
+        ["user_id", "item_id", "timestamp", "event", "value"],
+        [
+            ["u1", "0001", "1700000000", "view", "1"],
+            ["u1", "0002", "2023-11-15", "purchase", "2.5"],
+            ["u2", "0001", "2023-11-15T10:20:30", "view", ""],
+            ["u2", "0010", "1700000000", "purchase", "1"],
+            ["u2", "0010", "1700000000", "purchase", "1"],  # a repeat purchase: a distinct row (seq 1)
+            ["u1", "9999", "1700000000", "view", "1"],  # unknown item
+            ["u3", "0001", "1700000000", "view", "1"],  # unknown user
+            ["u1", "0001", "not a date", "view", "1"],  # bad timestamp
+            ["", "0001", "1700000000", "view", "1"],  # empty user id
+            ["u1", "0001", "1700000001", "view", "abc"],  # bad value
+        ],
+    )
+    return table(items, inter, users, images, name="bad")
+
+
+def test_every_bad_input_kind_is_quarantined_and_counts_add_up(ws, bad_source):
+    """Each bad-input kind gets its reason code, the good rows are stored, and read = stored + merged + quarantined."""
+    report = ingest(ws, bad_source)
+    q = ws.read("quarantine").to_pylist()
+    reasons = {(r["record_key"], r["reason"]) for r in q}
+    expected = {
+        ("0003", "corrupt_image"),
+        ("0004", "unsupported_format"),
+        ("0005", "unsupported_format"),
+        ("0006", "decompression_bomb"),
+        ("0007", "missing_image"),
+        ("0008", "path_outside_root"),
+        ("0009", "path_outside_root"),
+        ("0002", "duplicate_conflict"),
+        (None, "empty_id"),
+        (None, "non_utf8"),
+        ("u1|9999", "unknown_item"),
+        ("u3|0001", "unknown_user"),
+        ("u1|0001", "bad_timestamp"),
+        ("|0001", "empty_id"),
+        ("u1|0001", "bad_value"),
+    }
+    assert expected <= reasons, expected - reasons
+    assert report.balanced
+    files = report.files
+    assert files["items.csv"].read == 14
+    assert files["items.csv"].merged == 1
+    assert files["items.csv"].quarantined == 3  # conflict, empty id, non-UTF-8
+    assert files["items.csv"].stored == 10
+    assert files["interactions.csv"].read == 10
+    assert files["interactions.csv"].stored == 5
+    assert ws.count("items") == 10
+    assert ws.count("item_images") == 2  # ok.jpg and the rotated one
+    assert ws.count("interactions") == 5
+    images = {r["item_id"]: r for r in ws.read("item_images").to_pylist()}
+    assert (images["0002"]["width"], images["0002"]["height"]) == (40, 20), "EXIF orientation applied to the size"
+    assert images["0001"]["image"] == (bad_source.image_root / "ok.jpg").read_bytes(), "bytes stored as they are"
+    total_quarantined = sum(t.quarantined for t in files.values())
+    assert total_quarantined == len(q)
+
+
+def test_reingest_adds_nothing_and_changes_nothing(ws, bad_source):
+    """A second ingest of the same source writes no row and creates no new table version."""
+    ingest(ws, bad_source)
+    before = ws.versions()
+    report = ingest(ws, bad_source)
+    assert all(r.written == 0 for r in report.tables.values()), report.tables
+    assert ws.versions() == before
+
+
+def test_string_ids_iso_dates_and_repeat_purchases(ws, bad_source):
+    """Leading zeros survive, ISO dates parse, and a repeated identical purchase stays two rows."""
+    ingest(ws, bad_source)
+    ids = set(ws.read("items", columns=["item_id"])["item_id"].to_pylist())
+    assert "0001" in ids and "1" not in ids
+    rows = ws.sql("select seq, epoch(timestamp) ts from interactions where user_id='u2' and item_id='0010' order by seq")
+    assert rows["seq"].to_pylist() == [0, 1]
+    iso = ws.sql("select epoch(timestamp) t from interactions where user_id='u1' and item_id='0002'")
+    assert iso["t"].to_pylist() == [1700006400]
+
+
+def test_changed_content_updates_in_place(ws, tmp_path):
+    """Re-ingesting a source whose item text changed updates that one row (no duplicate key)."""
+    f = _write_csv(tmp_path / "items.csv", ["item_id", "title", "text"], [["a", "A", "one"], ["b", "B", "two"]])
+    ingest(ws, table(f))
+    _write_csv(f, ["item_id", "title", "text"], [["a", "A", "one"], ["b", "B", "changed"]])
+    report = ingest(ws, table(f))
+    assert (report.tables["items"].inserted, report.tables["items"].updated) == (0, 1)
+    assert ws.sql("select text from items where item_id='b'")["text"].to_pylist() == ["changed"]
+    assert ws.count("items") == 2
+
+
+def test_parquet_jsonl_and_column_mapping(ws, tmp_path):
+    """Parquet and JSONL inputs work, and --map renames source columns to the platform's fields."""
+    pq.write_table(pa.table({"article_id": ["0108775015", "0108775044"], "prod_name": ["Tee", "Top"]}), tmp_path / "a.parquet")
+    with open(tmp_path / "t.jsonl", "w") as fh:
+        for row in [{"customer_id": "c1", "article_id": "0108775015", "t_dat": "2020-09-01"}]:
+            fh.write(json.dumps(row) + "\n")
+    mapping = parse_mapping(["article_id=item_id", "prod_name=title", "customer_id=user_id", "t_dat=timestamp"])
+    report = ingest(ws, table(tmp_path / "a.parquet", tmp_path / "t.jsonl", mapping=mapping))
+    assert report.balanced
+    assert sorted(ws.read("items")["item_id"].to_pylist()) == ["0108775015", "0108775044"]
+    assert ws.read("interactions")["user_id"].to_pylist() == ["c1"]
+    with pytest.raises(SourceError, match="SOURCE_COLUMN=FIELD"):
+        parse_mapping(["oops"])
+
+
+def test_unreadable_source_is_a_clear_error(tmp_path):
+    """A missing file or folder fails with a message naming the path and the fix."""
+    with pytest.raises(SourceError, match="not found"):
+        table(tmp_path / "absent.csv")
+    with pytest.raises(SourceError, match=r"<name>\.inter"):
+        mmrec(tmp_path)
+
+
+def test_mmrec_and_recbole_layouts(ws, tmp_path):
+    """MMRec .inter (with x_label) and RecBole typed atomic files ingest with derived or given items/users."""
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    (mm / "baby.inter").write_text("userID\titemID\trating\ttimestamp\tx_label\n0\t5\t4\t1500000000\t0\n1\t5\t5\t1500000100\t2\n")
+    report = ingest(ws, mmrec(mm))
+    assert report.balanced and ws.count("interactions") == 2 and ws.count("items") == 1 and ws.count("users") == 2
+    rb = tmp_path / "rb"
+    rb.mkdir()
+    (rb / "ml.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\nu9\ti9\t3\t1600000000\n")
+    (rb / "ml.item").write_text("item_id:token\tmovie_title:token_seq\tgenre:token_seq\ni9\tHeat\tAction Crime\n")
+    report = ingest(ws, recbole(rb))
+    assert report.balanced
+    row = ws.sql("select title, attributes from items where item_id='i9'").to_pylist()[0]
+    assert row["title"] == "Heat" and json.loads(row["attributes"])["genre"] == "Action Crime"
