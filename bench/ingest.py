@@ -23,9 +23,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 REPO = Path(__file__).resolve().parents[1]
+# Peak RSS of the child itself: /proc VmHWM starts afresh at exec (ru_maxrss would inherit the parent's peak).
+HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
 
 MMFEAT = """
-import json, resource, sys, time
+import json, sys, time
 from recipes.ingest import ingest
 from recipes.sources import table
 from stores.workspace import Workspace
@@ -33,12 +40,12 @@ t = time.perf_counter()
 report = ingest(Workspace(sys.argv[1]), table(sys.argv[2], sys.argv[3], name="bench"))
 wall = time.perf_counter() - t
 assert report.balanced
-print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"wall": wall, "rss_mb": hwm(),
                   "rows": report.tables["interactions"].inserted}))
 """
 
 BASELINE = """
-import json, resource, sys, time
+import json, sys, time
 import lancedb, pandas as pd
 t = time.perf_counter()
 db = lancedb.connect(sys.argv[1])
@@ -47,14 +54,14 @@ inter = pd.read_csv(sys.argv[3], dtype={"user_id": str, "item_id": str, "event":
 db.create_table("items", items)
 db.create_table("interactions", inter)
 wall = time.perf_counter() - t
-print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"wall": wall, "rss_mb": hwm(),
                   "rows": len(inter)}))
 """
 
 IDLE = """
-import json, resource
+import json
 import lancedb, duckdb, pandas, pyarrow  # noqa: F401  (the libraries both sides load)
-print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"rss_mb": hwm()}))
 """
 
 
@@ -76,7 +83,7 @@ def make_source(root: Path, n_inter: int, n_items: int, seed: int = 0) -> tuple[
 
 
 def child(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-c", HWM + code, *args], cwd=REPO, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -92,6 +99,9 @@ def main() -> None:
         root = Path(tmp)
         t = time.perf_counter()
         items, inter = make_source(root, args.interactions, args.items)
+        import gc
+
+        gc.collect()
         raw_mb = (items.stat().st_size + inter.stat().st_size) / 2**20
         print(f"generated {args.interactions:,} interactions, {args.items:,} items ({raw_mb:.0f} MB CSV) "
               f"in {time.perf_counter() - t:.1f}s")

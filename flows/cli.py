@@ -224,6 +224,17 @@ def demo(ctx, n_items, n_users, seed):
     run_demo(_ws(ctx), n_items=n_items, n_users=n_users, seed=seed, echo=click.echo)
 
 
+def _register() -> None:
+    """Attach the command groups that live in their own modules."""
+    from flows.recipes_cli import export, graph, split
+
+    for command in (split, graph, export):
+        cli.add_command(command)
+
+
+_register()
+
+
 def main() -> None:
     cli(obj={})
 

@@ -259,10 +259,11 @@ def _validate_users(src: RawSource, q: _Quarantine, denied: set[str]) -> list[di
 
 
 _TS_SECONDS = """
-CASE
-  WHEN regexp_full_match(trim(ts), '-?[0-9]+(\\.[0-9]+)?') THEN TRY_CAST(floor(TRY_CAST(trim(ts) AS DOUBLE)) AS BIGINT)
-  ELSE epoch(TRY_CAST(trim(ts) AS TIMESTAMP))::BIGINT
-END
+COALESCE(
+  TRY_CAST(trim(ts) AS BIGINT),
+  TRY_CAST(floor(TRY_CAST(trim(ts) AS DOUBLE)) AS BIGINT),
+  epoch(TRY_CAST(trim(ts) AS TIMESTAMP))::BIGINT
+)
 """
 
 

@@ -1,0 +1,259 @@
+"""Train / validation / test splits of an interaction table: a frozen config and one pure function.
+
+A split is the interactions (after de-duplication and k-core) plus an int8 `label` column, 0 train,
+1 validation, 2 test, MMRec's `x_label`. Row order of the input is kept.
+
+    >>> cfg = SplitConfig(scheme="random", kcore=5, seed=7)
+    >>> split = make_split(interactions, cfg)
+    >>> pc.value_counts(split["label"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recipes.kcore import (
+    DEDUP_POLICIES,
+    DedupPolicy,
+    check_interactions,
+    dedup_mask,
+    id_maps,
+    index_ids,
+    kcore_mask,
+    seconds,
+    sorted_codes,
+)
+
+Scheme = Literal["random", "temporal", "loo", "cutoff"]
+SCHEMES: tuple[str, ...] = ("random", "temporal", "loo", "cutoff")
+TRAIN, VALID, TEST = 0, 1, 2
+
+__all__ = ["SplitConfig", "make_split", "split_counts", "holdout_counts", "id_maps", "index_ids"]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How to split. Fields:
+
+    scheme: "random" (per-user random ratio), "temporal" (per-user chronological ratio), "loo"
+        (leave-one-out by time) or "cutoff" (global time cut).
+    kcore: minimum interactions per user and item, iterated to a fixed point; an int for both or
+        (k_user, k_item); 0 or 1 = no filter.
+    ratios: (train, valid, test), summing to 1; used by "random" and "temporal" (see `holdout_counts`).
+    seed: seed of numpy's PCG64 Generator (`np.random.default_rng(seed)`), used by "random" only.
+    cutoff: (valid_start, test_start) as timezone-aware datetimes, for "cutoff".
+    cutoff_quantiles: (q_valid, q_test) quantiles of all timestamps, for "cutoff" when `cutoff` is unset.
+    dedup: "first" | "last" | "all": which row to keep for a repeated (user, item) pair, by timestamp.
+        "first" is the default because a repeated pair split across train and test is a leak, and MMRec's
+        evaluation masks train items anyway.
+    min_ratio_inters: users with fewer interactions get 1 validation + 1 test row instead of the ratio
+        (MMRec uses 10).
+    """
+
+    scheme: Scheme = "random"
+    kcore: int | tuple[int, int] = 0
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    cutoff: tuple[datetime, datetime] | None = None
+    cutoff_quantiles: tuple[float, float] | None = None
+    dedup: DedupPolicy = "first"
+    min_ratio_inters: int = 10
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme={self.scheme!r}; expected one of {SCHEMES}")
+        if self.dedup not in DEDUP_POLICIES:
+            raise ValueError(f"dedup={self.dedup!r}; expected one of {DEDUP_POLICIES}")
+        k = (self.kcore, self.kcore) if isinstance(self.kcore, int) else tuple(self.kcore)
+        if len(k) != 2 or any((not isinstance(v, int)) or v < 0 for v in k):
+            raise ValueError(f"kcore={self.kcore!r}; expected an int >= 0 or a pair (k_user, k_item)")
+        if len(self.ratios) != 3 or any(r < 0 for r in self.ratios) or abs(sum(self.ratios) - 1) > 1e-6:
+            raise ValueError(f"ratios={self.ratios!r}; expected three non-negative numbers summing to 1")
+        if self.scheme == "cutoff":
+            if (self.cutoff is None) == (self.cutoff_quantiles is None):
+                raise ValueError(
+                    "scheme='cutoff' needs exactly one of cutoff=(valid_start, test_start) "
+                    "or cutoff_quantiles=(q_valid, q_test)"
+                )
+            if self.cutoff is not None:
+                a, b = self.cutoff
+                if a.tzinfo is None or b.tzinfo is None:
+                    raise ValueError(f"cutoff={self.cutoff!r}; give timezone-aware datetimes (UTC)")
+                if a > b:
+                    raise ValueError(f"cutoff valid_start {a} is after test_start {b}")
+            else:
+                qa, qb = self.cutoff_quantiles
+                if not 0 <= qa <= qb <= 1:
+                    raise ValueError(
+                        f"cutoff_quantiles={self.cutoff_quantiles!r}; expected 0 <= q_valid <= q_test <= 1"
+                    )
+        if self.min_ratio_inters < 0:
+            raise ValueError(f"min_ratio_inters={self.min_ratio_inters}; expected >= 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SplitConfig:
+        """Build from a YAML/JSON mapping; an unknown key is an error naming it and the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown SplitConfig key(s) {unknown}; valid keys are {names}")
+        values = dict(data)
+        for key in ("ratios", "cutoff_quantiles"):
+            if values.get(key) is not None:
+                values[key] = tuple(float(v) for v in values[key])
+        if isinstance(values.get("kcore"), list):
+            values["kcore"] = tuple(values["kcore"])
+        if values.get("cutoff") is not None:
+            values["cutoff"] = tuple(
+                v if isinstance(v, datetime) else datetime.fromisoformat(str(v)) for v in values["cutoff"]
+            )
+        return cls(**values)
+
+
+def holdout_counts(
+    n: np.ndarray, ratios: tuple[float, float, float], min_ratio_inters: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user (n_valid, n_test) for the ratio schemes, MMRec's `1splitting.ipynb` rule generalised.
+
+    Users with n >= min_ratio_inters: held = int(n * (r_valid + r_test)); n_valid = int(held * r_valid /
+    (r_valid + r_test)); n_test = held - n_valid. With the default (0.8, 0.1, 0.1) that is exactly MMRec's
+    `val_test_len = int(n * 0.2); val_len = val_test_len // 2; test_len = val_test_len - val_len`, so the
+    odd row goes to test. Users with fewer get 1 validation + 1 test row (MMRec's `[0]*(n-2) + [1] + [2]`)
+    when n >= 3; where MMRec would leave no train row we keep one: n == 2 gives 1 train + 1 test, n == 1
+    stays in train. A zero ratio gives zero rows of that label for everyone.
+    """
+    n = np.asarray(n, dtype=np.int64)
+    r_valid, r_test = float(ratios[1]), float(ratios[2])
+    held_ratio = r_valid + r_test
+    if held_ratio <= 0:
+        zero = np.zeros_like(n)
+        return zero, zero.copy()
+    # 1e-9 absorbs float error (e.g. 0.7 + 0.1) so the counts equal exact arithmetic.
+    held = np.floor(n * held_ratio + 1e-9).astype(np.int64)
+    n_valid = np.floor(held * (r_valid / held_ratio) + 1e-9).astype(np.int64)
+    n_test = held - n_valid
+    small = n < min_ratio_inters
+    n_valid[small] = ((n[small] >= 3) & (r_valid > 0)).astype(np.int64)
+    n_test[small] = ((n[small] >= 2) & (r_test > 0)).astype(np.int64)
+    return n_valid, n_test
+
+
+def _canonical_order(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Row order by (user, item), then time: independent of how the caller ordered the rows."""
+    n_items = int(item.max()) + 1
+    key = user.astype(np.int64) * n_items + item
+    order = np.argsort(key)
+    sorted_key = key[order]
+    if len(key) > 1 and np.any(sorted_key[1:] == sorted_key[:-1]):
+        order = np.lexsort((ts, key))  # repeated pairs: order them by time, then as given
+    return order
+
+
+def _labels_by_position(user_sorted: np.ndarray, n_valid: np.ndarray, n_test: np.ndarray) -> np.ndarray:
+    """Labels for rows already sorted by user (each user's rows in hold-out order): last n_test -> test,
+    the n_valid before them -> validation, the rest train."""
+    counts = np.bincount(user_sorted, minlength=len(n_valid))
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    from_end = starts[user_sorted] + counts[user_sorted] - np.arange(len(user_sorted))  # 1 = last row
+    labels = np.zeros(len(user_sorted), dtype=np.int8)
+    labels[from_end <= n_test[user_sorted] + n_valid[user_sorted]] = VALID
+    labels[from_end <= n_test[user_sorted]] = TEST
+    return labels
+
+
+def _chronological(user: np.ndarray, ts: np.ndarray, canonical: np.ndarray) -> np.ndarray:
+    """Row order by (user, time), ties by item id (stable over the canonical order)."""
+    t = ts[canonical]
+    span = int(t.max() - t.min()) if len(t) else 0
+    if span < 2**32:
+        t_key = t - t.min()
+    else:
+        t_key = np.unique(t, return_inverse=True)[1].astype(np.int64)
+    key = (user[canonical].astype(np.int64) << 32) | t_key
+    return canonical[np.argsort(key, kind="stable")]
+
+
+def _cutoff_labels(ts: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    if cfg.cutoff is not None:
+        t_valid, t_test = (int(d.timestamp()) for d in cfg.cutoff)
+    else:
+        # method="higher": with q=0.8 and no ties, exactly 80% of rows fall before the valid cut.
+        t_valid, t_test = (int(np.quantile(ts, q, method="higher")) for q in cfg.cutoff_quantiles)
+    labels = np.zeros(len(ts), dtype=np.int8)
+    labels[ts >= t_valid] = VALID
+    labels[ts >= t_test] = TEST
+    return labels
+
+
+def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
+    """De-duplicate, k-core, then label every row 0 train / 1 validation / 2 test. Deterministic.
+
+    Schemes:
+    - random: per user, rows are shuffled with `np.random.default_rng(cfg.seed)` (PCG64) and the last
+      `holdout_counts` rows of the shuffle are held out (MMRec: shuffle, sort by user, label the tail).
+      The draw is made in a canonical (user, item, time) order, so the result does not depend on the
+      row order of the input table, only on its content and the seed.
+    - temporal: per user, rows in time order (ties by item id); the latest `holdout_counts` are held out.
+    - loo: per user, the latest row is test and the one before it validation (users with 2 rows: test
+      only; 1 row: train only).
+    - cutoff: global: time < valid_start train, valid_start <= time < test_start validation, else test.
+      Users or items first seen after the cut stay in (MMRec drops cold-start users when it loads).
+    """
+    check_interactions(interactions)
+    if "label" in interactions.column_names:
+        raise ValueError("interactions already have a 'label' column; pass the unsplit interactions")
+    user, _ = sorted_codes(interactions["user_id"])
+    item, _ = sorted_codes(interactions["item_id"])
+    ts = seconds(interactions["timestamp"])
+
+    keep = dedup_mask(user, item, ts, cfg.dedup)
+    k_user, k_item = (cfg.kcore, cfg.kcore) if isinstance(cfg.kcore, int) else cfg.kcore
+    if k_user > 1 or k_item > 1:
+        idx = np.flatnonzero(keep)
+        core = kcore_mask(user[idx], item[idx], k_user, k_item)
+        keep[idx[~core]] = False
+    table = interactions if keep.all() else interactions.filter(pa.array(keep))
+    if table.num_rows == 0:
+        raise ValueError(f"nothing left after dedup={cfg.dedup!r} and kcore={cfg.kcore!r}; lower kcore")
+    user, item, ts = user[keep], item[keep], ts[keep]
+    # Re-number to contiguous codes after filtering (order-preserving, so still sorted by string id).
+    user = np.cumsum(np.bincount(user) > 0)[user] - 1
+    item = np.cumsum(np.bincount(item) > 0)[item] - 1
+
+    labels = np.zeros(len(user), dtype=np.int8)
+    if cfg.scheme == "cutoff":
+        labels = _cutoff_labels(ts, cfg)
+    else:
+        canonical = _canonical_order(user, item, ts)
+        n_users = int(user.max()) + 1
+        if cfg.scheme == "random":
+            rng = np.random.default_rng(cfg.seed)
+            draw = rng.integers(0, 2**32, size=len(canonical), dtype=np.int64)
+            order = canonical[np.argsort((user[canonical].astype(np.int64) << 32) | draw, kind="stable")]
+        else:
+            order = _chronological(user, ts, canonical)
+        counts = np.bincount(user, minlength=n_users)
+        if cfg.scheme == "loo":
+            n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
+        else:
+            n_valid, n_test = holdout_counts(counts, cfg.ratios, cfg.min_ratio_inters)
+        labels[order] = _labels_by_position(user[order], n_valid, n_test)
+    return table.append_column("label", pa.array(labels, type=pa.int8()))
+
+
+def split_counts(split: pa.Table) -> dict[str, int]:
+    """Row, user and item counts of a split, per label: what a manifest records."""
+    label = split["label"]
+    users, items = id_maps(split)
+    out = {"rows": split.num_rows, "users": len(users), "items": len(items)}
+    for name, value in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
+        out[name] = int(pc.sum(pc.equal(label, value)).as_py() or 0)
+    return out

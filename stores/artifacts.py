@@ -1,0 +1,209 @@
+"""Versioned training artifacts: splits and graphs as LanceDB tables, each with a manifest in `artifacts`.
+
+A split named N lives in table `split_N` (the interactions plus `label`: 0 train, 1 validation, 2 test). A graph
+named G lives in `graph_G` as an edge table over string ids (`src`, `dst`, `src_kind`, `dst_kind`, `weight`), so
+erasure and verification can find a user or item by its key. Its nodes are the split's contiguous id maps (sorted
+string ids: users first, then items, for user-item graphs), so `load_graph` rebuilds the exact matrix.
+Each write is a new Lance version of the table; the manifest pins it together with the input versions.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from stores.schema import ARTIFACTS, INTERACTIONS, TIMESTAMP
+from stores.workspace import Workspace
+
+SPLIT_SCHEMA = pa.schema([*[INTERACTIONS.schema.field(n) for n in INTERACTIONS.schema.names], pa.field("label", pa.int8())])
+GRAPH_SCHEMA = pa.schema(
+    [
+        pa.field("src", pa.string(), nullable=False),
+        pa.field("dst", pa.string(), nullable=False),
+        pa.field("src_kind", pa.string(), nullable=False),
+        pa.field("dst_kind", pa.string(), nullable=False),
+        pa.field("weight", pa.float32(), nullable=False),
+    ]
+)
+VECTOR_PREFIX = "feat_"
+
+
+def _write_table(ws: Workspace, name: str, data: pa.Table) -> int:
+    """Replace a table's rows with `data` as a new Lance version (older versions stay readable)."""
+    if ws.exists(name):
+        table = ws.open(name)
+        table.add(data, mode="overwrite")
+    else:
+        table = ws.db.create_table(name, data=data, schema=data.schema)
+    return table.version
+
+
+def record_artifact(ws: Workspace, kind: str, name: str, table_name: str, version: int, manifest: dict) -> dict:
+    manifest = {"kind": kind, "name": name, "table": table_name, "table_version": version} | manifest
+    row = {
+        "name": name,
+        "kind": kind,
+        "table_name": table_name,
+        "table_version": version,
+        "manifest": json.dumps(manifest, sort_keys=True, default=str),
+        "created_at": datetime.now(UTC),
+    }
+    ws.upsert(ARTIFACTS, pa.Table.from_pylist([row], schema=ARTIFACTS.schema))
+    return manifest
+
+
+def manifest(ws: Workspace, kind: str, name: str) -> dict:
+    rows = ws.read("artifacts", where=f"kind = '{kind}' AND name = '{_quote(name)}'").to_pylist()
+    if not rows:
+        have = ws.read("artifacts", columns=["name"], where=f"kind = '{kind}'")["name"].to_pylist()
+        raise KeyError(f"no {kind} named {name!r}; existing: {sorted(have) or 'none'} (create it with `mmfeat {kind} ...`)")
+    return json.loads(rows[0]["manifest"])
+
+
+def list_artifacts(ws: Workspace, kind: str | None = None) -> list[dict]:
+    rows = ws.read("artifacts").to_pylist()
+    return [json.loads(r["manifest"]) for r in rows if kind is None or r["kind"] == kind]
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "''")
+
+
+# ---- splits ------------------------------------------------------------------------------------------------
+
+
+def save_split(ws: Workspace, name: str, split: pa.Table, info: dict) -> dict:
+    data = pa.Table.from_arrays([split[f.name].cast(f.type) if f.name in split.column_names
+                                 else pa.nulls(split.num_rows, f.type) for f in SPLIT_SCHEMA], schema=SPLIT_SCHEMA)
+    version = _write_table(ws, f"split_{name}", data)
+    return record_artifact(ws, "split", name, f"split_{name}", version, info)
+
+
+def load_split(ws: Workspace, name: str, version: int | None = None) -> pa.Table:
+    """A split's rows; by default at the version its manifest pins."""
+    if version is None:
+        version = manifest(ws, "split", name)["table_version"]
+    return ws.read(f"split_{name}", version=version)
+
+
+# ---- features ----------------------------------------------------------------------------------------------
+
+
+def feature_table(feature: str) -> str:
+    return feature if feature.startswith(VECTOR_PREFIX) else f"{VECTOR_PREFIX}{feature}"
+
+
+def feature_matrix(
+    ws: Workspace, feature: str, items: np.ndarray, version: int | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Vectors of `feature` aligned to `items` (float32 [n, d]; zero rows where missing), the presence mask, and
+    provenance (table version, model, content hash of the vectors)."""
+    name = feature_table(feature)
+    version = ws.version(name) if version is None else version
+    table = ws.read(name, columns=["item_id", "vector", "model", "revision"], version=version)
+    dim = table.schema.field("vector").type.list_size
+    vectors = table["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    pos = pc.index_in(pa.array(items, pa.string()), value_set=table["item_id"].combine_chunks())
+    mask = pc.is_valid(pos).to_numpy(zero_copy_only=False)
+    out = np.zeros((len(items), dim), dtype=np.float32)
+    out[mask] = vectors[pos.drop_null().to_numpy()]
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(out).tobytes() + mask.tobytes()).hexdigest()
+    models = sorted(set(table["model"].to_pylist()))
+    return out, mask, {"table": name, "version": version, "content_hash": digest, "models": models,
+                       "revisions": sorted(set(table["revision"].to_pylist()))}
+
+
+# ---- graphs ------------------------------------------------------------------------------------------------
+
+
+def node_ids(split: pa.Table, kind: str) -> tuple[np.ndarray, list[str]]:
+    """The node order of a graph built from `split`: sorted user ids, sorted item ids, or users then items."""
+    from recipes.kcore import id_maps
+
+    users, items = id_maps(split)
+    if kind == "item":
+        return items, ["item"] * len(items)
+    if kind == "user":
+        return users, ["user"] * len(users)
+    return np.concatenate([users, items]), ["user"] * len(users) + ["item"] * len(items)
+
+
+def save_graph(ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str, info: dict) -> dict:
+    """Store `matrix` (square, over `node_ids(split, node_kind)`) as a string-keyed edge table + manifest."""
+    ids, kinds = node_ids(split, node_kind)
+    coo = sp.coo_matrix(matrix)
+    if coo.shape != (len(ids), len(ids)):
+        raise ValueError(f"graph shape {coo.shape} does not match the {len(ids)} {node_kind} nodes of the split")
+    ids_arr = pa.array(ids, pa.string())
+    kinds_arr = pa.array(kinds, pa.string())
+    rows, cols = pa.array(coo.row.astype(np.int64)), pa.array(coo.col.astype(np.int64))
+    data = pa.table(
+        {
+            "src": ids_arr.take(rows),
+            "dst": ids_arr.take(cols),
+            "src_kind": kinds_arr.take(rows),
+            "dst_kind": kinds_arr.take(cols),
+            "weight": pa.array(coo.data.astype(np.float32)),
+        },
+        schema=GRAPH_SCHEMA,
+    )
+    version = _write_table(ws, f"graph_{name}", data)
+    info = info | {"node_kind": node_kind, "nodes": len(ids), "edges": int(coo.nnz)}
+    return record_artifact(ws, "graph", name, f"graph_{name}", version, info)
+
+
+def load_graph(ws: Workspace, name: str, version: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A stored graph as SciPy CSR over its node ids (from the split it was built on, at the pinned versions)."""
+    info = manifest(ws, "graph", name)
+    version = info["table_version"] if version is None else version
+    split = load_split(ws, info["split"], info["split_version"])
+    ids, _ = node_ids(split, info["node_kind"])
+    edges = ws.read(f"graph_{name}", version=version)
+    value_set = pa.array(ids, pa.string())
+    if info["node_kind"] == "user+item":  # user and item ids may collide: index each kind in its own range
+        from recipes.kcore import id_maps
+
+        users, items = id_maps(split)
+        src = _index_kind(edges, "src", users, items)
+        dst = _index_kind(edges, "dst", users, items)
+    else:
+        src = pc.index_in(edges["src"], value_set=value_set).to_numpy(zero_copy_only=False)
+        dst = pc.index_in(edges["dst"], value_set=value_set).to_numpy(zero_copy_only=False)
+    weight = edges["weight"].to_numpy().astype(np.float32)
+    mat = sp.csr_matrix((weight, (src, dst)), shape=(len(ids), len(ids)), dtype=np.float32)
+    return mat, ids
+
+
+def _index_kind(edges: pa.Table, side: str, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    is_user = pc.equal(edges[f"{side}_kind"], "user").to_numpy(zero_copy_only=False)
+    u = pc.index_in(edges[side], value_set=pa.array(users, pa.string())).to_numpy(zero_copy_only=False)
+    i = pc.index_in(edges[side], value_set=pa.array(items, pa.string())).to_numpy(zero_copy_only=False)
+    return np.where(is_user, u, len(users) + np.nan_to_num(i, nan=0)).astype(np.int64)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+__all__ = [
+    "GRAPH_SCHEMA",
+    "SPLIT_SCHEMA",
+    "TIMESTAMP",
+    "feature_matrix",
+    "feature_table",
+    "list_artifacts",
+    "load_graph",
+    "load_split",
+    "manifest",
+    "node_ids",
+    "record_artifact",
+    "save_graph",
+    "save_split",
+]
