@@ -270,10 +270,15 @@ COALESCE(
 def _validate_interactions(
     src: RawSource, con: duckdb.DuckDBPyConnection, q: _Quarantine, check_items: bool, check_users: bool, denied: bool
 ) -> None:
-    """Classify interactions in DuckDB (vectorised); leaves the clean rows in the DuckDB table `clean`."""
+    """Classify interactions in DuckDB (vectorised); leaves the clean rows in the DuckDB view `clean`.
+
+    Classification is a view, so the raw strings are never copied; only the clean rows are materialised, in
+    compact typed columns.
+    """
     con.register("raw_inter", src.interactions)
     cols = set(src.interactions.column_names)
-    event = "COALESCE(NULLIF(trim(CAST(event AS VARCHAR)), ''), $ev)" if "event" in cols else "$ev"
+    ev = _literal(src.default_event)
+    event = f"COALESCE(NULLIF(trim(CAST(event AS VARCHAR)), ''), {ev})" if "event" in cols else ev
     value = "CAST(value AS VARCHAR)" if "value" in cols else "NULL::VARCHAR"
     deny = (
         "WHEN sha256('user:' || u) IN (SELECT key_hash FROM denied) OR sha256('item:' || i) IN (SELECT key_hash FROM denied) "
@@ -285,7 +290,7 @@ def _validate_interactions(
     unknown_user = "WHEN u NOT IN (SELECT user_id FROM known_users) THEN 'unknown_user'" if check_users else ""
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE classified AS
+        CREATE OR REPLACE TEMP VIEW classified AS
         WITH raw AS (
           SELECT trim(CAST(user_id AS VARCHAR)) AS u, trim(CAST(item_id AS VARCHAR)) AS i, CAST(timestamp AS VARCHAR) AS ts,
                  {event} AS e, {value} AS v, __file, __line
@@ -302,12 +307,8 @@ def _validate_interactions(
           {unknown_user}
           ELSE NULL END AS reason
         FROM parsed
-        """,
-        {"ev": src.default_event},
+        """
     )
-    con.unregister("raw_inter")
-    for file, n in con.sql("SELECT __file, count(*) FROM classified GROUP BY ALL").fetchall():
-        q.tally(file).read += n
     details = {
         "empty_id": "user_id or item_id is empty",
         "bad_timestamp": "timestamp is neither unix seconds nor an ISO date/time",
@@ -318,32 +319,42 @@ def _validate_interactions(
     }
     bad = con.sql("SELECT __file, __line, u, i, ts, e, v, reason FROM classified WHERE reason IS NOT NULL").fetchall()
     for file, line, u, i, ts, e, v, reason in bad:
+        q.tally(file).read += 1
         if reason == "forgotten":
             q.add(file, line, None, reason, details[reason], None)
         else:
             raw = json.dumps({"user_id": u, "item_id": i, "timestamp": ts, "event": e, "value": v})[:300]
             q.add(file, line, f"{u}|{i}", reason, f"{details[reason]}: {raw}", raw)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE clean_rows AS SELECT u, i, t, e, val, __file, __line FROM classified "
+        "WHERE reason IS NULL"
+    )
     # `seq` numbers identical (user, item, time, event) rows; only duplicated keys need the (costly) window.
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE dup_keys AS SELECT u, i, t, e FROM classified WHERE reason IS NULL "
-        "GROUP BY ALL HAVING count(*) > 1"
+        "CREATE OR REPLACE TEMP TABLE dup_keys AS SELECT u, i, t, e FROM clean_rows GROUP BY ALL HAVING count(*) > 1"
     )
     has_dups = con.sql("SELECT count(*) FROM dup_keys").fetchall()[0][0] > 0
-    select = "SELECT u AS user_id, i AS item_id, to_timestamp(t) AS timestamp, e AS event, {seq} AS seq, val AS value, " \
-             "{src} AS source, __file FROM classified c WHERE reason IS NULL"
-    literal = "'" + src.name.replace("'", "''") + "'"
-    select = select.replace("{src}", literal)
+    select = (
+        "SELECT u AS user_id, i AS item_id, to_timestamp(t) AS timestamp, e AS event, {seq} AS seq, val AS value, "
+        + _literal(src.name)
+        + " AS source, __file FROM clean_rows c"
+    )
     query = select.format(seq="0::INTEGER")
     if has_dups:
+        match = "(SELECT 1 FROM dup_keys d WHERE d.u = c.u AND d.i = c.i AND d.t = c.t AND d.e = c.e)"
         query = (
-            f"{query} AND NOT EXISTS (SELECT 1 FROM dup_keys d WHERE d.u = c.u AND d.i = c.i AND d.t = c.t AND d.e = c.e) "
-            "UNION ALL "
+            f"{query} WHERE NOT EXISTS {match} UNION ALL "
             + select.format(seq="(row_number() OVER (PARTITION BY u, i, t, e ORDER BY __file, __line) - 1)::INTEGER")
-            + " AND EXISTS (SELECT 1 FROM dup_keys d WHERE d.u = c.u AND d.i = c.i AND d.t = c.t AND d.e = c.e)"
+            + f" WHERE EXISTS {match}"
         )
     con.execute(f"CREATE OR REPLACE TEMP VIEW clean AS {query}")
-    for file, n in con.sql("SELECT __file, count(*) FROM clean GROUP BY ALL").fetchall():
+    for file, n in con.sql("SELECT __file, count(*) FROM clean_rows GROUP BY ALL").fetchall():
+        q.tally(file).read += n
         q.tally(file).stored += n
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def ingest(ws: Workspace, src: RawSource) -> IngestReport:
