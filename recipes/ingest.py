@@ -160,7 +160,7 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: set[str]) -> tuple[l
         if not item_id:
             q.add(file, line, None, "empty_id", "item_id is empty; every item needs a non-empty string id", _excerpt(raw))
             continue
-        if key_hash("item", item_id) in denied:
+        if denied and key_hash("item", item_id) in denied:
             q.add(file, line, None, "forgotten", "item was erased by a forget request; not re-ingested", None)
             continue
         rights = _decode(raw.get("rights"), "utf-8")
@@ -244,7 +244,7 @@ def _validate_users(src: RawSource, q: _Quarantine, denied: set[str]) -> list[di
         if not user_id:
             q.add(file, line, None, "empty_id", "user_id is empty", _excerpt(raw))
             continue
-        if key_hash("user", user_id) in denied:
+        if denied and key_hash("user", user_id) in denied:
             q.add(file, line, None, "forgotten", "user was erased by a forget request; not re-ingested", None)
             continue
         if user_id in rows:
@@ -272,8 +272,8 @@ def _validate_interactions(
 ) -> None:
     """Classify interactions in DuckDB (vectorised); leaves the clean rows in the DuckDB view `clean`.
 
-    Classification is a view, so the raw strings are never copied; only the clean rows are materialised, in
-    compact typed columns.
+    The source is scanned once into compact typed columns (raw strings kept only on failed rows, for the
+    quarantine excerpt); everything after that reads DuckDB's own table.
     """
     con.register("raw_inter", src.interactions)
     cols = set(src.interactions.column_names)
@@ -288,27 +288,34 @@ def _validate_interactions(
     )
     unknown_item = "WHEN i NOT IN (SELECT item_id FROM known_items) THEN 'unknown_item'" if check_items else ""
     unknown_user = "WHEN u NOT IN (SELECT user_id FROM known_users) THEN 'unknown_user'" if check_users else ""
+    # One pass over the source: typed, compact columns; the raw strings are kept only on rows that failed.
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP VIEW classified AS
+        CREATE OR REPLACE TEMP TABLE classified AS
         WITH raw AS (
           SELECT trim(CAST(user_id AS VARCHAR)) AS u, trim(CAST(item_id AS VARCHAR)) AS i, CAST(timestamp AS VARCHAR) AS ts,
                  {event} AS e, {value} AS v, __file, __line
           FROM raw_inter
         ), parsed AS (
           SELECT *, {_TS_SECONDS} AS t, TRY_CAST(v AS DOUBLE) AS val FROM raw
+        ), judged AS (
+          SELECT *, CASE
+            WHEN u IS NULL OR u = '' OR i IS NULL OR i = '' THEN 'empty_id'
+            WHEN t IS NULL THEN 'bad_timestamp'
+            WHEN v IS NOT NULL AND trim(v) <> '' AND val IS NULL THEN 'bad_value'
+            {deny}
+            {unknown_item}
+            {unknown_user}
+            ELSE NULL END AS reason
+          FROM parsed
         )
-        SELECT *, CASE
-          WHEN u IS NULL OR u = '' OR i IS NULL OR i = '' THEN 'empty_id'
-          WHEN t IS NULL THEN 'bad_timestamp'
-          WHEN v IS NOT NULL AND trim(v) <> '' AND val IS NULL THEN 'bad_value'
-          {deny}
-          {unknown_item}
-          {unknown_user}
-          ELSE NULL END AS reason
-        FROM parsed
+        SELECT u, i, t, e, val, __file, __line, reason,
+               CASE WHEN reason IS NULL THEN NULL ELSE ts END AS ts,
+               CASE WHEN reason IS NULL THEN NULL ELSE v END AS v
+        FROM judged
         """
     )
+    con.unregister("raw_inter")
     details = {
         "empty_id": "user_id or item_id is empty",
         "bad_timestamp": "timestamp is neither unix seconds nor an ISO date/time",
@@ -326,7 +333,7 @@ def _validate_interactions(
             raw = json.dumps({"user_id": u, "item_id": i, "timestamp": ts, "event": e, "value": v})[:300]
             q.add(file, line, f"{u}|{i}", reason, f"{details[reason]}: {raw}", raw)
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE clean_rows AS SELECT u, i, t, e, val, __file, __line FROM classified "
+        "CREATE OR REPLACE TEMP VIEW clean_rows AS SELECT u, i, t, e, val, __file, __line FROM classified "
         "WHERE reason IS NULL"
     )
     # `seq` numbers identical (user, item, time, event) rows; only duplicated keys need the (costly) window.
