@@ -227,8 +227,9 @@ def demo(ctx, n_items, n_users, seed):
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
     from flows.recipes_cli import export, graph, split
+    from flows.report_cli import report
 
-    for command in (split, graph, export):
+    for command in (split, graph, export, report):
         cli.add_command(command)
 
 
