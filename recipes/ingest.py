@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, inspect_image, resolve_inside
-from stores.schema import INTERACTIONS, ITEM_IMAGES, ITEMS, QUARANTINE, USERS
+from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS
 from stores.workspace import UpsertResult, Workspace, conform
 
 
@@ -258,108 +257,6 @@ def _validate_users(src: RawSource, q: _Quarantine, denied: set[str]) -> list[di
     return list(rows.values())
 
 
-_TS_SECONDS = """
-COALESCE(
-  TRY_CAST(trim(ts) AS BIGINT),
-  TRY_CAST(floor(TRY_CAST(trim(ts) AS DOUBLE)) AS BIGINT),
-  epoch(TRY_CAST(trim(ts) AS TIMESTAMP))::BIGINT
-)
-"""
-
-
-def _validate_interactions(
-    src: RawSource, con: duckdb.DuckDBPyConnection, q: _Quarantine, check_items: bool, check_users: bool, denied: bool
-) -> None:
-    """Classify interactions in DuckDB (vectorised); leaves the clean rows in the DuckDB view `clean`.
-
-    The source is scanned once into compact typed columns (raw strings kept only on failed rows, for the
-    quarantine excerpt); everything after that reads DuckDB's own table.
-    """
-    con.register("raw_inter", src.interactions)
-    cols = set(src.interactions.column_names)
-    ev = _literal(src.default_event)
-    event = f"COALESCE(NULLIF(trim(CAST(event AS VARCHAR)), ''), {ev})" if "event" in cols else ev
-    value = "CAST(value AS VARCHAR)" if "value" in cols else "NULL::VARCHAR"
-    deny = (
-        "WHEN sha256('user:' || u) IN (SELECT key_hash FROM denied) OR sha256('item:' || i) IN (SELECT key_hash FROM denied) "
-        "THEN 'forgotten'"
-        if denied
-        else ""
-    )
-    unknown_item = "WHEN i NOT IN (SELECT item_id FROM known_items) THEN 'unknown_item'" if check_items else ""
-    unknown_user = "WHEN u NOT IN (SELECT user_id FROM known_users) THEN 'unknown_user'" if check_users else ""
-    # One pass over the source: typed, compact columns; the raw strings are kept only on rows that failed.
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE classified AS
-        WITH raw AS (
-          SELECT trim(CAST(user_id AS VARCHAR)) AS u, trim(CAST(item_id AS VARCHAR)) AS i, CAST(timestamp AS VARCHAR) AS ts,
-                 {event} AS e, {value} AS v, __file, __line
-          FROM raw_inter
-        ), parsed AS (
-          SELECT *, {_TS_SECONDS} AS t, TRY_CAST(v AS DOUBLE) AS val FROM raw
-        ), judged AS (
-          SELECT *, CASE
-            WHEN u IS NULL OR u = '' OR i IS NULL OR i = '' THEN 'empty_id'
-            WHEN t IS NULL THEN 'bad_timestamp'
-            WHEN v IS NOT NULL AND trim(v) <> '' AND val IS NULL THEN 'bad_value'
-            {deny}
-            {unknown_item}
-            {unknown_user}
-            ELSE NULL END AS reason
-          FROM parsed
-        )
-        SELECT u, i, t, e, val, __file, __line, reason,
-               CASE WHEN reason IS NULL THEN NULL ELSE ts END AS ts,
-               CASE WHEN reason IS NULL THEN NULL ELSE v END AS v
-        FROM judged
-        """
-    )
-    con.unregister("raw_inter")
-    details = {
-        "empty_id": "user_id or item_id is empty",
-        "bad_timestamp": "timestamp is neither unix seconds nor an ISO date/time",
-        "bad_value": "value is not a number",
-        "forgotten": "user or item was erased by a forget request; not re-ingested",
-        "unknown_item": "item_id is not among the source's or the workspace's items; ingest the item first",
-        "unknown_user": "user_id is not among the source's or the workspace's users; ingest the user first",
-    }
-    bad = con.sql("SELECT __file, __line, u, i, ts, e, v, reason FROM classified WHERE reason IS NOT NULL").fetchall()
-    for file, line, u, i, ts, e, v, reason in bad:
-        q.tally(file).read += 1
-        if reason == "forgotten":
-            q.add(file, line, None, reason, details[reason], None)
-        else:
-            raw = json.dumps({"user_id": u, "item_id": i, "timestamp": ts, "event": e, "value": v})[:300]
-            q.add(file, line, f"{u}|{i}", reason, f"{details[reason]}: {raw}", raw)
-    # `seq` numbers identical (user, item, time, event) rows so same-day repeat purchases stay distinct rows;
-    # only the (rare) duplicated keys go through the window, the rest get 0 through a cheap join.
-    con.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE dup_seq AS
-        WITH dup AS (SELECT u, i, t, e FROM classified WHERE reason IS NULL GROUP BY ALL HAVING count(*) > 1)
-        SELECT __file, __line, (row_number() OVER (PARTITION BY u, i, t, e ORDER BY __file, __line) - 1)::INTEGER AS seq
-        FROM classified c SEMI JOIN dup USING (u, i, t, e) WHERE reason IS NULL
-        """
-    )
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP VIEW clean AS
-        SELECT u AS user_id, i AS item_id, to_timestamp(t) AS timestamp, e AS event, COALESCE(d.seq, 0) AS seq,
-               val AS value, {_literal(src.name)} AS source, c.__file
-        FROM classified c LEFT JOIN dup_seq d ON c.__file = d.__file AND c.__line = d.__line
-        WHERE c.reason IS NULL
-        """
-    )
-    for file, n in con.sql("SELECT __file, count(*) FROM classified WHERE reason IS NULL GROUP BY ALL").fetchall():
-        q.tally(file).read += n
-        q.tally(file).stored += n
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def ingest(ws: Workspace, src: RawSource) -> IngestReport:
     """Validate and write one source into the workspace; see the module docstring for the guarantees."""
     q = _Quarantine(src)
@@ -377,35 +274,24 @@ def ingest(ws: Workspace, src: RawSource) -> IngestReport:
         tables["users"] = ws.upsert(USERS, pa.Table.from_pylist(users, schema=USERS.schema))
 
     if src.interactions is not None:
-        con = duckdb.connect(config={"preserve_insertion_order": False})
-        if ws.is_local:  # bound DuckDB's memory; it spills to the workspace's temp folder instead
-            con.execute(f"SET temp_directory = '{ws.uri}/.tmp'; SET memory_limit = '1GB'")
-        con.register("known_items", ws.read("items", columns=["item_id"]))
-        con.register("known_users", ws.read("users", columns=["user_id"]))
-        if denied:
-            con.register("denied", pa.table({"key_hash": sorted(denied)}))
-        _validate_interactions(
-            src,
-            con,
-            q,
-            check_items=not src.derive_items,
-            check_users=not src.derive_users,
-            denied=bool(denied),
-        )
+        from recipes.ingest_interactions import ingest_interactions
+
+        result, items, users = ingest_interactions(ws, src, q, denied)
         now = _now()
         if src.derive_items:
-            derived = con.sql(
-                "SELECT DISTINCT item_id, $src AS source FROM clean", params={"src": src.name}
-            ).to_arrow_table()
-            derived = derived.append_column("content_hash", pa.array([_content_hash()] * derived.num_rows))
-            derived = derived.append_column("created_at", pa.array([now] * derived.num_rows, ITEMS.schema.field("created_at").type))
+            derived = pa.table({"item_id": sorted(items)})
+            n = derived.num_rows
+            derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
+            derived = derived.append_column("content_hash", pa.array([_content_hash()] * n, pa.string()))
+            derived = derived.append_column("created_at", pa.array([now] * n, ITEMS.schema.field("created_at").type))
             tables["items"] = ws.upsert(ITEMS, conform(derived, ITEMS.schema))
         if src.derive_users:
-            derived = con.sql("SELECT DISTINCT user_id, $src AS source FROM clean", params={"src": src.name}).to_arrow_table()
-            derived = derived.append_column("created_at", pa.array([now] * derived.num_rows, USERS.schema.field("created_at").type))
+            derived = pa.table({"user_id": sorted(users)})
+            n = derived.num_rows
+            derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
+            derived = derived.append_column("created_at", pa.array([now] * n, USERS.schema.field("created_at").type))
             tables["users"] = ws.upsert(USERS, conform(derived, USERS.schema))
-        tables["interactions"] = ws.upsert_relation(INTERACTIONS, con, "clean")
-        con.close()
+        tables["interactions"] = result
 
     tables["quarantine"] = ws.upsert(QUARANTINE, pa.Table.from_pylist(q.rows, schema=QUARANTINE.schema))
     return IngestReport(src.name, tables, src.tallies)

@@ -18,6 +18,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from recipes.ingest import FileTally, RawSource, _content_hash
+from recipes.ingest_interactions import CsvStream
 
 ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
 USER_FIELDS = ("user_id",)
@@ -94,35 +95,22 @@ def _pack_attributes(table: pa.Table, keep: tuple[str, ...]) -> pa.Table:
     return table.append_column("attributes", pa.array(attrs, pa.string()))
 
 
-def _interactions(path: Path, mapping: dict[str, str], src: RawSource) -> pa.Table:
-    """Interactions as strings. A file with invalid UTF-8 is re-read as bytes: its bad rows are quarantined as
-    `non_utf8` (counted against the file) and the rest go on."""
-    try:
+def _interactions(path: Path, mapping: dict[str, str]) -> pa.Table | CsvStream:
+    """Interactions, lazily: delimited files stream in batches (UTF-8 checked per row at ingest); Parquet and
+    JSONL are read whole."""
+    path = _require(Path(path), "interactions file", "check the path")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq", ".jsonl", ".ndjson", ".json"):
         return _with_lineage(_rename(read_table_file(path), mapping), path.name)
-    except UnicodeError:
-        pass
-    from recipes.ingest import _Quarantine
+    sep = "\t" if suffix in (".tsv", ".inter") else ","
+    stream = CsvStream(path, sep, mapping)
+    if not stream.header:
+        raise SourceError(f"{path} is empty or has no header row; add a header naming the columns")
+    return stream
 
-    raw = _with_lineage(_rename(read_table_file(path, as_binary=True), mapping), path.name)
-    ok = [True] * raw.num_rows
-    for name in raw.column_names:
-        if name.startswith("__"):
-            continue
-        for idx, value in enumerate(raw[name].to_pylist()):
-            try:
-                if value is not None:
-                    value.decode("utf-8")
-            except UnicodeDecodeError:
-                ok[idx] = False
-    q = _Quarantine(src)
-    for row, good in zip(raw.to_pylist(), ok, strict=True):
-        if not good:
-            q.tally(path.name).read += 1
-            excerpt = json.dumps({k: v.decode("utf-8", "backslashreplace") for k, v in row.items() if isinstance(v, bytes)})
-            q.add(path.name, row["__line"], None, "non_utf8", "row holds bytes that are not UTF-8; re-encode the file", excerpt[:300])
-    src.quarantine = q.rows
-    kept = raw.filter(pa.array(ok))
-    return kept.cast(pa.schema([pa.field(f.name, pa.string() if f.type == pa.binary() else f.type) for f in kept.schema]))
+
+def _fields(interactions: pa.Table | CsvStream) -> list[str]:
+    return interactions.fields if isinstance(interactions, CsvStream) else interactions.column_names
 
 
 # ---- MovieLens ---------------------------------------------------------------------------------------------
@@ -188,13 +176,7 @@ def movielens(directory: str | Path, items_csv: str | Path | None = None, poster
     else:
         src.derive_users = True
     data_path = _require(root / "u.data", "u.data", "the ML-100K folder must hold u.data")
-    table = pacsv.read_csv(
-        data_path,
-        read_options=pacsv.ReadOptions(column_names=["user_id", "item_id", "value", "timestamp"]),
-        parse_options=pacsv.ParseOptions(delimiter="\t"),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in ("user_id", "item_id", "value", "timestamp")}),
-    )
-    src.interactions = _with_lineage(table, "u.data")
+    src.interactions = CsvStream(data_path, "\t", column_names=["user_id", "item_id", "value", "timestamp"])
     src.default_event = "rating"
     return src
 
@@ -245,8 +227,7 @@ def mmrec(directory: str | Path) -> RawSource:
         raise SourceError(f"no <name>.inter file in {root}; MMRec datasets keep their interactions in <name>.inter")
     mapping = {"userID": "user_id", "itemID": "item_id", "rating": "value"}
     src = RawSource(name=f"mmrec:{inter[0].stem}", derive_items=True, derive_users=True, default_event="rating")
-    table = _interactions(inter[0], mapping, src)
-    src.interactions = table.select([c for c in table.column_names if c in INTERACTION_FIELDS or c.startswith("__")])
+    src.interactions = _interactions(inter[0], mapping)
     return src
 
 
@@ -263,11 +244,11 @@ def recbole(directory: str | Path) -> RawSource:
         raise SourceError(f"no <name>.inter atomic file in {root}")
     name = inter[0].stem
     src = RawSource(name=f"recbole:{name}", default_event="rating")
-    table = _strip_types(read_table_file(inter[0]))
-    table = _rename(table, {"rating": "value"})
-    if "timestamp" not in table.column_names:
+    stream = CsvStream(inter[0], "\t")
+    stream.mapping = {h: ("value" if h.split(":", 1)[0] == "rating" else h.split(":", 1)[0]) for h in stream.header}
+    if "timestamp" not in stream.fields:
         raise SourceError(f"{inter[0]} has no timestamp:float column; add one (unix seconds)")
-    src.interactions = _with_lineage(table.select([c for c in table.column_names if c in INTERACTION_FIELDS]), inter[0].name)
+    src.interactions = stream
     item_path, user_path = root / f"{name}.item", root / f"{name}.user"
     if item_path.exists():
         items = _strip_types(read_table_file(item_path, as_binary=True))
@@ -326,9 +307,9 @@ def table(
         src.derive_users = True
     if interactions:
         inter_path = Path(interactions)
-        inter = _interactions(inter_path, mapping, src)
-        missing = {"user_id", "item_id", "timestamp"} - set(inter.column_names)
+        inter = _interactions(inter_path, mapping)
+        missing = {"user_id", "item_id", "timestamp"} - set(_fields(inter))
         if missing:
             raise SourceError(f"{inter_path} lacks columns {sorted(missing)}; pass --map COLUMN=FIELD for each")
-        src.interactions = inter.select([c for c in inter.column_names if c in INTERACTION_FIELDS or c.startswith("__")])
+        src.interactions = inter
     return src

@@ -100,6 +100,8 @@ def bad_source(tmp_path: Path):
             ["u1", "0001", "1700000001", "view", "abc"],  # bad value
         ],
     )
+    with open(inter, "ab") as fh:  # latin-1 bytes in the streaming interactions path
+        fh.write("u\xe9,0001,1700000000,view,1\n".encode("latin-1"))
     return table(items, inter, users, images, name="bad")
 
 
@@ -132,8 +134,9 @@ def test_every_bad_input_kind_is_quarantined_and_counts_add_up(ws, bad_source):
     assert files["items.csv"].merged == 1
     assert files["items.csv"].quarantined == 3  # conflict, empty id, non-UTF-8
     assert files["items.csv"].stored == 10
-    assert files["interactions.csv"].read == 10
+    assert files["interactions.csv"].read == 11
     assert files["interactions.csv"].stored == 5
+    assert files["interactions.csv"].reasons["non_utf8"] == 1
     assert ws.count("items") == 10
     assert ws.count("item_images") == 2  # ok.jpg and the rotated one
     assert ws.count("interactions") == 5

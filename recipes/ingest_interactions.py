@@ -1,0 +1,300 @@
+"""Streaming, validated ingest of interactions: bounded memory at any size.
+
+The source is read in batches (CSV through Arrow's streaming reader, bytes checked for UTF-8 per batch). Each
+batch is classified in DuckDB (ids, timestamps, values, deny-list, unknown items/users); bad rows become quarantine
+rows, clean rows stream straight into the Lance table. Two 64-bit hashes per row (of the key, and of key + value)
+replace a global join: `seq` (the occurrence number of an identical user/item/time/event, so same-day repeat
+purchases stay distinct) comes from the key hashes seen so far, and a re-ingest compares against the hashes of
+the rows already stored, so unchanged rows are skipped and changed values are merged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from stores.schema import INTERACTIONS
+from stores.workspace import UpsertResult, Workspace
+
+BATCH_BYTES = 64 << 20
+FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
+
+DETAILS = {
+    "empty_id": "user_id or item_id is empty",
+    "bad_timestamp": "timestamp is neither unix seconds nor an ISO date/time",
+    "bad_value": "value is not a number",
+    "forgotten": "user or item was erased by a forget request; not re-ingested",
+    "unknown_item": "item_id is not among the source's or the workspace's items; ingest the item first",
+    "unknown_user": "user_id is not among the source's or the workspace's users; ingest the user first",
+    "non_utf8": "row holds bytes that are not UTF-8; re-encode the file as UTF-8",
+}
+
+
+@dataclass
+class CsvStream:
+    """A delimited interactions file read lazily in batches (every column as bytes, then checked as UTF-8)."""
+
+    path: Path
+    delimiter: str = ","
+    mapping: dict[str, str] = field(default_factory=dict)
+    column_names: list[str] | None = None  # for files without a header row (ML-100K's u.data)
+
+    @property
+    def file(self) -> str:
+        return self.path.name
+
+    @property
+    def header(self) -> list[str]:
+        if self.column_names is not None:
+            return list(self.column_names)
+        with open(self.path, "rb") as fh:
+            first = fh.readline()
+        options = pacsv.ParseOptions(delimiter=self.delimiter)
+        return pacsv.read_csv(pa.py_buffer(first), parse_options=options).column_names
+
+    @property
+    def fields(self) -> list[str]:
+        return [self.mapping.get(c, c) for c in self.header]
+
+    def batches(self) -> Iterator[pa.Table]:
+        names = self.header
+        read = pacsv.ReadOptions(block_size=BATCH_BYTES, column_names=self.column_names,
+                                 autogenerate_column_names=False)
+        convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False)
+        reader = pacsv.open_csv(self.path, read_options=read, convert_options=convert,
+                                parse_options=pacsv.ParseOptions(delimiter=self.delimiter))
+        line = 1
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            table = table.rename_columns([self.mapping.get(c, c) for c in table.column_names])
+            n = table.num_rows
+            table = table.append_column("__line", pa.array(np.arange(line, line + n, dtype=np.int64)))
+            line += n
+            yield table
+
+
+def iter_batches(interactions: pa.Table | CsvStream) -> Iterator[pa.Table]:
+    if isinstance(interactions, CsvStream):
+        yield from interactions.batches()
+    else:
+        yield from (pa.Table.from_batches([b]) for b in interactions.to_batches(max_chunksize=1 << 20))
+
+
+def _utf8(batch: pa.Table) -> tuple[pa.Table, list[int]]:
+    """Cast bytes columns to strings; rows with invalid UTF-8 are dropped and their positions returned."""
+    bad: set[int] = set()
+    columns = {}
+    for name in batch.column_names:
+        col = batch[name]
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            try:
+                col = col.cast(pa.string())
+            except pa.ArrowInvalid:
+                values = col.to_pylist()
+                for idx, value in enumerate(values):
+                    try:
+                        if value is not None:
+                            value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad.add(idx)
+                col = pa.array([None if i in bad or v is None else v.decode("utf-8") for i, v in enumerate(values)],
+                               pa.string())
+        columns[name] = col
+    table = pa.table(columns)
+    if bad:
+        keep = np.ones(table.num_rows, bool)
+        keep[list(bad)] = False
+        table = table.filter(pa.array(keep))
+    return table, sorted(bad)
+
+
+_TS_SECONDS = """COALESCE(
+  TRY_CAST(ts AS BIGINT),
+  TRY_CAST(floor(TRY_CAST(ts AS DOUBLE)) AS BIGINT),
+  epoch(TRY_CAST(ts AS TIMESTAMP))::BIGINT)"""
+
+
+def _classify_sql(columns: set[str], default_event: str, deny: bool, check_items: bool, check_users: bool) -> str:
+    ev = "'" + default_event.replace("'", "''") + "'"
+    event = f"COALESCE(NULLIF(trim(CAST(event AS VARCHAR)), ''), {ev})" if "event" in columns else ev
+    value = "CAST(value AS VARCHAR)" if "value" in columns else "NULL::VARCHAR"
+    rules = [
+        "WHEN u IS NULL OR u = '' OR i IS NULL OR i = '' THEN 'empty_id'",
+        "WHEN t IS NULL THEN 'bad_timestamp'",
+        "WHEN v IS NOT NULL AND trim(v) <> '' AND val IS NULL THEN 'bad_value'",
+    ]
+    if deny:
+        rules.append("WHEN sha256('user:' || u) IN (SELECT key_hash FROM denied) "
+                     "OR sha256('item:' || i) IN (SELECT key_hash FROM denied) THEN 'forgotten'")
+    if check_items:
+        rules.append("WHEN i NOT IN (SELECT item_id FROM known_items) THEN 'unknown_item'")
+    if check_users:
+        rules.append("WHEN u NOT IN (SELECT user_id FROM known_users) THEN 'unknown_user'")
+    return f"""
+        WITH raw AS (SELECT trim(CAST(user_id AS VARCHAR)) AS u, trim(CAST(item_id AS VARCHAR)) AS i,
+                            trim(CAST(timestamp AS VARCHAR)) AS ts, {event} AS e,
+                            {value} AS v, __line FROM batch),
+        parsed AS (SELECT *, {_TS_SECONDS} AS t, TRY_CAST(v AS DOUBLE) AS val FROM raw)
+        SELECT u, i, t, e, val, __line, ts, v, CASE {' '.join(rules)} ELSE NULL END AS reason,
+               hash(u, i, t, e) AS h1
+        FROM parsed
+    """
+
+
+class _Seen:
+    """Key hashes of the rows already streamed, to number repeated (user, item, time, event) rows.
+
+    A 64-bit hash collision between two different keys only bumps `seq` for one of them: keys stay unique.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def seq(self, h: np.ndarray) -> np.ndarray:
+        """Occurrences of each row's key before it: in earlier batches, then earlier in this one."""
+        prior = np.zeros(len(h), np.int64)
+        for chunk in self.chunks:
+            prior += np.searchsorted(chunk, h, "right") - np.searchsorted(chunk, h, "left")
+        order = np.argsort(h, kind="stable")
+        sorted_h = h[order]
+        starts = np.r_[True, sorted_h[1:] != sorted_h[:-1]]
+        run_start = np.maximum.accumulate(np.where(starts, np.arange(len(h)), 0))
+        rank = np.empty(len(h), np.int64)
+        rank[order] = np.arange(len(h)) - run_start
+        self.chunks.append(sorted_h)
+        return (prior + rank).astype(np.int32)
+
+
+def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[UpsertResult, set[str], set[str]]:
+    """Stream `src.interactions` into the interactions table; returns the upsert result and the clean ids."""
+    table = ws.ensure(INTERACTIONS)
+    result = UpsertResult("interactions")
+    existing = _existing_hashes(table) if table.count_rows() else None
+    con = duckdb.connect(config={"threads": 2})
+    known_items = ws.read("items", columns=["item_id"])
+    known_users = ws.read("users", columns=["user_id"])
+    con.register("known_items", known_items)
+    con.register("known_users", known_users)
+    if denied:
+        con.register("denied", pa.table({"key_hash": sorted(denied)}))
+    seen = _Seen()
+    items: set[str] = set()
+    users: set[str] = set()
+    updates: list[pa.Table] = []
+    file = src.interactions.file if isinstance(src.interactions, CsvStream) else None
+
+    def clean_batches() -> Iterator[pa.RecordBatch]:
+        for raw in iter_batches(src.interactions):
+            name = file or raw["__file"][0].as_py()
+            selected = raw.select([c for c in raw.column_names if c in FIELDS or c == "__line"])
+            raw, bad_utf8 = _utf8(selected)
+            tally = q.tally(name)
+            tally.read += raw.num_rows + len(bad_utf8)
+            for pos in bad_utf8:
+                row = selected.slice(pos, 1).to_pylist()[0]
+                line = row.pop("__line")
+                excerpt = json.dumps({k: v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v
+                                      for k, v in row.items()})[:300]
+                q.add(name, line, None, "non_utf8", DETAILS["non_utf8"], excerpt)
+            for col in ("user_id", "item_id", "timestamp"):
+                if col not in raw.column_names:
+                    raise ValueError(f"{name} has no {col} column; map one with --map COLUMN={col}")
+            con.register("batch", raw)
+            sql = _classify_sql(set(raw.column_names), src.default_event, bool(denied),
+                                not src.derive_items, not src.derive_users)
+            out = con.sql(sql).to_arrow_table()
+            con.unregister("batch")
+            reason = out["reason"]
+            bad = out.filter(pc.is_valid(reason))
+            for row in bad.select(["__line", "u", "i", "ts", "e", "v", "reason"]).to_pylist():
+                r = row["reason"]
+                if r == "forgotten":
+                    q.add(name, row["__line"], None, r, DETAILS[r], None)
+                else:
+                    excerpt = json.dumps({"user_id": row["u"], "item_id": row["i"], "timestamp": row["ts"],
+                                          "event": row["e"], "value": row["v"]})[:300]
+                    q.add(name, row["__line"], f"{row['u']}|{row['i']}", r, f"{DETAILS[r]}: {excerpt}", excerpt)
+            good = out.filter(pc.is_null(reason))
+            tally.stored += good.num_rows
+            if not good.num_rows:
+                continue
+            seq = seen.seq(good["h1"].to_numpy().astype(np.uint64))
+            if src.derive_items:
+                items.update(pc.unique(good["i"]).to_pylist())
+            if src.derive_users:
+                users.update(pc.unique(good["u"]).to_pylist())
+            rows = pa.table(
+                {
+                    "user_id": good["u"],
+                    "item_id": good["i"],
+                    "timestamp": good["t"].cast(pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+                    "event": good["e"],
+                    "seq": pa.array(seq, pa.int32()),
+                    "value": good["val"],
+                    "source": pa.array(np.full(good.num_rows, src.name, dtype=object), pa.string()),
+                },
+                schema=INTERACTIONS.schema,
+            )
+            if existing is not None:
+                rows = _split_existing(rows, existing, result, updates)
+            result.inserted += rows.num_rows
+            yield from rows.to_batches()
+
+    stream = clean_batches()
+    first = next(stream, None)  # nothing to insert: no write, no new version
+    if first is not None:
+        table.add(pa.RecordBatchReader.from_batches(INTERACTIONS.schema, itertools.chain([first], stream)))
+    if updates:
+        changed = pa.concat_tables(updates)
+        table.merge_insert(list(INTERACTIONS.key)).when_matched_update_all().when_not_matched_insert_all().execute(
+            changed
+        )
+        result.updated = changed.num_rows
+    result.version = table.version
+    con.close()
+    return result, items, users
+
+
+def _row_hashes(con: duckdb.DuckDBPyConnection, relation: str) -> tuple[np.ndarray, np.ndarray]:
+    out = con.sql(
+        f"SELECT hash(user_id, item_id, epoch(timestamp)::BIGINT, event, seq) AS k, "
+        f"hash(user_id, item_id, epoch(timestamp)::BIGINT, event, seq, value) AS r FROM {relation}"
+    ).to_arrow_table()
+    return out["k"].to_numpy().astype(np.uint64), out["r"].to_numpy().astype(np.uint64)
+
+
+def _existing_hashes(table) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted key hashes of the stored rows and, aligned, their key+value hashes."""
+    con = duckdb.connect()
+    con.register("stored", table.to_lance().scanner(columns=list(INTERACTIONS.key) + ["value"]).to_reader())
+    keys, rows = _row_hashes(con, "stored")
+    con.close()
+    order = np.argsort(keys, kind="stable")
+    return keys[order], rows[order]
+
+
+def _split_existing(rows: pa.Table, existing: tuple[np.ndarray, np.ndarray],
+                    result: UpsertResult, updates: list[pa.Table]) -> pa.Table:
+    """Keep the rows to insert; count unchanged rows; collect rows whose value changed for a merge."""
+    con = duckdb.connect()
+    con.register("fresh", rows)
+    keys, full = _row_hashes(con, "fresh")
+    con.close()
+    stored_keys, stored_full = existing
+    idx = np.searchsorted(stored_keys, keys).clip(0, max(len(stored_keys) - 1, 0))
+    known = stored_keys[idx] == keys
+    same = known & (stored_full[idx] == full)
+    changed = known & ~same
+    result.unchanged += int(same.sum())
+    if changed.any():
+        updates.append(rows.filter(pa.array(changed)))
+    return rows.filter(pa.array(~known))
