@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 from stores.schema import INTERACTIONS
 from stores.workspace import UpsertResult, Workspace
 
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 16 << 20
 FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
 
 DETAILS = {
