@@ -53,8 +53,16 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def _write_tsv(table: pa.Table, path: Path) -> Path:
-    options = pcsv.WriteOptions(delimiter="\t", quoting_style="none", include_header=True)
-    return _atomic_write(path, lambda p: pcsv.write_csv(table, p, write_options=options))
+    """Tab-separated, unquoted, header included. Arrow quotes header names even with quoting_style="none",
+    and RecBole splits `"user_id:token"` into a broken name and type, so the header is written by hand."""
+    options = pcsv.WriteOptions(delimiter="\t", quoting_style="none", include_header=False)
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as fh:
+            fh.write(("\t".join(table.column_names) + "\n").encode())
+            pcsv.write_csv(table, fh, write_options=options)
+
+    return _atomic_write(path, write)
 
 
 def _save_npy(array: np.ndarray | dict, path: Path) -> Path:

@@ -34,11 +34,13 @@ def check_interactions(table: pa.Table, extra: tuple[str, ...] = ()) -> None:
             raise ValueError(f"column {name!r} has {nulls} null id(s); drop or quarantine those rows first")
 
 
-def sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def sorted_codes(
+    column: pa.ChunkedArray | pa.Array, with_uniques: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Encode a string column as int32 codes whose order is the sorted order of the distinct strings.
 
-    Returns (codes, uniques) with uniques[codes] == column. Dictionary-encode first, then sort only the
-    distinct values: far cheaper than sorting the column itself.
+    Returns (codes, uniques) with uniques[codes] == column (uniques is None when not asked for).
+    Dictionary-encode first, then sort only the distinct values: far cheaper than sorting the column.
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -50,8 +52,9 @@ def sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nda
     rank = np.empty(len(order), dtype=np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
     codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
-    uniques = dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False)
-    return codes, uniques
+    if not with_uniques:
+        return codes, None
+    return codes, dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False)
 
 
 def id_maps(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -95,12 +98,25 @@ def seconds(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     raise TypeError(f"timestamp column has type {column.type}; expected a timestamp or integer seconds")
 
 
-def dedup_mask(user: np.ndarray, item: np.ndarray, ts: np.ndarray, keep: DedupPolicy) -> np.ndarray:
+def pair_order(user: np.ndarray, item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(key, order): key = user * n_items + item per row, order = an argsort of key (rows of a pair adjacent)."""
+    n_items = int(item.max()) + 1 if len(item) else 1
+    key = user.astype(np.int64) * n_items + item
+    return key, np.argsort(key)
+
+
+def dedup_mask(
+    user: np.ndarray,
+    item: np.ndarray,
+    ts: np.ndarray,
+    keep: DedupPolicy,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Boolean row mask keeping one row per (user, item): the earliest ("first") or latest ("last") by time.
 
     Equal timestamps fall back to row order (first row for "first", last row for "last"). "all" keeps every
-    row. Only rows that actually repeat a pair are sorted by time, so the common no-duplicate case costs
-    one integer sort.
+    row. Only rows that actually repeat a pair are sorted by time, so the common case costs one integer
+    sort; pass `pairs=pair_order(user, item)` to reuse one already made.
     """
     if keep not in DEDUP_POLICIES:
         raise ValueError(f"keep={keep!r}; expected one of {DEDUP_POLICIES}")
@@ -108,9 +124,7 @@ def dedup_mask(user: np.ndarray, item: np.ndarray, ts: np.ndarray, keep: DedupPo
     mask = np.ones(n, dtype=bool)
     if keep == "all" or n == 0:
         return mask
-    n_items = int(item.max()) + 1
-    key = user.astype(np.int64) * n_items + item
-    order = np.argsort(key, kind="stable")
+    key, order = pairs if pairs is not None else pair_order(user, item)
     sorted_key = key[order]
     repeat = np.empty(n, dtype=bool)
     repeat[0] = False
@@ -120,11 +134,10 @@ def dedup_mask(user: np.ndarray, item: np.ndarray, ts: np.ndarray, keep: DedupPo
     # Rows in a repeated group: the repeat flags plus the first row of each such group.
     in_group = repeat.copy()
     in_group[:-1] |= repeat[1:]
-    rows = order[in_group]  # grouped by key, row order within a key (stable sort)
-    sub_ts = ts[rows] if keep == "first" else -ts[rows]
-    sub_pos = np.arange(len(rows)) if keep == "first" else -np.arange(len(rows))
-    sub_order = np.lexsort((sub_pos, sub_ts, key[rows]))
-    rows = rows[sub_order]
+    rows = order[in_group]
+    sign = 1 if keep == "first" else -1
+    # Sort the repeated rows by pair, then time, then row number (all negated for "last").
+    rows = rows[np.lexsort((sign * rows, sign * ts[rows], key[rows]))]
     k = key[rows]
     winner = np.empty(len(rows), dtype=bool)
     winner[0] = True
@@ -173,8 +186,8 @@ def dedup(table: pa.Table, keep: DedupPolicy = "first") -> pa.Table:
     check_interactions(table)
     if keep == "all":
         return table
-    user, _ = sorted_codes(table["user_id"])
-    item, _ = sorted_codes(table["item_id"])
+    user, _ = sorted_codes(table["user_id"], with_uniques=False)
+    item, _ = sorted_codes(table["item_id"], with_uniques=False)
     mask = dedup_mask(user, item, seconds(table["timestamp"]), keep)
     return table if mask.all() else table.filter(pa.array(mask))
 
@@ -186,7 +199,7 @@ def kcore(table: pa.Table, k: int | tuple[int, int] = 5) -> pa.Table:
     """
     check_interactions(table)
     k_user, k_item = _pair(k)
-    user, _ = sorted_codes(table["user_id"])
-    item, _ = sorted_codes(table["item_id"])
+    user, _ = sorted_codes(table["user_id"], with_uniques=False)
+    item, _ = sorted_codes(table["item_id"], with_uniques=False)
     mask = kcore_mask(user, item, k_user, k_item)
     return table if mask.all() else table.filter(pa.array(mask))

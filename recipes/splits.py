@@ -28,6 +28,7 @@ from recipes.kcore import (
     id_maps,
     index_ids,
     kcore_mask,
+    pair_order,
     seconds,
     sorted_codes,
 )
@@ -146,15 +147,14 @@ def holdout_counts(
     return n_valid, n_test
 
 
-def _canonical_order(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Row order by (user, item), then time: independent of how the caller ordered the rows."""
-    n_items = int(item.max()) + 1
-    key = user.astype(np.int64) * n_items + item
-    order = np.argsort(key)
-    sorted_key = key[order]
-    if len(key) > 1 and np.any(sorted_key[1:] == sorted_key[:-1]):
-        order = np.lexsort((ts, key))  # repeated pairs: order them by time, then as given
-    return order
+def _canonical_order(keep: np.ndarray, key: np.ndarray, order: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Order of the kept rows (as positions among them) by (user, item), then time: independent of how the
+    caller ordered the rows. Re-uses the pair sort made for de-duplication."""
+    kept_order = order[keep[order]]
+    sorted_key = key[kept_order]
+    if len(sorted_key) > 1 and np.any(sorted_key[1:] == sorted_key[:-1]):
+        return np.lexsort((ts[keep], key[keep]))  # repeated pairs kept: order them by time, then as given
+    return (np.cumsum(keep) - 1)[kept_order]
 
 
 def _labels_by_position(user_sorted: np.ndarray, n_valid: np.ndarray, n_test: np.ndarray) -> np.ndarray:
@@ -210,11 +210,12 @@ def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
     check_interactions(interactions)
     if "label" in interactions.column_names:
         raise ValueError("interactions already have a 'label' column; pass the unsplit interactions")
-    user, _ = sorted_codes(interactions["user_id"])
-    item, _ = sorted_codes(interactions["item_id"])
+    user, _ = sorted_codes(interactions["user_id"], with_uniques=False)
+    item, _ = sorted_codes(interactions["item_id"], with_uniques=False)
     ts = seconds(interactions["timestamp"])
 
-    keep = dedup_mask(user, item, ts, cfg.dedup)
+    key, order = pair_order(user, item)
+    keep = dedup_mask(user, item, ts, cfg.dedup, pairs=(key, order))
     k_user, k_item = (cfg.kcore, cfg.kcore) if isinstance(cfg.kcore, int) else cfg.kcore
     if k_user > 1 or k_item > 1:
         idx = np.flatnonzero(keep)
@@ -223,6 +224,8 @@ def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
     table = interactions if keep.all() else interactions.filter(pa.array(keep))
     if table.num_rows == 0:
         raise ValueError(f"nothing left after dedup={cfg.dedup!r} and kcore={cfg.kcore!r}; lower kcore")
+    canonical = None if cfg.scheme == "cutoff" else _canonical_order(keep, key, order, ts)
+    del key, order
     user, item, ts = user[keep], item[keep], ts[keep]
     # Re-number to contiguous codes after filtering (order-preserving, so still sorted by string id).
     user = np.cumsum(np.bincount(user) > 0)[user] - 1
@@ -232,12 +235,11 @@ def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
     if cfg.scheme == "cutoff":
         labels = _cutoff_labels(ts, cfg)
     else:
-        canonical = _canonical_order(user, item, ts)
         n_users = int(user.max()) + 1
         if cfg.scheme == "random":
             rng = np.random.default_rng(cfg.seed)
             draw = rng.integers(0, 2**32, size=len(canonical), dtype=np.int64)
-            order = canonical[np.argsort((user[canonical].astype(np.int64) << 32) | draw, kind="stable")]
+            order = canonical[np.argsort((user[canonical].astype(np.int64) << 32) | draw)]
         else:
             order = _chronological(user, ts, canonical)
         counts = np.bincount(user, minlength=n_users)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recipes.kcore import id_maps, index_ids
+from recipes.kcore import sorted_codes
 
 if TYPE_CHECKING:
     import torch
@@ -31,25 +31,22 @@ EDGE_SCHEMA = pa.schema(
 )
 
 
-def train_rows(split: pa.Table) -> pa.Table:
-    """The label == 0 rows of a split; raises when the table is not a split (no label column)."""
+def train_matrix(split: pa.Table) -> sp.csr_matrix:
+    """Binary users x items matrix of the train rows, shaped by all users/items of the split.
+
+    Rows and columns are the contiguous ids of `id_maps(split)`. Repeated (user, item) pairs collapse to 1,
+    as in FREEDOM's dict-built adjacency.
+    """
     if "label" not in split.column_names:
         raise ValueError(
             "expected a split (a table with a 'label' column); run recipes.splits.make_split first"
         )
-    return split.filter(pc.equal(split["label"], 0))
-
-
-def train_matrix(split: pa.Table) -> sp.csr_matrix:
-    """Binary users x items matrix of the train rows, shaped by all users/items of the split.
-
-    Repeated (user, item) pairs collapse to 1, as in FREEDOM's dict-built adjacency.
-    """
-    users, items = id_maps(split)
-    train = train_rows(split)
-    u, i = index_ids(train, users, items)
+    u, _ = sorted_codes(split["user_id"], with_uniques=False)
+    i, _ = sorted_codes(split["item_id"], with_uniques=False)
+    shape = (int(u.max()) + 1 if len(u) else 0, int(i.max()) + 1 if len(i) else 0)
+    train = pc.fill_null(pc.equal(split["label"], 0), False).to_numpy(zero_copy_only=False)
     mat = sp.csr_matrix(
-        (np.ones(len(u), dtype=np.float32), (u, i)), shape=(len(users), len(items)), dtype=np.float32
+        (np.ones(int(train.sum()), dtype=np.float32), (u[train], i[train])), shape=shape, dtype=np.float32
     )
     mat.sum_duplicates()
     mat.data[:] = 1.0
@@ -73,12 +70,13 @@ def sym_normalize(adj: sp.spmatrix, eps: float = 1e-7) -> sp.csr_matrix:
     The eps (1e-7) is added to the degree before the power, exactly as MMRec does, so isolated nodes get a
     finite (unused) scale instead of inf.
     """
-    adj = sp.csr_matrix(adj)
-    deg = np.asarray((adj > 0).sum(axis=1), dtype=np.float64).ravel()
+    csr = sp.csr_matrix(adj, dtype=np.float32, copy=True)
+    csr.sum_duplicates()
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    deg = np.bincount(rows, weights=(csr.data > 0), minlength=csr.shape[0])
     d = np.power(deg + eps, -0.5)
-    coo = adj.tocoo()
-    data = (d[coo.row] * coo.data.astype(np.float64) * d[coo.col]).astype(np.float32)
-    return sp.csr_matrix((data, (coo.row, coo.col)), shape=adj.shape)
+    csr.data = (d[rows] * csr.data.astype(np.float64) * d[csr.indices]).astype(np.float32)
+    return csr
 
 
 def rw_normalize_self_loops(adj: sp.spmatrix) -> sp.csr_matrix:
