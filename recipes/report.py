@@ -1,8 +1,8 @@
 """The dataset report: one self-contained HTML file that shows what a workspace holds, section by section.
 
-Pure functions turn Arrow/NumPy into plotly figures and one HTML string (plotly.js inlined once, thumbnails as
-data URIs, so the file opens offline). `load_report_data` at the bottom is the only function that reads a
-workspace; every section renders a note naming the command to run when its tables are absent.
+`render_report` lays out the statistics and plotly figures of recipes/report_charts.py as one HTML string
+(plotly.js inlined once, thumbnails as data URIs, so the file opens offline). stores/report_data.py reads the
+workspace into a `ReportData`; every section renders a note naming the command to run when its tables are absent.
 
     >>> data = load_report_data(Workspace("./mmfeat-data"), ReportConfig(), split="random")
     >>> Path("report.html").write_text(render_report(data, ReportConfig()))
@@ -15,9 +15,7 @@ import dataclasses
 import html
 import io
 import json
-import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -27,11 +25,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
-from plotly.colors import qualitative
-from plotly.subplots import make_subplots
-from threadpoolctl import threadpool_limits
 
-from recipes.kcore import dedup_mask, kcore_mask, seconds, sorted_codes
+from recipes import report_charts as charts
+from recipes.kcore import seconds, sorted_codes
+from recipes.report_charts import Graph
 
 if TYPE_CHECKING:
     from stores.workspace import Workspace
@@ -46,9 +43,6 @@ SECTIONS: dict[str, str] = {
     "knn": "kNN graph statistics",
     "forget": "Forget requests",
 }
-LABELS = {0: "train", 1: "valid", 2: "test"}
-_PALETTE = qualitative.Plotly + qualitative.D3
-_TEMPLATE = "plotly_white"
 
 
 class ReportError(ValueError):
@@ -92,18 +86,7 @@ class Feature:
     all_ids: np.ndarray
     ids: np.ndarray
     vectors: np.ndarray
-
-
-@dataclass
-class Graph:
-    """An item-item graph: edges as positions into `ids` (None when the node ids are unknown)."""
-
-    name: str
-    origin: str
-    src: np.ndarray
-    dst: np.ndarray
-    ids: np.ndarray | None
-    n_nodes: int
+    modality: str | None = None  # "image" / "text" / "caption": what the extractor embedded, when known
 
 
 @dataclass
@@ -118,435 +101,16 @@ class ReportData:
     interactions: pa.Table | None = None  # user_id, item_id, timestamp
     image_ids: np.ndarray | None = None
     sample_ids: list[str] = field(default_factory=list)  # the gallery's items
-    thumbnails: dict[str, str] = field(default_factory=dict)  # item_id -> data URI
+    images: dict[str, bytes] = field(default_factory=dict)  # the gallery items' image bytes
     captions: pa.Table | None = None  # item_id, caption[, model]
     features: dict[str, Feature] = field(default_factory=dict)
-    graphs: dict[str, Graph] = field(default_factory=dict)  # stored graph tables
+    graphs: dict[str, Graph] = field(default_factory=dict)  # stored item-item kNN graphs, by artifact name
+    other_graphs: list[dict[str, Any]] = field(default_factory=list)  # manifests of the other stored graphs
     split_name: str | None = None
     split: pa.Table | None = None  # user_id, item_id, timestamp, label
     forget: pa.Table | None = None
     quarantined: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-# ---- computations ----------------------------------------------------------------------------------------
-
-
-def hash_rank(ids: np.ndarray) -> np.ndarray:
-    """A fixed pseudo-random order of string ids (by a stable hash): samples drawn from it agree across tables."""
-    return np.argsort(pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False), kind="stable")
-
-
-def first_category(attributes: str | None) -> str | None:
-    """The colour attribute of an item: the first of `genres`, else `category`, from the attributes JSON."""
-    try:
-        attrs = json.loads(attributes) if attributes else None
-    except ValueError:
-        return None
-    if not isinstance(attrs, dict):
-        return None
-    genres = attrs.get("genres")
-    if isinstance(genres, list) and genres:
-        return str(genres[0])
-    value = attrs.get("category")
-    return str(value) if value not in (None, "") else None
-
-
-def counts_summary(user: np.ndarray, item: np.ndarray) -> dict[str, float]:
-    """Users, items, rows and density (rows / users x items) of integer-coded interactions."""
-    n_users, n_items = len(np.unique(user)), len(np.unique(item))
-    density = len(user) / (n_users * n_items) if n_users and n_items else 0.0
-    return {"users": n_users, "items": n_items, "interactions": len(user), "density": density}
-
-
-def kcore_effect(interactions: pa.Table, k: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(raw, k-core) counts of an interaction table; the core keeps the first row of a repeated pair."""
-    user, _ = sorted_codes(interactions["user_id"])
-    item, _ = sorted_codes(interactions["item_id"])
-    if len(user) == 0:
-        empty = counts_summary(user, item)
-        return empty, empty
-    keep = dedup_mask(user, item, seconds(interactions["timestamp"]), "first")
-    idx = np.flatnonzero(keep)
-    idx = idx[kcore_mask(user[idx], item[idx], k, k)]
-    return counts_summary(user, item), counts_summary(user[idx], item[idx])
-
-
-def degree_histogram(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(degree, number of nodes with that degree) of integer codes, degree >= 1."""
-    degree = np.bincount(codes)
-    return np.unique(degree[degree > 0], return_counts=True)
-
-
-def time_bins(ts: np.ndarray) -> tuple[np.ndarray, int, str]:
-    """Bin edges (epoch seconds) of a readable width (hour, day, week, 30 days, year) for about <= 400 bins."""
-    lo, hi = int(ts.min()), int(ts.max())
-    widths = ((3600, "hour"), (86400, "day"), (7 * 86400, "week"), (30 * 86400, "30 days"))
-    width, unit = next(((w, u) for w, u in widths if (hi - lo) / w <= 400), (365 * 86400, "year"))
-    start = lo - lo % width
-    return np.arange(start, hi + width + 1, width), width, unit
-
-
-def knn_topk(vectors: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Exact cosine top-k neighbours of every row (itself excluded), [n, k] positions; blocks of `block` rows
-    are scored in threads (NumPy releases the GIL), so memory stays O(block x n)."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    n = len(x)
-    k = min(k, n - 1)
-    if k < 1:
-        return np.zeros((n, 0), dtype=np.int64)
-
-    def top(start: int) -> np.ndarray:
-        sim = x[start : start + block] @ x.T
-        rows = np.arange(len(sim))
-        sim[rows, start + rows] = -np.inf
-        return np.argpartition(sim, n - k, axis=1)[:, n - k :]
-
-    # One BLAS thread per worker: BLAS's own threads on top of ours would oversubscribe the cores.
-    with (
-        threadpool_limits(1, user_api="blas"),
-        ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
-    ):
-        return np.concatenate(list(pool.map(top, range(0, n, block)))).astype(np.int64)
-
-
-def knn_to_graph(name: str, ids: np.ndarray, neighbours: np.ndarray, origin: str) -> Graph:
-    n, k = neighbours.shape
-    return Graph(name, origin, np.repeat(np.arange(n), k), neighbours.ravel(), ids, n)
-
-
-def graph_stats(g: Graph) -> dict[str, float]:
-    """Edges, mean out-degree, in-degree spread (max, share of nodes never a neighbour) and reciprocity
-    (share of edges u->v whose reverse v->u exists); self-loops are left out."""
-    keep = g.src != g.dst
-    src, dst = g.src[keep].astype(np.int64), g.dst[keep].astype(np.int64)
-    indeg = np.bincount(dst, minlength=g.n_nodes)
-    keys = np.unique(src * g.n_nodes + dst)
-    reverse = (keys % g.n_nodes) * g.n_nodes + keys // g.n_nodes
-    return {
-        "nodes": g.n_nodes,
-        "edges": len(keys),
-        "mean_out": len(keys) / max(g.n_nodes, 1),
-        "max_in": int(indeg.max()) if len(indeg) else 0,
-        "no_in": float((indeg == 0).mean()) if len(indeg) else 0.0,
-        "reciprocity": float(np.isin(reverse, keys).mean()) if len(keys) else 0.0,
-    }
-
-
-def neighbour_overlap(a: Graph, b: Graph) -> np.ndarray:
-    """Per item in both graphs: shared neighbours |N_a ∩ N_b| (neighbours compared by item id)."""
-    if a.ids is None or b.ids is None:
-        return np.zeros(0, dtype=np.int64)
-    universe = pd.Index(np.concatenate([a.ids, b.ids])).unique()
-    common = np.intersect1d(a.ids, b.ids)
-    if len(common) == 0:
-        return np.zeros(0, dtype=np.int64)
-    size = len(universe)
-
-    def edge_keys(g: Graph) -> np.ndarray:
-        code = universe.get_indexer(g.ids).astype(np.int64)
-        keep = g.src != g.dst
-        return np.unique(code[g.src[keep]] * size + code[g.dst[keep]])
-
-    shared = np.intersect1d(edge_keys(a), edge_keys(b), assume_unique=True) // size
-    per_item = np.bincount(shared, minlength=size)
-    return per_item[universe.get_indexer(common)]
-
-
-def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """2-D PCA of L2-normalised rows: ([n, 2] coordinates, explained variance ratio of the two axes)."""
-    x = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    x = x - x.mean(axis=0)
-    if len(x) < 2:
-        return np.zeros((len(x), 2)), np.zeros(2)
-    # Eigenvectors of the d x d covariance: far cheaper than an SVD of the n x d sample when n >> d.
-    var, vecs = np.linalg.eigh(x.T @ x / len(x))
-    top = np.argsort(var)[::-1][:2]
-    coords = np.zeros((len(x), 2))
-    coords[:, : len(top)] = x @ vecs[:, top]
-    ratio = np.zeros(2)
-    total = var.clip(min=0).sum()
-    ratio[: len(top)] = var[top].clip(min=0) / total if total > 0 else 0
-    return coords, ratio
-
-
-def pick_sample(items: pa.Table, has: list[set[str]], n: int) -> list[str]:
-    """Gallery items: those with the most modalities in `has` first, then in hash order (deterministic)."""
-    ids = np.asarray(items["item_id"].to_pylist(), dtype=object)
-    if len(ids) == 0:
-        return []
-    order = hash_rank(ids)
-    score = np.array([sum(i in s for s in has) for i in ids[order]])
-    best = order[np.argsort(-score, kind="stable")][:n]
-    return [str(ids[i]) for i in best]
-
-
-def thumbnail(data: bytes, size: int = 160) -> str | None:
-    """A JPEG data URI of at most size x size pixels, or None when the bytes do not decode safely."""
-    from extractors.images import ImageError, decode_image
-
-    try:
-        img = decode_image(data)
-    except ImageError:
-        return None
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-# ---- figures ---------------------------------------------------------------------------------------------
-
-
-def _layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
-    fig.update_layout(
-        title={"text": title, "font": {"size": 15}},
-        template=_TEMPLATE,
-        height=height,
-        margin={"l": 60, "r": 20, "t": 60, "b": 50},
-        legend={"orientation": "h", "y": -0.18},
-    )
-    return fig
-
-
-def fig_card(
-    raw: dict[str, float], core: dict[str, float], core_label: str, split: pa.Table | None
-) -> go.Figure:
-    """Users / items / interactions before and after the core (or split), and the split's label sizes."""
-    cols = 2 if split is not None else 1
-    titles = [f"raw vs {core_label}"] + (["split rows per label"] if split is not None else [])
-    fig = make_subplots(rows=1, cols=cols, subplot_titles=titles)
-    names = ["users", "items", "interactions"]
-    for label, counts, colour in (("raw", raw, _PALETTE[0]), (core_label, core, _PALETTE[1])):
-        ys = [counts[n] for n in names]
-        fig.add_bar(
-            x=names, y=ys, name=label, marker_color=colour, text=[f"{int(y):,}" for y in ys], row=1, col=1
-        )
-    fig.update_yaxes(type="log", title_text="count (log)", row=1, col=1)
-    if split is not None:
-        labels = split["label"].to_numpy()
-        sizes = [int((labels == v).sum()) for v in LABELS]
-        share = [f"{s:,} ({s / max(len(labels), 1):.1%})" for s in sizes]
-        fig.add_bar(
-            x=list(LABELS.values()),
-            y=sizes,
-            text=share,
-            marker_color=_PALETTE[2:5],
-            showlegend=False,
-            row=1,
-            col=2,
-        )
-    return _layout(fig, "Dataset size and the effect of filtering")
-
-
-def fig_degrees(user: np.ndarray, item: np.ndarray) -> go.Figure:
-    fig = go.Figure()
-    for name, codes, colour in (("users", user, _PALETTE[0]), ("items", item, _PALETTE[1])):
-        deg, n = degree_histogram(codes)
-        fig.add_scatter(
-            x=deg,
-            y=n,
-            mode="markers",
-            name=f"{name} (median {int(np.median(np.bincount(codes)))})",
-            marker={"color": colour, "size": 6, "opacity": 0.75},
-        )
-    fig.update_xaxes(type="log", title_text="interactions per node (degree)")
-    fig.update_yaxes(type="log", title_text="number of nodes")
-    return _layout(fig, "User and item degree distributions (log-log)")
-
-
-def fig_time(ts: np.ndarray, split: pa.Table | None) -> go.Figure:
-    edges, width, unit = time_bins(ts)
-    x = pd.to_datetime(edges[:-1], unit="s", utc=True)
-    fig = go.Figure()
-    fig.add_scatter(
-        x=x,
-        y=np.histogram(ts, edges)[0],
-        name="all interactions",
-        mode="lines",
-        line={"color": "#444", "width": 1.5},
-    )
-    if split is not None:
-        split_ts, labels = seconds(split["timestamp"]), split["label"].to_numpy()
-        for value, name in LABELS.items():
-            sel = split_ts[labels == value]
-            fig.add_bar(
-                x=x,
-                y=np.histogram(sel, edges)[0],
-                name=f"split: {name}",
-                marker_color=_PALETTE[2 + value],
-                opacity=0.8,
-            )
-        fig.update_layout(barmode="stack", bargap=0)
-    fig.update_yaxes(title_text=f"interactions per {unit}")
-    return _layout(fig, f"Interactions over time (per {unit})")
-
-
-def fig_coverage(coverage: dict[str, tuple[int, int]]) -> go.Figure:
-    """Horizontal bars: share of items that have each modality."""
-    names = list(coverage)[::-1]
-    share = [coverage[n][0] / max(coverage[n][1], 1) for n in names]
-    text = [f"{coverage[n][0]:,} / {coverage[n][1]:,} ({s:.1%})" for n, s in zip(names, share, strict=True)]
-    fig = go.Figure(
-        go.Bar(
-            x=share,
-            y=names,
-            orientation="h",
-            text=text,
-            textposition="auto",
-            marker_color=[_PALETTE[i % len(_PALETTE)] for i in range(len(names))],
-        )
-    )
-    fig.update_xaxes(range=[0, 1.05], tickformat=".0%", title_text="share of items")
-    return _layout(fig, "Modality coverage per item", height=120 + 40 * len(names))
-
-
-def fig_captions(captions: pa.Table) -> go.Figure:
-    words = pc.list_value_length(pc.utf8_split_whitespace(captions["caption"].fill_null(""))).to_numpy()
-    models = (
-        captions["model"].fill_null("?").to_numpy(zero_copy_only=False)
-        if "model" in captions.column_names
-        else np.full(len(words), "captions", dtype=object)
-    )
-    fig = go.Figure()
-    for i, model in enumerate(sorted(set(models))):
-        sel = words[models == model]
-        fig.add_histogram(
-            x=sel,
-            name=f"{model} (n={len(sel):,}, median {np.median(sel):.0f} words)",
-            marker_color=_PALETTE[i % len(_PALETTE)],
-            opacity=0.75,
-            nbinsx=40,
-        )
-    fig.update_layout(barmode="overlay")
-    fig.update_xaxes(title_text="caption length (words)")
-    fig.update_yaxes(title_text="captions")
-    return _layout(fig, "Caption length distribution")
-
-
-def fig_projection(
-    name: str,
-    coords: np.ndarray,
-    ratio: np.ndarray,
-    categories: list[str | None],
-    hover: list[str],
-    max_categories: int,
-    n_total: int,
-) -> go.Figure:
-    """A PCA scatter coloured by the top categories (the rest 'other', missing 'none')."""
-    cats = np.array([c if c is not None else "none" for c in categories], dtype=object)
-    ranked = pd.Series(cats[cats != "none"]).value_counts().index[:max_categories].tolist()
-    cats = np.where(np.isin(cats, ranked + ["none"]), cats, "other")
-    hover_arr = np.asarray(hover, dtype=object)
-    fig = go.Figure()
-    for i, cat in enumerate(ranked + ["other", "none"]):
-        sel = cats == cat
-        if not sel.any():
-            continue
-        colour = _PALETTE[i % len(_PALETTE)] if i < len(ranked) else "#bbbbbb"
-        # SVG, not WebGL: <= max_points markers render anywhere, headless browsers and old GPUs included.
-        fig.add_scatter(
-            x=coords[sel, 0],
-            y=coords[sel, 1],
-            mode="markers",
-            name=str(cat),
-            hovertext=hover_arr[sel],
-            hoverinfo="text",
-            marker={"size": 4, "color": colour, "opacity": 0.7},
-        )
-    shown = f"{len(coords):,} of {n_total:,} items" if len(coords) < n_total else f"{n_total:,} items"
-    fig.update_xaxes(title_text=f"PC1 ({ratio[0]:.1%})")
-    fig.update_yaxes(title_text=f"PC2 ({ratio[1]:.1%})")
-    return _layout(fig, f"feat_{name}: PCA, {shown}", height=460)
-
-
-def fig_knn(graphs: list[Graph], stats: list[dict[str, float]], overlaps: dict[str, np.ndarray]) -> go.Figure:
-    fig = make_subplots(
-        rows=1,
-        cols=3,
-        subplot_titles=["in-degree distribution (log-log)", "reciprocity", "shared neighbours per item"],
-    )
-    for i, g in enumerate(graphs):
-        colour = _PALETTE[i % len(_PALETTE)]
-        keep = g.src != g.dst
-        indeg = np.bincount(g.dst[keep], minlength=g.n_nodes)
-        deg, n = np.unique(indeg[indeg > 0], return_counts=True)
-        fig.add_scatter(
-            x=deg,
-            y=n,
-            mode="markers",
-            name=g.name,
-            marker={"color": colour, "size": 5},
-            legendgroup=g.name,
-            row=1,
-            col=1,
-        )
-    fig.add_bar(
-        x=[g.name for g in graphs],
-        y=[s["reciprocity"] for s in stats],
-        text=[f"{s['reciprocity']:.1%}" for s in stats],
-        showlegend=False,
-        marker_color=[_PALETTE[i % len(_PALETTE)] for i in range(len(graphs))],
-        row=1,
-        col=2,
-    )
-    for j, (pair, shared) in enumerate(overlaps.items()):
-        values, n = np.unique(shared, return_counts=True)
-        fig.add_bar(
-            x=values,
-            y=n / max(len(shared), 1),
-            name=f"{pair} (mean {shared.mean():.2f})",
-            marker_color=_PALETTE[(len(graphs) + j) % len(_PALETTE)],
-            row=1,
-            col=3,
-        )
-    fig.update_xaxes(type="log", title_text="in-degree", row=1, col=1)
-    fig.update_yaxes(type="log", title_text="items", row=1, col=1)
-    fig.update_yaxes(tickformat=".0%", range=[0, 1], row=1, col=2)
-    fig.update_xaxes(title_text="shared neighbours", row=1, col=3)
-    fig.update_yaxes(tickformat=".0%", title_text="share of items", row=1, col=3)
-    return _layout(fig, "Item-item kNN graphs", height=420)
-
-
-def forget_status(receipt: str | None) -> str:
-    """'pending' without a receipt, else the receipt's `status` (default 'done')."""
-    if not receipt:
-        return "pending"
-    try:
-        parsed = json.loads(receipt)
-    except ValueError:
-        return "unreadable receipt"
-    return str(parsed.get("status", "done")) if isinstance(parsed, dict) else "done"
-
-
-def fig_forget(forget: pa.Table) -> go.Figure:
-    kinds = (
-        forget["kind"].fill_null("?").to_pylist()
-        if "kind" in forget.column_names
-        else ["?"] * forget.num_rows
-    )
-    receipts = forget["receipt"].to_pylist() if "receipt" in forget.column_names else [None] * forget.num_rows
-    frame = pd.DataFrame({"kind": kinds, "status": [forget_status(r) for r in receipts]})
-    counts = frame.groupby(["status", "kind"]).size()
-    fig = go.Figure()
-    for i, status in enumerate(sorted(frame["status"].unique())):
-        part = counts[status]
-        fig.add_bar(
-            x=part.index.tolist(),
-            y=part.to_numpy(),
-            name=status,
-            text=part.to_numpy(),
-            marker_color=_PALETTE[i % len(_PALETTE)],
-        )
-    fig.update_layout(barmode="stack")
-    fig.update_yaxes(title_text="requests", tickformat=",d", dtick=1 if counts.max() <= 10 else None)
-    if frame["kind"].nunique() <= 2:  # one or two bars would otherwise fill the whole width
-        fig.update_traces(width=0.4)
-    return _layout(fig, "Forget requests by kind and status", height=300)
 
 
 # ---- HTML ------------------------------------------------------------------------------------------------
@@ -565,6 +129,13 @@ border-bottom:1px solid #eee;text-align:left}.grid2{display:grid;grid-template-c
 .noimg{width:92px;height:130px;background:#eee;display:flex;align-items:center;justify-content:center;color:#888}
 pre{white-space:pre-wrap;font-size:12px;margin:4px 0}.muted{color:#777}
 """
+
+
+# The commands that produce each section's tables, named in the notes shown where they are absent.
+_INGEST = "run <code>mmfeat ingest movielens|mmrec|recbole|table ...</code>"
+_ENCODE = "run <code>mmfeat encode image|text|caption</code>"
+_GRAPH = "<code>mmfeat graph knn --split NAME --feature FEATURE</code>"
+_FORGET = "<code>mmfeat forget user|item|interactions|modality|before|attribute ...</code>"
 
 
 def _esc(value: object) -> str:
@@ -615,13 +186,13 @@ def section_card(d: ReportData, cfg: ReportConfig) -> str:
         ("users (users table)", f"{d.n_users:,}"),
     ]
     if d.interactions is None or d.interactions.num_rows == 0:
-        return _kv(rows) + _note("no interactions yet: run <code>mmfeat ingest ...</code>")
+        return _kv(rows) + _note(f"no interactions yet: {_INGEST}")
     inter = d.interactions
     if d.split is not None:
-        raw, core = counts_summary(*_codes(inter)), counts_summary(*_codes(d.split))
+        raw, core = charts.counts_summary(*_codes(inter)), charts.counts_summary(*_codes(d.split))
         core_label = f"split {d.split_name}"
     else:
-        raw, core = kcore_effect(inter, cfg.kcore)
+        raw, core = charts.kcore_effect(inter, cfg.kcore)
         core_label = f"{cfg.kcore}-core"
     ts = seconds(inter["timestamp"])
     rows += [
@@ -640,19 +211,19 @@ def section_card(d: ReportData, cfg: ReportConfig) -> str:
         ),
         ("quarantined rows", f"{d.quarantined:,}"),
     ]
-    return _kv(rows) + _chart(fig_card(raw, core, core_label, d.split))
+    return _kv(rows) + _chart(charts.fig_card(raw, core, core_label, d.split))
 
 
 def section_degrees(d: ReportData, cfg: ReportConfig) -> str:
     if d.interactions is None or d.interactions.num_rows == 0:
-        return _note("no interactions yet: run <code>mmfeat ingest ...</code>")
-    return _chart(fig_degrees(*_codes(d.interactions)))
+        return _note(f"no interactions yet: {_INGEST}")
+    return _chart(charts.fig_degrees(*_codes(d.interactions)))
 
 
 def section_time(d: ReportData, cfg: ReportConfig) -> str:
     if d.interactions is None or d.interactions.num_rows == 0:
-        return _note("no interactions yet: run <code>mmfeat ingest ...</code>")
-    return _chart(fig_time(seconds(d.interactions["timestamp"]), d.split))
+        return _note(f"no interactions yet: {_INGEST}")
+    return _chart(charts.fig_time(seconds(d.interactions["timestamp"]), d.split))
 
 
 def coverage_counts(d: ReportData) -> dict[str, tuple[int, int]]:
@@ -685,11 +256,25 @@ def coverage_counts(d: ReportData) -> dict[str, tuple[int, int]]:
 
 def section_coverage(d: ReportData, cfg: ReportConfig) -> str:
     if d.items is None or d.items.num_rows == 0:
-        return _note("no items yet: run <code>mmfeat ingest ...</code>")
+        return _note(f"no items yet: {_INGEST}")
     notes = [] if d.captions is not None else ["no captions yet: run <code>mmfeat caption</code>"]
     if not d.features:
-        notes.append("no feature tables (feat_*) yet: run <code>mmfeat embed</code>")
-    return "".join(_note(n) for n in notes) + _chart(fig_coverage(coverage_counts(d)))
+        notes.append(f"no feature tables (feat_*) yet: {_ENCODE}")
+    return "".join(_note(n) for n in notes) + _chart(charts.fig_coverage(coverage_counts(d)))
+
+
+def thumbnail(data: bytes, size: int = 160) -> str | None:
+    """A JPEG data URI of at most size x size pixels, or None when the bytes do not decode safely."""
+    from extractors.images import ImageError, decode_image
+
+    try:
+        img = decode_image(data)
+    except ImageError:
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _gallery(d: ReportData, cfg: ReportConfig) -> str:
@@ -705,7 +290,8 @@ def _gallery(d: ReportData, cfg: ReportConfig) -> str:
     rows = d.items.take(pos.drop_null()).to_pylist()
     cells = ['<div class="hd">image</div><div class="hd">title and text</div><div class="hd">caption</div>']
     for row in rows:
-        uri = d.thumbnails.get(row["item_id"])
+        data = d.images.get(row["item_id"])
+        uri = thumbnail(data) if data else None
         img = (
             f'<img src="{uri}" alt="item {_esc(row["item_id"])}">'
             if uri
@@ -726,7 +312,7 @@ def section_captions(d: ReportData, cfg: ReportConfig) -> str:
     head = (
         _note("no captions yet: run <code>mmfeat caption</code>")
         if d.captions is None or d.captions.num_rows == 0
-        else _chart(fig_captions(d.captions))
+        else _chart(charts.fig_captions(d.captions))
     )
     return head + _gallery(d, cfg)
 
@@ -739,7 +325,8 @@ def _item_lookup(d: ReportData, ids: np.ndarray) -> tuple[list[str | None], list
     sub = d.items.take(pc.fill_null(pos, 0))
     valid = pc.is_valid(pos).to_pylist()
     cats = [
-        first_category(a) if ok else None for a, ok in zip(sub["attributes"].to_pylist(), valid, strict=True)
+        charts.first_category(a) if ok else None
+        for a, ok in zip(sub["attributes"].to_pylist(), valid, strict=True)
     ]
     titles = sub["title"].to_pylist()
     hover = [
@@ -751,79 +338,64 @@ def _item_lookup(d: ReportData, ids: np.ndarray) -> tuple[list[str | None], list
 
 def section_projections(d: ReportData, cfg: ReportConfig) -> str:
     if not d.features:
-        return _note("no feature tables (feat_*) yet: run <code>mmfeat embed</code>")
-    charts = []
+        return _note(f"no feature tables (feat_*) yet: {_ENCODE}")
+    figs = []
     for name, feat in d.features.items():
-        take = np.sort(hash_rank(feat.ids)[: cfg.max_points])
+        take = np.sort(charts.hash_rank(feat.ids)[: cfg.max_points])
         ids, vectors = feat.ids[take], feat.vectors[take]
-        coords, ratio = pca_2d(vectors)
+        coords, ratio = charts.pca_2d(vectors)
         cats, hover = _item_lookup(d, ids)
-        fig = fig_projection(name, coords, ratio, cats, hover, cfg.max_categories, len(feat.all_ids))
-        charts.append(f"<div>{_chart(fig)}</div>")
-    return f'<div class="grid2">{"".join(charts)}</div>'
+        fig = charts.fig_projection(name, coords, ratio, cats, hover, cfg.max_categories, len(feat.all_ids))
+        figs.append(f"<div>{_chart(fig)}</div>")
+    return f'<div class="grid2">{"".join(figs)}</div>'
 
 
 def knn_graphs(d: ReportData, cfg: ReportConfig) -> list[Graph]:
-    """One graph per feature (its stored `graph_<feature>` table, else a top-k computed on the sample), then
-    the stored graphs that match no feature."""
-    out, used = [], set()
+    """The stored item-item kNN graphs, then a top-k computed on the sample for each feature that no stored
+    single-feature kNN graph covers (the same sampled items for every feature, so they can be compared)."""
+    stored = list(d.graphs.values())
+    covered = {g.features[0] for g in stored if len(g.features) == 1}
+    computed = []
     for name, feat in d.features.items():
-        stored = next(
-            (
-                g
-                for g in d.graphs.values()
-                if g.name == name or g.name.startswith(f"{name}_") or g.name.endswith(f"_{name}")
-            ),
-            None,
-        )
-        if stored is not None:
-            used.add(stored.name)
-            ids = np.sort(feat.all_ids)
-            out.append(
-                dataclasses.replace(stored, name=name, ids=ids if stored.n_nodes <= len(ids) else None)
-            )
+        if name in covered:
             continue
-        n = len(feat.ids)
-        origin = f"computed top-{cfg.k} cosine" + (
-            f" on {n:,} of {len(feat.all_ids):,} items" if n < len(feat.all_ids) else f" on all {n:,} items"
+        n, total = len(feat.ids), len(feat.all_ids)
+        where = f"on {n:,} of {total:,} items" if n < total else f"on all {n:,} items"
+        origin = f"computed top-{cfg.k} cosine {where}"
+        computed.append(
+            charts.knn_to_graph(name, feat.ids, charts.knn_topk(feat.vectors, cfg.k), origin, feat.modality)
         )
-        out.append(knn_to_graph(name, feat.ids, knn_topk(feat.vectors, cfg.k), origin))
-    out += [g for g in d.graphs.values() if g.name not in used]
-    return out
+    return stored + computed
+
+
+def _other_graphs(d: ReportData) -> str:
+    if not d.other_graphs:
+        return ""
+    rows = [
+        [_esc(g.get("name")), _esc(g.get("type")), _esc(g.get("node_kind"))]
+        + [f"{g.get(k) or 0:,}" for k in ("nodes", "edges")]
+        + [_esc(g.get("split"))]
+        for g in d.other_graphs
+    ]
+    header = ["graph", "type", "nodes are", "nodes", "edges", "split"]
+    return "<h3>Other stored graphs</h3>" + _table(header, rows)
 
 
 def section_knn(d: ReportData, cfg: ReportConfig) -> str:
     if not d.features and not d.graphs:
-        return _note("no feature tables (feat_*) or graphs yet: run <code>mmfeat embed</code>")
+        note = f"no feature tables (feat_*) or stored kNN graphs yet: {_ENCODE}, then {_GRAPH}"
+        return _note(note) + _other_graphs(d)
     graphs = knn_graphs(d, cfg)
-    stats = [graph_stats(g) for g in graphs]
-    overlaps = {}
-    for i, a in enumerate(graphs):
-        for b in graphs[i + 1 :]:
-            shared = neighbour_overlap(a, b)
-            if len(shared):
-                overlaps[f"{a.name} ∩ {b.name}"] = shared
-    header = [
-        "graph",
-        "source",
-        "nodes",
-        "edges",
-        "mean out-degree",
-        "max in-degree",
-        "never a neighbour",
-        "reciprocity",
-    ]
+    stats = [charts.graph_stats(g) for g in graphs]
+    overlaps = {
+        f"{a.name} ∩ {b.name}": charts.neighbour_overlap(a, b) for a, b in charts.overlap_pairs(graphs)
+    }
+    overlaps = {pair: shared for pair, shared in overlaps.items() if len(shared)}
+    header = ["graph", "source", "nodes", "edges", "mean out-degree"]
+    header += ["max in-degree", "never a neighbour", "reciprocity"]
     rows = [
-        [
-            _esc(g.name),
-            _esc(g.origin),
-            f"{s['nodes']:,}",
-            f"{s['edges']:,}",
-            f"{s['mean_out']:.1f}",
-            f"{s['max_in']:,}",
-            f"{s['no_in']:.1%}",
-            f"{s['reciprocity']:.1%}",
-        ]
+        [_esc(g.name), _esc(g.origin), f"{s['nodes']:,}", f"{s['edges']:,}", f"{s['mean_out']:.1f}"]
+        + [f"{s['max_in']:,}", f"{s['no_in']:.1%}", f"{s['reciprocity']:.1%}"]
         for g, s in zip(graphs, stats, strict=True)
     ]
     summary = "".join(
@@ -831,16 +403,29 @@ def section_knn(d: ReportData, cfg: ReportConfig) -> str:
         f"({len(s):,} items compared)</li>"
         for p, s in overlaps.items()
     )
+    hints = []
+    computed = [g.name for g in graphs if g.group == "sample"]
+    if computed:
+        hints.append(
+            f"no stored kNN graph of {_esc(', '.join(computed))}: computed here; store one with {_GRAPH}"
+        )
+    if not overlaps:
+        hints.append(
+            "image-vs-text neighbour overlap needs a kNN graph of an image feature and one of a text feature, "
+            "both stored on the same split or both computed here"
+        )
     return (
         _table(header, rows)
         + (f"<ul>{summary}</ul>" if summary else "")
-        + _chart(fig_knn(graphs, stats, overlaps))
+        + "".join(f'<p class="muted">{h}</p>' for h in hints)
+        + _chart(charts.fig_knn(graphs, stats, overlaps))
+        + _other_graphs(d)
     )
 
 
 def section_forget(d: ReportData, cfg: ReportConfig) -> str:
     if d.forget is None or d.forget.num_rows == 0:
-        return _note("no forget requests: submit one with <code>mmfeat forget ...</code>")
+        return _note(f"no forget requests: submit one with {_FORGET}")
     forget = (
         d.forget.sort_by([("created_at", "descending")])
         if "created_at" in d.forget.column_names
@@ -854,7 +439,7 @@ def section_forget(d: ReportData, cfg: ReportConfig) -> str:
         except ValueError:
             pretty = receipt
         detail = (
-            f"<details><summary>{_esc(forget_status(receipt))}</summary><pre>{_esc(pretty)}</pre></details>"
+            f"<details><summary>{_esc(charts.forget_status(receipt))}</summary><pre>{_esc(pretty)}</pre></details>"
             if pretty
             else "pending"
         )
@@ -869,7 +454,7 @@ def section_forget(d: ReportData, cfg: ReportConfig) -> str:
             ]
         )
     table = _table(["created", "request", "kind", "requester", "reason", "receipt"], rows)
-    return _chart(fig_forget(forget)) + table
+    return _chart(charts.fig_forget(forget)) + table
 
 
 _BUILDERS: dict[str, Callable[[ReportData, ReportConfig], str]] = {
@@ -908,99 +493,11 @@ def render_report(d: ReportData, cfg: ReportConfig = ReportConfig()) -> str:
     )
 
 
-# ---- reading (the only function that touches a workspace) -----------------------------------------------
-
-
 def load_report_data(
     ws: Workspace, cfg: ReportConfig = ReportConfig(), snapshot: str | None = None, split: str | None = None
 ) -> ReportData:
-    """Read what the report needs: current tables, or every table at the versions a snapshot pins (tables the
-    snapshot does not pin read as absent). Feature vectors are read for a hash-ranked sample only."""
-    pins: dict[str, int] | None = None
-    if snapshot:
-        try:
-            from stores.snapshots import snapshot_versions
-        except ImportError:
-            raise ReportError(
-                "--snapshot needs stores/snapshots.py, which this installation lacks; "
-                "drop --snapshot to report the current tables"
-            ) from None
-        pins = snapshot_versions(ws, snapshot)
-    present = ws.table_names()
-    names = [n for n in present if pins is None or n in pins]
-    d = ReportData(source=ws.uri, snapshot=snapshot)
+    """Read a workspace for the report. The reader is `stores.report_data.load_report_data` (I/O lives in
+    stores/); this forwards to it for callers that import it from here."""
+    from stores.report_data import load_report_data as load
 
-    def dataset(name: str):
-        ds = ws.dataset(name, None if pins is None else pins[name])
-        d.versions[name] = ds.version
-        return ds
-
-    def read(name: str, columns: list[str], where: str | None = None) -> pa.Table | None:
-        if name not in names:
-            return None
-        ds = dataset(name)
-        return ds.to_table(columns=[c for c in columns if c in ds.schema.names], filter=where)
-
-    d.items = read("items", ["item_id", "title", "text", "attributes"])
-    if d.items is not None:
-        for col in ("title", "text", "attributes"):
-            if col not in d.items.column_names:
-                d.items = d.items.append_column(col, pa.nulls(d.items.num_rows, pa.string()))
-    d.n_users = dataset("users").count_rows() if "users" in names else 0
-    d.quarantined = dataset("quarantine").count_rows() if "quarantine" in names else 0
-    d.interactions = read("interactions", ["user_id", "item_id", "timestamp"])
-    images = read("item_images", ["item_id"])
-    d.image_ids = images["item_id"].to_numpy(zero_copy_only=False) if images is not None else None
-    d.captions = read("captions", ["item_id", "caption", "model"])
-    d.forget = read("forget_requests", ["request_id", "kind", "reason", "requester", "created_at", "receipt"])
-
-    splits = sorted(n.removeprefix("split_") for n in names if n.startswith("split_"))
-    if split is not None and split not in splits:
-        raise ReportError(
-            f"no split named {split!r} (table split_{split}); splits here: {splits or 'none'}. "
-            "Create one with `mmfeat split` or drop --split"
-        )
-    if split is None and splits:
-        split = splits[0]
-        if len(splits) > 1:
-            d.notes.append(f"showing split {split!r}; others: {', '.join(splits[1:])} (choose with --split)")
-    if split is not None:
-        d.split_name, d.split = split, read(f"split_{split}", ["user_id", "item_id", "timestamp", "label"])
-
-    for name in (n for n in names if n.startswith("feat_")):
-        ds = dataset(name)
-        all_ids = ds.to_table(columns=["item_id"])["item_id"].to_numpy(zero_copy_only=False)
-        rows = np.sort(hash_rank(all_ids)[: cfg.knn_max_items])
-        part = ds.take(rows, columns=["item_id", "vector"]).filter(pc.is_valid(pc.field("vector")))
-        vec = part["vector"].combine_chunks()
-        dim = vec.type.list_size if pa.types.is_fixed_size_list(vec.type) else None
-        vectors = (
-            vec.flatten().to_numpy().reshape(-1, dim)
-            if dim
-            else np.stack(vec.to_numpy(zero_copy_only=False))
-            if len(vec)
-            else np.zeros((0, 1))
-        )
-        ids = part["item_id"].to_numpy(zero_copy_only=False)
-        d.features[name.removeprefix("feat_")] = Feature(
-            name.removeprefix("feat_"), all_ids, ids, vectors.astype(np.float32)
-        )
-    for name in (n for n in names if n.startswith("graph_")):
-        edges = dataset(name).to_table(columns=["src", "dst"])
-        src, dst = edges["src"].to_numpy().astype(np.int64), edges["dst"].to_numpy().astype(np.int64)
-        n = int(max(src.max(), dst.max())) + 1 if len(src) else 0
-        d.graphs[name] = Graph(name.removeprefix("graph_"), f"stored table {name}", src, dst, None, n)
-
-    if d.items is not None:
-        has = [
-            set(d.image_ids) if d.image_ids is not None else set(),
-            set(d.captions["item_id"].to_pylist()) if d.captions is not None else set(),
-        ]
-        d.sample_ids = pick_sample(d.items, has, cfg.sample_items)
-        quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in d.sample_ids)
-        if images is not None and d.sample_ids:
-            for row in read("item_images", ["item_id", "image"], where=f"item_id IN ({quoted})").to_pylist():
-                uri = thumbnail(row["image"])
-                if uri:
-                    d.thumbnails[row["item_id"]] = uri
-    return d
+    return load(ws, cfg, snapshot=snapshot, split=split)

@@ -19,20 +19,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from flows.report_cli import report
-from recipes.report import (
-    SECTIONS,
-    Graph,
-    ReportConfig,
-    ReportData,
-    ReportError,
-    graph_stats,
-    knn_topk,
-    load_report_data,
-    neighbour_overlap,
-    render_report,
-    time_bins,
-)
-from stores.schema import INTERACTIONS, TIMESTAMP, TableSpec
+from recipes.report import SECTIONS, ReportConfig, ReportData, ReportError, render_report
+from recipes.report_charts import Graph, graph_stats, knn_topk, neighbour_overlap, time_bins
+from stores.report_data import feature_modality, load_report_data
+from stores.schema import INTERACTIONS, ITEMS, TIMESTAMP, TableSpec
 from stores.workspace import conform
 from tests.conftest import ingest_ml100k
 
@@ -291,13 +281,19 @@ def tiny_workspace(ws) -> None:
 
 
 def test_absent_tables_give_notes_not_errors(ws, tmp_path):
-    """Every section renders when its data is absent, with a note naming the command that produces it."""
+    """Every section renders when its data is absent, with a note naming the real CLI command that produces it."""
     empty = render_report(load_report_data(ws))
     assert list(sections(empty)) == list(SECTIONS)
     for key, body in sections(empty).items():
         assert 'class="note"' in body, key
         assert "could not build" not in body, body
-    assert "run <code>mmfeat caption</code>" in sections(empty)["captions"]
+    found = sections(empty)
+    assert "run <code>mmfeat caption</code>" in found["captions"]
+    assert "<code>mmfeat ingest movielens|mmrec|recbole|table ...</code>" in found["card"]
+    assert "<code>mmfeat encode image|text|caption</code>" in found["projections"]
+    assert "<code>mmfeat graph knn --split NAME --feature FEATURE</code>" in found["knn"]
+    assert "<code>mmfeat forget user|item|" in found["forget"]
+    assert "mmfeat embed" not in empty
 
     tiny_workspace(ws)
     page = render_report(load_report_data(ws), ReportConfig(kcore=2))
@@ -307,31 +303,140 @@ def test_absent_tables_give_notes_not_errors(ws, tmp_path):
     assert "no feature tables" in found["projections"] and "no forget requests" in found["forget"]
 
 
-def test_stored_graph_is_used_and_item_text_is_escaped(ws):
-    """A stored graph_<feature> replaces the computed kNN for that feature, and item text from the data is
-    HTML-escaped, so a hostile title cannot inject markup into the report."""
-    from stores.schema import ITEMS
+HOSTILE = "<script>alert(1)</script>"
 
-    tiny_workspace(ws)
-    hostile = "<script>alert(1)</script>"
-    items = pa.table(
-        {"item_id": ["a", "b", "c"], "title": [hostile, "B", "C"], "content_hash": ["1", "2", "3"]}
-    )
+
+def graph_workspace(ws) -> dict[str, str]:
+    """8 items (one with a hostile title), 6 users with 5 interactions each, a 6-d image and a 5-d text feature,
+    split "s", and through the real recipe path a kNN graph of each feature and a user-item graph on it."""
+    from recipes.pipeline import build_knn_graph, build_split, build_ui_graph
+    from recipes.splits import SplitConfig
+
+    ids = list("abcdefgh")
+    titles = [HOSTILE] + [f"Item {i}" for i in ids[1:]]
+    items = pa.table({"item_id": ids, "title": titles, "content_hash": ids})
     ws.upsert(ITEMS, conform(items, ITEMS.schema))
-    vectors = np.eye(3, 4, dtype=np.float32)
-    ws.db.create_table("feat_x", feature_table(["a", "b", "c"], vectors, "m"))
-    ws.db.create_table("graph_x", pa.table({"src": [0, 1, 2], "dst": [1, 0, 0], "weight": [1.0, 1.0, 1.0]}))
+    users = [f"u{n}" for n in range(6) for _ in range(5)]
+    bought = [ids[(n + j * (n % 3 + 1)) % 8] for n in range(6) for j in range(5)]
+    rows = pa.table(
+        {
+            "user_id": users,
+            "item_id": bought,
+            "timestamp": pa.array([86400 * t for t in range(30)], pa.timestamp("s", tz="UTC")),
+            "event": ["click"] * 30,
+            "seq": pa.array([0] * 30, pa.int32()),
+        }
+    )
+    ws.upsert(INTERACTIONS, conform(rows, INTERACTIONS.schema))
+    rng = np.random.default_rng(7)
+    for name, dim in (("image", 6), ("text", 5)):
+        spec = feature_spec(name, dim)
+        vectors = rng.standard_normal((8, dim))
+        ws.upsert(spec, conform(feature_table(ids, vectors, f"tiny-{name}"), spec.schema))
+    build_split(ws, "s", SplitConfig(scheme="random", seed=0))
+    return {
+        "image": build_knn_graph(ws, "s", ["image"], k=3)["name"],
+        "text": build_knn_graph(ws, "s", ["text"], k=3)["name"],
+        "ui": build_ui_graph(ws, "s")["name"],
+    }
+
+
+def neighbours(ws, graph: str) -> dict[str, set[str]]:
+    """Out-neighbours by item id of a stored graph, self-loops left out."""
+    out: dict[str, set[str]] = {}
+    for e in ws.read(f"graph_{graph}", columns=["src", "dst"]).to_pylist():
+        if e["src"] != e["dst"]:
+            out.setdefault(e["src"], set()).add(e["dst"])
+    return out
+
+
+def knn_row(knn: str, graph: str) -> list[str]:
+    row = re.search(rf"<tr><td>{re.escape(graph)}</td>(.*?)</tr>", knn)
+    assert row, f"no row for {graph} in the kNN table"
+    return re.findall(r"<td>(.*?)</td>", row.group(1))
+
+
+def test_stored_knn_graphs_give_stats_and_overlap_and_item_text_is_escaped(ws):
+    """Stored item-item kNN graphs (string-id edge tables found through their manifests) replace the computed
+    graphs of their features; their reciprocity and image-vs-text neighbour overlap match the edge tables;
+    other stored graphs are listed; and item text from the data is HTML-escaped (no markup injection)."""
+    graphs = graph_workspace(ws)
     page = render_report(load_report_data(ws), ReportConfig(kcore=1))
     knn = sections(page)["knn"]
-    assert "stored table graph_x" in knn and "computed" not in knn
-    assert "<td>66.7%</td>" in knn  # reciprocity: a<->b mutual, c->a not
-    assert hostile not in page and html.escape(hostile) in page
+    assert "computed" not in knn and "could not build" not in knn, knn
+    img, txt = neighbours(ws, graphs["image"]), neighbours(ws, graphs["text"])
+    for key, edges in (("image", img), ("text", txt)):
+        pairs = {(u, v) for u, vs in edges.items() for v in vs}
+        mutual = sum((v, u) in pairs for u, v in pairs)
+        cells = knn_row(knn, graphs[key])
+        assert cells[0].startswith(f"stored graph_{graphs[key]} (split s v"), cells
+        assert cells[1:3] == ["8", str(len(pairs))] and cells[-1] == f"{mutual / len(pairs):.1%}", cells
+    common = sorted(set(img) & set(txt))
+    shared = np.mean([len(img[i] & txt[i]) for i in common])
+    assert (
+        f"{graphs['image']} ∩ {graphs['text']}: on average {shared:.2f} shared neighbours per item "
+        f"({len(common)} items compared)"
+    ) in knn
+    assert "Other stored graphs" in knn and f"<td>{graphs['ui']}</td><td>user-item</td>" in knn
+    assert HOSTILE not in page and html.escape(HOSTILE) in page
+
+
+def test_feature_modality_prefers_what_the_extractor_recorded():
+    """The extractor's recorded input source decides; otherwise a word of the feature name, caption first."""
+    assert feature_modality("mine", json.dumps({"input": {"source": "image"}})) == "image"
+    assert feature_modality("clip_title", None) == "text"
+    assert feature_modality("caption_text", None) == "caption"
+    assert feature_modality("clip_image", "not json") == "image"
+    assert feature_modality("x", None) is None
+
+
+def test_snapshot_report_shows_the_pinned_versions(ws, tmp_path):
+    """`mmfeat report --snapshot` reads every table at the version the snapshot pins: rows ingested after it do
+    not show, its stored graphs do; an unknown snapshot is a one-line error naming the ones that exist."""
+    from stores.snapshots import create_snapshot
+
+    graphs = graph_workspace(ws)
+    create_snapshot(ws, "v1", split="s", features=["image", "text"], graphs=[graphs["image"], graphs["text"]])
+    pinned = ws.version("interactions")
+    ws.upsert(ITEMS, conform(pa.table({"item_id": ["i"], "content_hash": ["9"]}), ITEMS.schema))
+    more = pa.table(
+        {
+            "user_id": ["u9"] * 3,
+            "item_id": ["a", "b", "i"],
+            "timestamp": pa.array([10**8, 10**8 + 1, 10**8 + 2], pa.timestamp("s", tz="UTC")),
+            "event": ["click"] * 3,
+            "seq": pa.array([0] * 3, pa.int32()),
+        }
+    )
+    ws.upsert(INTERACTIONS, conform(more, INTERACTIONS.schema))
+    assert ws.version("interactions") != pinned
+
+    def card(*args: str) -> tuple[str, str]:
+        out = tmp_path / f"report{len(args)}.html"
+        result = CliRunner().invoke(report, [*args, "--out", str(out)], obj={"workspace": ws.uri})
+        assert result.exit_code == 0, result.output
+        page = out.read_text(encoding="utf-8")
+        return page, sections(page)["card"]
+
+    page, found = card("--snapshot", "v1")
+    assert "<th>items (items table)</th><td>8</td>" in found
+    assert "<th>interactions</th><td>30</td>" in found, found
+    assert "snapshot v1" in page and f"interactions@{pinned}" in page
+    assert f"<td>{graphs['image']}</td>" in sections(page)["knn"] and "computed" not in sections(page)["knn"]
+    _, found = card()
+    assert "<th>items (items table)</th><td>9</td>" in found and "<th>interactions</th><td>33</td>" in found
+
+    result = CliRunner().invoke(
+        report, ["--snapshot", "nope", "--out", str(tmp_path / "r.html")], obj={"workspace": ws.uri}
+    )
+    assert result.exit_code != 0 and "no snapshot named 'nope'" in result.output and "v1" in result.output
 
 
 def test_unknown_split_and_missing_snapshots_are_clear_errors(ws, tmp_path):
-    """A split that does not exist names the ones that do; --snapshot without stores.snapshots says so."""
+    """A split that does not exist names the ones that do and the command that makes one; --snapshot without
+    stores.snapshots says so."""
     tiny_workspace(ws)
-    with pytest.raises(ReportError, match="no split named 'nope'"):
+    with pytest.raises(ReportError, match=r"no split named 'nope'.*`mmfeat split --name nope"):
         load_report_data(ws, split="nope")
     result = CliRunner().invoke(
         report, ["--split", "nope", "--out", str(tmp_path / "r.html")], obj={"workspace": ws.uri}
