@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,25 +155,44 @@ def _classify_sql(columns: set[str], default_event: str, deny: bool, check_items
 class _Seen:
     """Key hashes of the rows already streamed, to number repeated (user, item, time, event) rows.
 
-    A 64-bit hash collision between two different keys only bumps `seq` for one of them: keys stay unique.
+    A 64 MB bit map over the low hash bits says which rows cannot have been seen (about 98% of them at 10M rows);
+    only the rest are counted exactly against the sorted hashes of earlier batches. A 64-bit hash collision between two
+    different keys only bumps `seq` for one of them: keys stay unique.
     """
+
+    SLOTS = 1 << 29  # bits
 
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
+        self.filter = np.zeros(self.SLOTS // 8, np.uint8)
 
     def seq(self, h: np.ndarray) -> np.ndarray:
         """Occurrences of each row's key before it: in earlier batches, then earlier in this one."""
+        slots = (h & np.uint64(self.SLOTS - 1)).astype(np.int64)
+        byte, bit = slots >> 3, (1 << (slots & 7)).astype(np.uint8)
         prior = np.zeros(len(h), np.int64)
-        for chunk in self.chunks:
-            prior += np.searchsorted(chunk, h, "right") - np.searchsorted(chunk, h, "left")
-        order = np.argsort(h, kind="stable")
+        maybe = np.flatnonzero(self.filter[byte] & bit)
+        if len(maybe):
+            o = np.argsort(h[maybe])
+            queries = h[maybe][o]
+            counts = np.zeros(len(maybe), np.int64)
+            for chunk in self.chunks:
+                counts += np.searchsorted(chunk, queries, "right") - np.searchsorted(chunk, queries, "left")
+            prior[maybe[o]] = counts
+        order = np.argsort(h)
         sorted_h = h[order]
         starts = np.r_[True, sorted_h[1:] != sorted_h[:-1]]
+        repeated = np.flatnonzero(~starts)
+        if len(repeated):  # rows of a repeated key: order them by position (quicksort is not stable)
+            in_run = np.unique(np.concatenate([repeated, repeated - 1]))
+            fix = np.lexsort((order[in_run], sorted_h[in_run]))
+            order[in_run] = order[in_run][fix]
         run_start = np.maximum.accumulate(np.where(starts, np.arange(len(h)), 0))
-        rank = np.empty(len(h), np.int64)
-        rank[order] = np.arange(len(h)) - run_start
+        seq = np.empty(len(h), np.int32)
+        seq[order] = prior[order] + np.arange(len(h)) - run_start
+        np.bitwise_or.at(self.filter, byte, bit)
         self.chunks.append(sorted_h)
-        return (prior + rank).astype(np.int32)
+        return seq
 
 
 def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[UpsertResult, set[str], set[str]]:
@@ -249,7 +270,7 @@ def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[Upsert
             result.inserted += rows.num_rows
             yield from rows.to_batches()
 
-    stream = clean_batches()
+    stream = _prefetch(clean_batches())
     first = next(stream, None)  # nothing to insert: no write, no new version
     if first is not None:
         table.add(pa.RecordBatchReader.from_batches(INTERACTIONS.schema, itertools.chain([first], stream)))
@@ -262,6 +283,28 @@ def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[Upsert
     result.version = table.version
     con.close()
     return result, items, users
+
+
+def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 4) -> Iterator[pa.RecordBatch]:
+    """Produce batches in a Python thread of our own: parsing and classifying overlap with Lance's encoding,
+    and our DuckDB/Arrow work never runs inside Lance's reader callback."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                buffer.put(batch)
+        except BaseException as exc:  # re-raised in the consumer
+            buffer.put(exc)
+        finally:
+            buffer.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="ingest-producer").start()
+    while (item := buffer.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _row_hashes(con: duckdb.DuckDBPyConnection, relation: str) -> tuple[np.ndarray, np.ndarray]:
