@@ -120,36 +120,88 @@ def _utf8(batch: pa.Table) -> tuple[pa.Table, list[int]]:
 
 
 _TS_SECONDS = """COALESCE(
-  TRY_CAST(ts AS BIGINT),
   TRY_CAST(floor(TRY_CAST(ts AS DOUBLE)) AS BIGINT),
   epoch(TRY_CAST(ts AS TIMESTAMP))::BIGINT)"""
 
 
-def _classify_sql(columns: set[str], default_event: str, deny: bool, check_items: bool, check_users: bool) -> str:
-    ev = "'" + default_event.replace("'", "''") + "'"
-    event = f"COALESCE(NULLIF(trim(CAST(event AS VARCHAR)), ''), {ev})" if "event" in columns else ev
-    value = "CAST(value AS VARCHAR)" if "value" in columns else "NULL::VARCHAR"
+def _strings(batch: pa.Table, name: str, n: int) -> pa.Array:
+    """A column as trimmed strings with empty strings as null (all nulls when the column is absent)."""
+    if name not in batch.column_names:
+        return pa.nulls(n, pa.string())
+    col = pc.utf8_trim_whitespace(batch[name].combine_chunks().cast(pa.string()))
+    return pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+
+
+def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
+    """Unix seconds from unix-second strings (fast path) or decimals / ISO dates and times (DuckDB, only for
+    the rows that need it). Unparseable values become null."""
+    try:
+        return pc.cast(ts, pa.int64())
+    except pa.ArrowInvalid:
+        pass
+    is_int = pc.fill_null(pc.match_substring_regex(ts, r"^-?[0-9]+$"), False)
+    ints = pc.cast(pc.if_else(is_int, ts, pa.scalar(None, pa.string())), pa.int64())
+    rest = pc.and_(pc.invert(is_int), pc.is_valid(ts))
+    if not pc.any(rest).as_py():
+        return ints
+    idx = pc.indices_nonzero(rest)
+    con.register("odd_ts", pa.table({"ts": ts.take(idx)}))
+    parsed = con.sql(f"SELECT {_TS_SECONDS} AS t FROM odd_ts").to_arrow_table()["t"].combine_chunks()
+    con.unregister("odd_ts")
+    out = ints.to_numpy(zero_copy_only=False)
+    valid = ~np.asarray(pc.is_null(ints))
+    out = np.where(valid, np.nan_to_num(out), 0).astype(np.int64)
+    fill = np.asarray(idx)
+    out[fill] = np.nan_to_num(parsed.to_numpy(zero_copy_only=False)).astype(np.int64)
+    valid[fill] = np.asarray(parsed.is_valid())
+    return pa.array(out, pa.int64(), mask=~valid)
+
+
+def _floats(v: pa.Array) -> pa.Array:
+    """Numbers from strings; unparseable values become null (and are flagged as bad_value by the caller)."""
+    try:
+        return pc.cast(v, pa.float64())
+    except pa.ArrowInvalid:
+        ok = pc.fill_null(pc.match_substring_regex(v, r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"), False)
+        return pc.cast(pc.if_else(ok, v, pa.scalar(None, pa.string())), pa.float64())
+
+
+def _denied_mask(ids: pa.Array, kind: str, denied: set[str]) -> pa.Array:
+    from recipes.ingest import key_hash
+
+    uniques = pc.unique(ids).drop_null().to_pylist()
+    hit = [x for x in uniques if key_hash(kind, x) in denied]
+    return pc.fill_null(pc.is_in(ids, value_set=pa.array(hit, pa.string())), False)
+
+
+def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: str, denied: set[str],
+              known_items: pa.Array | None, known_users: pa.Array | None) -> pa.Table:
+    """Arrow-native validation of one batch: typed columns, a reason code per bad row (first rule wins) and a
+    64-bit hash of the (user, item, time, event) key."""
+    n = batch.num_rows
+    u, i = _strings(batch, "user_id", n), _strings(batch, "item_id", n)
+    ts, v = _strings(batch, "timestamp", n), _strings(batch, "value", n)
+    e = pc.fill_null(_strings(batch, "event", n), default_event)
+    t, val = _seconds(con, ts), _floats(v)
     rules = [
-        "WHEN u IS NULL OR u = '' OR i IS NULL OR i = '' THEN 'empty_id'",
-        "WHEN t IS NULL THEN 'bad_timestamp'",
-        "WHEN v IS NOT NULL AND trim(v) <> '' AND val IS NULL THEN 'bad_value'",
+        ("empty_id", pc.or_(pc.is_null(u), pc.is_null(i))),
+        ("bad_timestamp", pc.is_null(t)),
+        ("bad_value", pc.and_(pc.is_valid(v), pc.is_null(val))),
     ]
-    if deny:
-        rules.append("WHEN sha256('user:' || u) IN (SELECT key_hash FROM denied) "
-                     "OR sha256('item:' || i) IN (SELECT key_hash FROM denied) THEN 'forgotten'")
-    if check_items:
-        rules.append("WHEN i NOT IN (SELECT item_id FROM known_items) THEN 'unknown_item'")
-    if check_users:
-        rules.append("WHEN u NOT IN (SELECT user_id FROM known_users) THEN 'unknown_user'")
-    return f"""
-        WITH raw AS (SELECT trim(CAST(user_id AS VARCHAR)) AS u, trim(CAST(item_id AS VARCHAR)) AS i,
-                            trim(CAST(timestamp AS VARCHAR)) AS ts, {event} AS e,
-                            {value} AS v, __line FROM batch),
-        parsed AS (SELECT *, {_TS_SECONDS} AS t, TRY_CAST(v AS DOUBLE) AS val FROM raw)
-        SELECT u, i, t, e, val, __line, ts, v, CASE {' '.join(rules)} ELSE NULL END AS reason,
-               hash(u, i, t, e) AS h1
-        FROM parsed
-    """
+    if denied:
+        rules.append(("forgotten", pc.or_(_denied_mask(u, "user", denied), _denied_mask(i, "item", denied))))
+    if known_items is not None:
+        rules.append(("unknown_item", pc.invert(pc.fill_null(pc.is_in(i, value_set=known_items), False))))
+    if known_users is not None:
+        rules.append(("unknown_user", pc.invert(pc.fill_null(pc.is_in(u, value_set=known_users), False))))
+    reason = pa.nulls(n, pa.string())
+    for code, mask in reversed(rules):
+        reason = pc.if_else(pc.fill_null(mask, False), pa.scalar(code), reason)
+    con.register("keys", pa.table({"u": u, "i": i, "t": t, "e": e}))
+    h1 = con.sql("SELECT hash(u, i, t, e) AS h FROM keys").to_arrow_table()["h"]
+    con.unregister("keys")
+    return pa.table({"u": u, "i": i, "t": t, "e": e, "val": val, "__line": batch["__line"], "ts": ts, "v": v,
+                     "reason": reason, "h1": h1})
 
 
 class _Seen:
@@ -201,12 +253,8 @@ def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[Upsert
     result = UpsertResult("interactions")
     existing = _existing_hashes(table) if table.count_rows() else None
     con = duckdb.connect(config={"threads": 2})
-    known_items = ws.read("items", columns=["item_id"])
-    known_users = ws.read("users", columns=["user_id"])
-    con.register("known_items", known_items)
-    con.register("known_users", known_users)
-    if denied:
-        con.register("denied", pa.table({"key_hash": sorted(denied)}))
+    known_items = None if src.derive_items else ws.read("items", columns=["item_id"])["item_id"].combine_chunks()
+    known_users = None if src.derive_users else ws.read("users", columns=["user_id"])["user_id"].combine_chunks()
     seen = _Seen()
     items: set[str] = set()
     users: set[str] = set()
@@ -229,11 +277,7 @@ def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[Upsert
             for col in ("user_id", "item_id", "timestamp"):
                 if col not in raw.column_names:
                     raise ValueError(f"{name} has no {col} column; map one with --map COLUMN={col}")
-            con.register("batch", raw)
-            sql = _classify_sql(set(raw.column_names), src.default_event, bool(denied),
-                                not src.derive_items, not src.derive_users)
-            out = con.sql(sql).to_arrow_table()
-            con.unregister("batch")
+            out = _classify(con, raw, src.default_event, denied, known_items, known_users)
             reason = out["reason"]
             bad = out.filter(pc.is_valid(reason))
             for row in bad.select(["__line", "u", "i", "ts", "e", "v", "reason"]).to_pylist():
@@ -243,7 +287,7 @@ def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[Upsert
                 else:
                     excerpt = json.dumps({"user_id": row["u"], "item_id": row["i"], "timestamp": row["ts"],
                                           "event": row["e"], "value": row["v"]})[:300]
-                    q.add(name, row["__line"], f"{row['u']}|{row['i']}", r, f"{DETAILS[r]}: {excerpt}", excerpt)
+                    q.add(name, row["__line"], f"{row['u'] or ''}|{row['i'] or ''}", r, f"{DETAILS[r]}: {excerpt}", excerpt)
             good = out.filter(pc.is_null(reason))
             tally.stored += good.num_rows
             if not good.num_rows:
@@ -261,7 +305,9 @@ def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[Upsert
                     "event": good["e"],
                     "seq": pa.array(seq, pa.int32()),
                     "value": good["val"],
-                    "source": pa.array(np.full(good.num_rows, src.name, dtype=object), pa.string()),
+                    "source": pa.DictionaryArray.from_arrays(
+                        pa.array(np.zeros(good.num_rows, np.int32)), pa.array([src.name])
+                    ).cast(pa.string()),
                 },
                 schema=INTERACTIONS.schema,
             )
