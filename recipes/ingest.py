@@ -19,7 +19,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, inspect_image, resolve_inside
-from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS
+from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS, key_hash
 from stores.workspace import UpsertResult, Workspace, conform
 
 
@@ -72,11 +72,6 @@ class IngestReport:
             "files": {k: vars(v) | {"reasons": dict(v.reasons), "balanced": v.balanced} for k, v in self.files.items()},
             "balanced": self.balanced,
         }
-
-
-def key_hash(kind: str, key: str) -> str:
-    """How the deny-list names a forgotten user or item without storing the key itself."""
-    return hashlib.sha256(f"{kind}:{key}".encode()).hexdigest()
 
 
 def _now() -> datetime:
@@ -196,13 +191,18 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: set[str]) -> tuple[l
     return list(rows.values()), images
 
 
-def _validate_images(src: RawSource, refs: list[tuple[str, str, str, int]], q: _Quarantine) -> list[dict]:
+def _validate_images(
+    src: RawSource, refs: list[tuple[str, str, str, int]], q: _Quarantine, denied: set[str]
+) -> list[dict]:
     rows = []
     root = src.image_root
     label = str(root) if root else "images"
     now = _now()
     for item_id, rel, _file, _line in tqdm(refs, desc="images", unit="img", disable=len(refs) < 500):
         q.tally(label).read += 1
+        if denied and key_hash("image", item_id) in denied:  # a modality forget: the item stays, its image not
+            q.add(label, "-", None, "forgotten", "image was erased by a forget request; not re-ingested", None)
+            continue
         try:
             if root is None:
                 raise ImageError("missing_image", "the source names images but no image root was given (--images DIR)")
@@ -267,7 +267,7 @@ def ingest(ws: Workspace, src: RawSource) -> IngestReport:
         items, image_refs = _validate_items(src, q, denied)
         tables["items"] = ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
         if image_refs:
-            images = _validate_images(src, image_refs, q)
+            images = _validate_images(src, image_refs, q, denied)
             tables["item_images"] = ws.upsert(ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema))
     if src.users is not None:
         users = _validate_users(src, q, denied)

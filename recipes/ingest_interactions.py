@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from stores.schema import INTERACTIONS
+from stores.schema import INTERACTIONS, key_hash
 from stores.workspace import UpsertResult, Workspace
 
 BATCH_BYTES = 16 << 20
@@ -167,11 +167,22 @@ def _floats(v: pa.Array) -> pa.Array:
 
 
 def _denied_mask(ids: pa.Array, kind: str, denied: set[str]) -> pa.Array:
-    from recipes.ingest import key_hash
-
     uniques = pc.unique(ids).drop_null().to_pylist()
     hit = [x for x in uniques if key_hash(kind, x) in denied]
     return pc.fill_null(pc.is_in(ids, value_set=pa.array(hit, pa.string())), False)
+
+
+def _denied_pairs(u: pa.Array, i: pa.Array, denied: set[str]) -> pa.Array:
+    """Rows whose (user, item) pair was forgotten; only rows of users with a forgotten pair are hashed."""
+    candidates = np.flatnonzero(np.asarray(_denied_mask(u, "interaction_user", denied)))
+    mask = np.zeros(len(u), bool)
+    if len(candidates):
+        users, items = u.take(candidates).to_pylist(), i.take(candidates).to_pylist()
+        for pos, user, item in zip(candidates, users, items, strict=True):
+            if item is not None:
+                pair = f"{key_hash('user', user)}:{key_hash('item', item)}"
+                mask[pos] = key_hash("interaction", pair) in denied
+    return pa.array(mask)
 
 
 def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: str, denied: set[str],
@@ -190,6 +201,7 @@ def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: st
     ]
     if denied:
         rules.append(("forgotten", pc.or_(_denied_mask(u, "user", denied), _denied_mask(i, "item", denied))))
+        rules.append(("forgotten", _denied_pairs(u, i, denied)))
     if known_items is not None:
         rules.append(("unknown_item", pc.invert(pc.fill_null(pc.is_in(i, value_set=known_items), False))))
     if known_users is not None:

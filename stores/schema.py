@@ -7,6 +7,7 @@ columns that identify a row (`key`) and the cheap columns that tell whether a ro
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -115,6 +116,12 @@ QUARANTINE = TableSpec(
     ),
     key=("quarantine_id",),
 )
+
+def key_hash(kind: str, key: str) -> str:
+    """sha256 of "<kind>:<key>": how the deny-list names a forgotten user, item, image or interaction without
+    storing the key itself (kinds: user, item, image, interaction, interaction_user)."""
+    return hashlib.sha256(f"{kind}:{key}".encode()).hexdigest()
+
 
 # Hashed keys of forgotten users and items: re-ingesting a source that still holds them quarantines the rows
 # without storing the key itself (see stores/erasure.py).
