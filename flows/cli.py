@@ -226,11 +226,12 @@ def demo(ctx, n_items, n_users, seed):
 
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
+    from flows.extract_cli import caption, encode, features
     from flows.forget_cli import COMMANDS as forget_commands
     from flows.recipes_cli import export, graph, split
     from flows.report_cli import report
 
-    for command in (split, graph, export, report, *forget_commands):
+    for command in (caption, encode, features, split, graph, export, report, *forget_commands):
         cli.add_command(command)
 
 

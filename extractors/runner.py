@@ -1,0 +1,547 @@
+"""The extraction runner: apply one extractor to the workspace's items with Ray Data and commit as results stream.
+
+    summary = run_extraction(ws, "clip_image", ExtractorSpec(ClipImageEncoder, {"model": TINY_CLIP}), source="image")
+
+Steps: pin the input tables' versions; hash every item's input (image sha256 or text, + model, revision, params)
+and keep only items whose hash differs from the stored row (unchanged items cost no model call and no write); read
+the inputs in CPU tasks (image bytes taken by row id at the pinned version, then checked with the safe decoder);
+run the model in a pool of actors that never claims every CPU; and upsert results in chunks of `chunk_rows` while
+Ray is still producing them, so a crash loses at most the chunk in flight. Bad rows go to `extract_failures` with a
+reason code and the job goes on; items without input are counted as "no input". `engine="local"` runs the same
+stages in this process, without Ray.
+
+The model's provenance is needed before hashing, so the driver builds the extractor once to read it ("the probe";
+on a GPU cluster in a GPU task, since precision depends on the device). A first run, with nothing stored to compare
+against, skips the probe: the workers hash the inputs and report their provenance with the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from extractors.images import ImageError, decode_image
+from stores.features import (
+    CAPTION_FEATURE,
+    CAPTIONS,
+    FAILURES,
+    OutputWriter,
+    compact,
+    delete_items,
+    ensure_feature,
+    feature_table,
+    hashes,
+    refresh_index,
+    stored_dim,
+)
+from stores.workspace import Workspace
+
+Source = Literal["image", "text", "caption"]
+TEXT_FIELDS = ("title", "text")
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """How to build an extractor inside a worker: its class and constructor arguments (models are never pickled)."""
+
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **overrides: Any) -> Any:
+        return self.cls(**(self.kwargs | overrides))
+
+    def takes(self, name: str) -> bool:
+        return name in inspect.signature(self.cls).parameters
+
+
+@dataclass
+class ExtractSummary:
+    """What one run did. eligible = skipped + known_failed + done + failed; items = eligible + no_input."""
+
+    feature: str
+    table: str
+    items: int = 0
+    eligible: int = 0
+    done: int = 0
+    skipped: int = 0
+    known_failed: int = 0
+    failed: int = 0
+    no_input: int = 0
+    pruned: int = 0
+    model_calls: int = 0
+    engine: str = "local"
+    seconds: float = 0.0
+    index: str = "none"
+    inputs: dict[str, int] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        """Items processed (written or failed) per second of the whole run."""
+        return (self.done + self.failed) / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return vars(self) | {"throughput": round(self.throughput, 2)}
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+
+
+def compose_text(parts: list[str | None]) -> str:
+    """Join text fields as "title. text": blanks dropped, no doubled full stop after a field ending in . ! or ?"""
+    out = ""
+    for part in (p.strip() for p in parts if p is not None):
+        if part:
+            out = part if not out else out + (" " if out[-1] in ".!?" else ". ") + part
+    return out
+
+
+def _inputs(
+    ws: Workspace, source: Source, fields: tuple[str, ...], versions: dict[str, int]
+) -> tuple[pa.Table, int]:
+    """Eligible items of the pinned tables: item_id, digest of the input, and `_rowid` (images) or `text`.
+    Also returns the number of items."""
+    item_ids = ws.read("items", columns=["item_id"], version=versions["items"])["item_id"]
+    if source == "image":
+        images = ws.dataset("item_images", versions["item_images"]).to_table(
+            columns=["item_id", "sha256"], with_row_id=True
+        )
+        images = images.filter(pc.is_in(images["item_id"], item_ids))
+        table = pa.table(
+            {"item_id": images["item_id"], "digest": images["sha256"], "_rowid": images["_rowid"]}
+        )
+        return table, len(item_ids)
+    if source == "text":
+        rows = ws.read("items", columns=["item_id", *fields], version=versions["items"])
+        texts = [
+            compose_text(list(values)) for values in zip(*(rows[f].to_pylist() for f in fields), strict=True)
+        ]
+        ids = rows["item_id"].to_pylist()
+    else:
+        rows = ws.read(CAPTIONS.name, columns=["item_id", "caption"], version=versions[CAPTIONS.name])
+        present = set(item_ids.to_pylist())
+        pairs = [
+            (i, (c or "").strip())
+            for i, c in zip(rows["item_id"].to_pylist(), rows["caption"].to_pylist(), strict=True)
+        ]
+        ids, texts = [i for i, _ in pairs if i in present], [c for i, c in pairs if i in present]
+    keep = [i for i, text in enumerate(texts) if text]
+    table = pa.table(
+        {
+            "item_id": pa.array([ids[i] for i in keep], pa.string()),
+            "digest": pa.array([hashlib.sha256(texts[i].encode()).hexdigest() for i in keep], pa.string()),
+            "text": pa.array([texts[i] for i in keep], pa.string()),
+        }
+    )
+    return table, len(item_ids)
+
+
+def read_images(batch: pa.Table, uri: str, version: int, storage_options: dict[str, str]) -> pa.Table:
+    """CPU stage: take the image bytes of `batch`'s rows by row id from the pinned `item_images` version."""
+    import lance
+
+    ds = lance.dataset(uri, version=version, storage_options=storage_options or None)
+    taken = ds._take_rows(batch["_rowid"].to_pylist(), columns=["item_id", "image"])
+    by_id = dict(zip(taken["item_id"].to_pylist(), range(taken.num_rows), strict=True))
+    order = pa.array([by_id[i] for i in batch["item_id"].to_pylist()], pa.int64())
+    return batch.drop_columns(["_rowid"]).append_column("image", taken["image"].take(order))
+
+
+def check_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CPU stage: decode every image with the safe decoder; one that fails gets its reason and no bytes, so the
+    model never sees it."""
+    images = batch["image"]
+    errors = np.full(len(images), "", dtype=object)
+    for i, data in enumerate(images):
+        try:
+            decode_image(bytes(data))
+        except ImageError as exc:
+            errors[i] = str(exc)
+            images[i] = None
+    return {**batch, "image": images, "error": errors}
+
+
+# ---- the model stage ---------------------------------------------------------------------------------------------
+
+
+def output_params(provenance: dict[str, Any], source: Source, fields: tuple[str, ...]) -> str:
+    """The `params` JSON stored with each row and hashed into `input_hash`: the model's settings plus the input."""
+    params = dict(provenance.get("params") or {})
+    params["input"] = {"source": source, "fields": list(fields)} if source == "text" else {"source": source}
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def input_hash(source: Source, digest: str, provenance: dict[str, Any], params_json: str) -> str:
+    """sha256 over the input's digest, model, revision and params: equal hash, equal output."""
+    parts = (source, digest, str(provenance["model"]), str(provenance["revision"]), params_json)
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+class ModelStage:
+    """Wraps an extractor for `map_batches`: builds it once per worker (or takes a built one), feeds it only the
+    rows that still have input, and returns the output, `error`, `called` (the model saw the row), each row's
+    `input_hash` under this worker's model, and the worker's provenance in the first row of every batch."""
+
+    def __init__(
+        self,
+        spec: ExtractorSpec | None,
+        source: Source,
+        fields: tuple[str, ...],
+        output: str,
+        threads: int | None = None,
+        expect: str | None = None,
+        model: Any = None,
+    ):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.extractor = model if model is not None else spec.build()
+        self.source, self.output = source, output
+        self.input_column = "image" if source == "image" else "text"
+        self.provenance = dict(self.extractor.provenance)
+        self.params_json = output_params(self.provenance, source, fields)
+        self.stamp = json.dumps({"provenance": self.provenance, "params": self.params_json}, default=str)
+        got = provenance_json(self.provenance)
+        if expect is not None and got != expect:
+            raise RuntimeError(
+                f"this worker's model reports {got} but the driver hashed inputs with {expect}; run the driver "
+                "where the workers' hardware is (so both pick the same device and precision)"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = apply_model(self.extractor, batch, self.input_column, self.output)
+        out["input_hash"] = np.array(
+            [input_hash(self.source, d, self.provenance, self.params_json) for d in batch["digest"]],
+            dtype=object,
+        )
+        stamp = np.full(len(out["item_id"]), None, dtype=object)
+        stamp[:1] = self.stamp
+        out["provenance"] = stamp
+        return out
+
+
+def apply_model(
+    extractor: Any, batch: dict[str, np.ndarray], input_column: str, output: str
+) -> dict[str, np.ndarray]:
+    """Run `extractor` on the rows of `batch` that have no error yet; every row comes back, with `called` set
+    where the model saw it."""
+    ids = batch["item_id"]
+    n = len(ids)
+    errors = _errors(batch["error"]) if "error" in batch else np.full(n, "", dtype=object)
+    ready = errors == ""
+    if output == "vector":
+        result = np.zeros((n, int(extractor.provenance["dim"])), np.float32)
+    else:
+        result = np.full(n, None, dtype=object)
+    if ready.any():
+        out = extractor({input_column: batch[input_column][ready]})
+        errors[ready] = _errors(out["error"])
+        result[ready] = out[output]
+    return {"item_id": ids, output: result, "error": errors, "called": ready}
+
+
+def _errors(values: np.ndarray) -> np.ndarray:
+    """Errors as strings, "" for none: None becomes null and then NaN on its way through Arrow."""
+    return np.array([v if isinstance(v, str) else "" for v in values], dtype=object)
+
+
+def provenance_json(provenance: dict[str, Any]) -> str:
+    return json.dumps(provenance, sort_keys=True, default=str)
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+def run_extraction(
+    ws: Workspace,
+    feature: str,
+    extractor: ExtractorSpec,
+    *,
+    source: Source,
+    fields: tuple[str, ...] = TEXT_FIELDS,
+    chunk_rows: int = 1024,
+    batch_size: int = 64,
+    concurrency: int | None = None,
+    threads: int | None = None,
+    engine: Literal["ray", "local"] = "ray",
+    retry_failed: bool = False,
+    overwrite: bool = False,
+    index_min_rows: int | None = None,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Extract `feature` for every item whose input changed since the last run; see the module docstring.
+
+    `feature` "caption" writes the `captions` table (the extractor outputs `caption`); any other name writes the
+    vector table `feat_<feature>`. `source` picks the input: item images, the item text `fields` joined as
+    "title. text", or the captions. `concurrency` is the number of model actors (default: one per GPU, else one
+    fewer than the CPUs, at least one); a CPU job that fits in one batch runs in this process on the model
+    loaded to read its provenance. `threads` is the torch threads of each CPU actor (default 1, the CPU it
+    claims) or, with `engine="local"`, of this process (default: torch's).
+    """
+    started = time.perf_counter()
+    output = "caption" if feature == CAPTION_FEATURE else "vector"
+    table_name = feature_table(feature)
+    if source == "text":
+        _check_fields(fields)
+    needed = {"image": ["items", "item_images"], "text": ["items"], "caption": ["items", CAPTIONS.name]}
+    versions = {name: ws.version(name) for name in needed[source]}
+    missing = [name for name, v in versions.items() if v is None]
+    if missing:
+        fix = "run `mmfeat caption` first" if CAPTIONS.name in missing else "ingest a source first"
+        raise ValueError(f"cannot extract {feature!r} from {source}: {missing} missing in {ws.uri}; {fix}")
+    summary = ExtractSummary(feature, table_name, inputs=dict(versions))
+    eligible, summary.items = _inputs(ws, source, fields, versions)
+    summary.eligible, summary.no_input = eligible.num_rows, summary.items - eligible.num_rows
+    stored, failed = hashes(ws, table_name), hashes(ws, FAILURES.name, feature)
+
+    use_ray, use_gpu = engine == "ray", False
+    if use_ray:
+        use_gpu = _init_ray()
+    provenance: dict[str, Any] | None = None
+    model = None
+    # With nothing stored there is nothing to compare, and every eligible item is to do whatever the model: the
+    # workers hash the inputs themselves, and the driver loads no model (that is most of a first run's overhead).
+    if stored or failed or overwrite or not use_ray or eligible.num_rows <= batch_size:
+        provenance, model = _probe(extractor, use_gpu, local=not use_ray)
+        if not use_ray and threads:
+            import torch
+
+            torch.set_num_threads(threads)
+    if provenance is not None and output == "vector":
+        had = stored_dim(ws, feature)
+        ensure_feature(
+            ws, feature, int(provenance["dim"]), overwrite
+        )  # a width clash fails here, before any work
+        if had not in (None, int(provenance["dim"])):
+            stored = {}  # the old table was dropped
+    todo = eligible
+    if provenance is not None:
+        todo = _reconcile(ws, summary, eligible, provenance, source, fields, stored, failed, retry_failed)
+    # A job that fits in one batch gains nothing from a pipeline: run it on the model the probe loaded here.
+    if use_ray and model is not None and todo.num_rows <= batch_size:
+        use_ray = False
+    summary.engine = "ray" if use_ray else "local"
+    writer = OutputWriter(ws, feature, set(stored), set(failed), overwrite)
+    if provenance is not None:
+        summary.provenance = provenance
+        writer.start(provenance["model"], provenance["revision"], output_params(provenance, source, fields),
+                     provenance.get("dim"))  # fmt: skip
+    if todo.num_rows:
+        bar = tqdm(total=todo.num_rows, desc=feature, unit="item", disable=not progress)
+        if use_ray:
+            expect = provenance_json(provenance) if provenance is not None else None
+            batches = _ray_batches(ws, extractor, todo, source, fields, output, versions, batch_size, concurrency,
+                                   threads, use_gpu, expect)  # fmt: skip
+        else:
+            stage = ModelStage(None, source, fields, output, model=model)
+            batches = (stage(batch) for batch in _local_inputs(ws, todo, source, versions, batch_size))
+        pending: list[dict[str, np.ndarray]] = []
+        rows = 0
+        for batch in batches:
+            if writer.spec is None:  # the driver loaded no model: the workers say what they ran
+                stamp = json.loads(batch["provenance"][0])
+                summary.provenance = prov = stamp["provenance"]
+                writer.start(prov["model"], prov["revision"], stamp["params"], prov.get("dim"))
+            pending.append(batch)
+            rows += len(batch["item_id"])
+            summary.model_calls += int(np.count_nonzero(batch["called"]))
+            bar.update(len(batch["item_id"]))
+            if rows >= chunk_rows:
+                _flush(writer, pending, output, summary)
+                pending, rows = [], 0
+        _flush(writer, pending, output, summary)
+        bar.close()
+        compact(ws, table_name)
+    if output == "vector" and ws.exists(table_name):
+        summary.index = refresh_index(ws, feature, **({"min_rows": index_min_rows} if index_min_rows else {}))
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _reconcile(
+    ws: Workspace,
+    summary: ExtractSummary,
+    eligible: pa.Table,
+    provenance: dict[str, Any],
+    source: Source,
+    fields: tuple[str, ...],
+    stored: dict[str, str],
+    failed: dict[str, str],
+    retry_failed: bool,
+) -> pa.Table:
+    """Hash every eligible item's input under `provenance`, tidy what earlier (possibly killed) runs left, and
+    return the items to do: those whose hash matches neither their stored output nor (unless `retry_failed`)
+    their recorded failure."""
+    params_json = output_params(provenance, source, fields)
+    ids = eligible["item_id"].to_pylist()
+    current = {i: input_hash(source, d, provenance, params_json) for i, d in zip(ids, eligible["digest"].to_pylist(), strict=True)}  # fmt: skip
+    table_name, feature = summary.table, summary.feature
+    # Each item keeps its output or its failure, whichever matches its current input; rows of items without input
+    # go. After a clean run none of this finds anything, and nothing is written.
+    summary.pruned = delete_items(ws, table_name, [i for i in stored if i not in current])
+    stale = [i for i, h in current.items() if failed.get(i) == h and i in stored and stored[i] != h]
+    delete_items(ws, table_name, stale)
+    cleared = [i for i in failed if i not in current or stored.get(i) == current[i]]
+    delete_items(ws, FAILURES.name, cleared, feature)
+    for i in [*stale, *(i for i in stored if i not in current)]:
+        stored.pop(i, None)
+    for i in cleared:
+        failed.pop(i, None)
+    todo = [stored.get(i) != h and (retry_failed or failed.get(i) != h) for i, h in current.items()]
+    summary.skipped = sum(stored.get(i) == h for i, h in current.items())
+    summary.known_failed = summary.eligible - summary.skipped - sum(todo)
+    return eligible.filter(pa.array(todo, pa.bool_()))
+
+
+def _check_fields(fields: tuple[str, ...]) -> None:
+    valid = ["title", "text", "attributes"]
+    bad = [f for f in fields if f not in valid]
+    if bad or not fields:
+        raise ValueError(
+            f"text fields {bad or list(fields)} are not item text columns; choose from {valid}, "
+            "e.g. --fields title,text"
+        )
+
+
+def _probe(extractor: ExtractorSpec, use_gpu: bool, local: bool) -> tuple[dict[str, Any], Any]:
+    """Build the extractor where its provenance (model, revision, dim, params) is what the workers will report:
+    here on the CPU for CPU workers (the model is kept for small jobs), in a GPU task for GPU workers (precision
+    and dtype depend on the device), here on any device for the local engine."""
+    if use_gpu:
+        import ray
+
+        return ray.get(ray.remote(num_gpus=1, num_cpus=1)(_provenance_of).remote(extractor)), None
+    kwargs = {"device": "cpu"} if not local and extractor.takes("device") else {}
+    model = extractor.build(**kwargs)
+    return dict(model.provenance), model
+
+
+def _provenance_of(extractor: ExtractorSpec) -> dict[str, Any]:
+    return dict(extractor.build().provenance)
+
+
+def _init_ray() -> bool:
+    """Local Ray with this machine's CPUs, or the cluster at $RAY_ADDRESS; reuses a running session.
+    Returns whether the cluster has a GPU."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count() or 1}
+        with warnings.catch_warnings():
+            # Starting Ray's processes forks this one; lance warns about forks it is not part of.
+            warnings.filterwarnings("ignore", message=".*fork", category=Warning)
+            ray.init(
+                include_dashboard=False,
+                ignore_reinit_error=True,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                **kwargs,
+            )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # It would warn "progress bars disabled" on every run; the runner has its own.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _blocks(todo: pa.Table, rows: int) -> list[pa.Table]:
+    return [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)]
+
+
+def _ray_batches(
+    ws: Workspace,
+    extractor: ExtractorSpec,
+    todo: pa.Table,
+    source: Source,
+    fields: tuple[str, ...],
+    output: str,
+    versions: dict[str, int],
+    batch_size: int,
+    concurrency: int | None,
+    threads: int | None,
+    use_gpu: bool,
+    expect: str | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read (and for images, decode-check) in CPU tasks, run the model in an actor pool, stream batches back."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    # Leave a CPU for the read and decode tasks: a pool that takes every CPU starves its own input.
+    actors = concurrency or (gpus if use_gpu else max(1, cpus - 1))
+    if not use_gpu and threads is None:
+        # As many torch threads as CPUs the actor claims. More oversubscribes: on a busy 2-core machine two
+        # threads made a small model 30x slower than one (OpenMP workers spinning for cores others hold).
+        threads = 1
+    ds = ray.data.from_arrow(_blocks(todo, batch_size))
+    if source == "image":
+        where = {"uri": ws.table_uri("item_images"), "version": versions["item_images"],
+                 "storage_options": ws.storage_options}  # fmt: skip
+        ds = ds.map_batches(read_images, batch_format="pyarrow", batch_size=None, num_cpus=1, fn_kwargs=where)
+        ds = ds.map_batches(check_images, batch_format="numpy", batch_size=None, num_cpus=1)
+    stage = {"spec": extractor, "source": source, "fields": fields, "output": output,
+             "threads": None if use_gpu else threads, "expect": expect}  # fmt: skip
+    ds = ds.map_batches(
+        ModelStage,
+        batch_format="numpy",
+        batch_size=batch_size,
+        fn_constructor_kwargs=stage,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+
+
+def _local_inputs(
+    ws: Workspace, todo: pa.Table, source: Source, versions: dict[str, int], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The Ray pipeline's read and decode stages in this process, one batch at a time."""
+    for block in _blocks(todo, batch_size):
+        if source == "image":
+            block = read_images(
+                block, ws.table_uri("item_images"), versions["item_images"], ws.storage_options
+            )
+        batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
+        yield check_images(batch) if source == "image" else batch
+
+
+def _flush(
+    writer: OutputWriter, batches: list[dict[str, np.ndarray]], output: str, summary: ExtractSummary
+) -> None:
+    """Commit the buffered batches as one chunk and count what happened to them."""
+    if not batches:
+        return
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([b[name] for b in batches])
+
+    values = column(output)
+    counts = writer.write(
+        column("item_id").astype(object),
+        column("input_hash").astype(object),
+        values if output == "vector" else values.astype(object),
+        _errors(column("error")),
+    )
+    summary.done += counts.pop("", 0)
+    summary.failed += sum(counts.values())
+    for reason, n in counts.items():
+        summary.reasons[reason] = summary.reasons.get(reason, 0) + n

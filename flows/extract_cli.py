@@ -1,0 +1,243 @@
+"""`mmfeat caption`, `mmfeat encode image|text|caption` and `mmfeat features`: thin wrappers over the runner.
+
+Registered on the main group in flows/cli.py. Model classes are imported inside the commands, so `mmfeat --help`
+does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from stores.workspace import Workspace
+
+# The offline test models' names (extractors.clip.TINY_CLIP, extractors.captioner.TINY_CAPTIONER), spelled out
+# here so that importing the CLI does not import torch.
+TINY_CLIP = "test:tiny-clip"
+TINY_CAPTIONER = "test:tiny-captioner"
+CLIP_PREFIX = "clip:"
+
+
+def _ws(ctx: click.Context) -> Workspace:
+    return Workspace(ctx.obj["workspace"])
+
+
+def _run_options(fn):
+    """Options every extraction shares: sizes, parallelism, engine and output format."""
+    options = [
+        click.option("--batch-size", default=64, show_default=True, help="Rows per model call."),
+        click.option(
+            "--chunk-rows",
+            default=1024,
+            show_default=True,
+            help="Rows per commit: a crash loses at most this many rows of work.",
+        ),
+        click.option("--concurrency", type=int, help="Model actors (default: one per GPU, else CPUs - 1)."),
+        click.option(
+            "--threads", type=int, help="Torch threads per CPU actor (default 1: the CPU it claims)."
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(["ray", "local"]),
+            default="ray",
+            show_default=True,
+            help="ray: local Ray, or the cluster at $RAY_ADDRESS; local: in this process, no Ray.",
+        ),
+        click.option(
+            "--retry-failed", is_flag=True, help="Retry items that failed before on the same input."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _errors(fn):
+    """Bad arguments and missing tables become one-line CLI errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, KeyError) as exc:
+            raise click.ClickException(str(exc).strip('"')) from None
+
+    return wrapper
+
+
+def _run(ctx, feature, spec, source, fields, opts, index_min_rows=None, overwrite=False):
+    from extractors.runner import run_extraction
+
+    as_json = opts.pop("as_json")
+    summary = run_extraction(
+        _ws(ctx),
+        feature,
+        spec,
+        source=source,
+        fields=fields,
+        index_min_rows=index_min_rows,
+        overwrite=overwrite,
+        **opts,
+    )
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
+    else:
+        print_summary(summary)
+
+
+def print_summary(s) -> None:
+    prov = s.provenance
+    dim = f", {prov['dim']}-d" if prov.get("dim") else ""
+    untrained = "  (UNTRAINED weights)" if prov.get("revision") == "untrained" else ""
+    click.echo(
+        f"{s.feature} -> {s.table}: {prov.get('model')} @ {prov.get('revision')}{dim}{untrained} [{s.engine}]"
+    )
+    click.echo(
+        f"  {'items':>8}{'eligible':>10}{'done':>8}{'unchanged':>11}{'failed':>8}{'known fail':>12}"
+        f"{'no input':>10}{'model calls':>13}{'items/s':>9}{'seconds':>9}"
+    )
+    click.echo(
+        f"  {s.items:>8}{s.eligible:>10}{s.done:>8}{s.skipped:>11}{s.failed:>8}{s.known_failed:>12}"
+        f"{s.no_input:>10}{s.model_calls:>13}{s.throughput:>9.1f}{s.seconds:>9.1f}"
+    )
+    if s.reasons:
+        click.echo(
+            "  failures: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items()))
+            + '  (mmfeat sql "select * from extract_failures")'
+        )
+    if s.pruned:
+        click.echo(f"  removed {s.pruned} rows of items that no longer have input")
+    if s.index != "none":
+        click.echo(f"  ANN index: {s.index}")
+
+
+# ---- caption -----------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--model",
+    default=TINY_CAPTIONER,
+    show_default=True,
+    help="Hugging Face VLM / BLIP id or local folder (test:tiny-captioner is an untrained toy).",
+)
+@click.option("--prompt", help="Instruction for chat VLMs, or the caption's prefix for BLIP.")
+@click.option("--max-new-tokens", default=40, show_default=True)
+@_run_options
+@click.pass_context
+@_errors
+def caption(ctx, model, prompt, max_new_tokens, **opts):
+    """Caption every item image into the `captions` table (one caption per item; a new model or prompt
+    replaces the old caption, and each row records which model and prompt made it)."""
+    from extractors.captioner import Captioner
+    from extractors.runner import ExtractorSpec
+    from stores.features import CAPTION_FEATURE
+
+    spec = ExtractorSpec(Captioner, {"model": model, "prompt": prompt, "max_new_tokens": max_new_tokens})
+    _run(ctx, CAPTION_FEATURE, spec, "image", ("title", "text"), opts)
+
+
+# ---- encode ------------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("source", type=click.Choice(["image", "text", "caption"]))
+@click.option(
+    "--model",
+    help="image: open_clip architecture (default test:tiny-clip); text and caption: a "
+    "sentence-transformers id or folder (default: the packaged all-MiniLM-L6-v2), or clip:ARCH for "
+    "CLIP's text tower.",
+)
+@click.option("--pretrained", help="open_clip weights tag or checkpoint file (CLIP models only).")
+@click.option("--clip-text", is_flag=True, help="Encode text with CLIP's text tower (titles by default).")
+@click.option(
+    "--fields", help="Item text columns to join as 'title. text' (default title,text; CLIP: title)."
+)
+@click.option("--feature", "feature", help="Output feature name: the table is feat_<NAME>.")
+@click.option("--index-min-rows", type=int, help="Build the ANN index once the table has this many rows.")
+@click.option("--overwrite", is_flag=True, help="Drop an existing feature table of another vector width.")
+@_run_options
+@click.pass_context
+@_errors
+def encode(ctx, source, model, pretrained, clip_text, fields, feature, index_min_rows, overwrite, **opts):
+    """Embed item images, item text or captions into a vector table feat_<feature>.
+
+    \b
+    mmfeat encode image                          -> feat_clip_image
+    mmfeat encode text --clip-text               -> feat_clip_title (CLIP text tower on titles)
+    mmfeat encode text --fields text             -> feat_text (MiniLM on overviews)
+    mmfeat encode caption                        -> feat_caption_text
+    """
+    from extractors.runner import ExtractorSpec
+
+    use_clip = source == "image" or clip_text or (model or "").startswith(CLIP_PREFIX) or model == TINY_CLIP
+    name = (model or "").removeprefix(CLIP_PREFIX) or None
+    if source == "image":
+        from extractors.clip import ClipImageEncoder
+
+        spec = ExtractorSpec(ClipImageEncoder, {"model": name or TINY_CLIP, "pretrained": pretrained})
+        default_feature = "clip_image"
+    elif use_clip:
+        from extractors.clip import ClipTextEncoder
+
+        spec = ExtractorSpec(ClipTextEncoder, {"model": name or TINY_CLIP, "pretrained": pretrained})
+        default_feature = "clip_caption" if source == "caption" else None
+    else:
+        if pretrained:
+            raise click.ClickException(
+                "--pretrained applies to CLIP models; pass the sentence-transformers id as --model"
+            )
+        from extractors.text import TextEncoder
+
+        spec = ExtractorSpec(TextEncoder, {"model": name})
+        default_feature = "caption_text" if source == "caption" else "text"
+    field_list = (
+        tuple(f.strip() for f in fields.split(",") if f.strip())
+        if fields
+        else (("title",) if use_clip else ("title", "text"))
+    )
+    if default_feature is None:  # CLIP text tower on item text
+        default_feature = "clip_title" if field_list == ("title",) else "clip_text"
+    _run(ctx, feature or default_feature, spec, source, field_list, opts, index_min_rows, overwrite)
+
+
+# ---- features ----------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def features(ctx, as_json):
+    """List the extracted features: width, rows, item coverage, failures, model and revision, ANN index."""
+    from stores.features import list_features
+
+    infos = list_features(_ws(ctx))
+    if as_json:
+        click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        return
+    if not infos:
+        click.echo("no features yet: run `mmfeat caption` or `mmfeat encode image|text|caption`")
+        return
+    header = ("feature", "table", "dim", "rows", "coverage", "failures", "model", "revision", "index")
+    rows = [
+        (
+            i.feature,
+            i.table,
+            str(i.dim or "-"),
+            str(i.rows),
+            f"{100 * i.coverage:.1f}%",
+            str(i.failures),
+            i.model,
+            i.revision + (" (UNTRAINED)" if i.untrained else ""),
+            i.index,
+        )
+        for i in infos
+    ]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

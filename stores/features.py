@@ -1,0 +1,375 @@
+"""Extraction outputs: the captions table, one vector table per feature (`feat_<feature>`), extraction failures.
+
+Every output row records what produced it (model, revision, params) and the `input_hash` of what went in (input
+bytes or text + model + revision + params), so an extraction re-run skips items whose hash is unchanged and a
+trainer can tell which weights made a vector. Writes go through `Workspace.upsert`; the ANN index of a vector table
+is built once it holds `INDEX_MIN_ROWS` rows and refreshed incrementally after that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stores.schema import TIMESTAMP, TableSpec
+from stores.workspace import Workspace
+
+CAPTION_FEATURE = "caption"
+FEATURE_PREFIX = "feat_"
+INDEX_MIN_ROWS = 10_000
+# Rebuild rather than extend the index once this share of rows is unindexed: IVF centroids trained on the old rows
+# stop fitting the data when it has grown a lot.
+INDEX_REBUILD_SHARE = 0.5
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_DELETE_BATCH = 500
+
+_PROVENANCE = [
+    pa.field("model", pa.string()),
+    pa.field("revision", pa.string()),
+    # JSON object of the settings that shape the output (precision, normalisation, prompt, ...).
+    pa.field("params", pa.string()),
+    # sha256 over the input bytes / text, model, revision and params: equal hash, equal output.
+    pa.field("input_hash", pa.string(), nullable=False),
+    pa.field("created_at", TIMESTAMP),
+]
+
+CAPTIONS = TableSpec(
+    "captions",
+    pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("caption", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("revision", pa.string()),
+            pa.field("prompt", pa.string()),
+            *_PROVENANCE[2:],
+        ]
+    ),
+    key=("item_id",),
+    compare=("input_hash",),
+)
+
+FAILURES = TableSpec(
+    "extract_failures",
+    pa.schema(
+        [
+            pa.field("feature", pa.string(), nullable=False),
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("input_hash", pa.string()),
+            # Reason code (corrupt_image, missing_text, non_finite_vector, ...) and the message behind it.
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("detail", pa.string()),
+            pa.field("created_at", TIMESTAMP),
+        ]
+    ),
+    key=("feature", "item_id"),
+    compare=("input_hash", "reason", "detail"),
+)
+
+
+def check_feature_name(feature: str) -> str:
+    """Return `feature` if it can name a table (lower-case letters, digits, `_`), else raise naming the rule."""
+    if not _NAME.fullmatch(feature or ""):
+        raise ValueError(
+            f"feature name {feature!r} is not allowed: use lower-case letters, digits and '_', starting with a "
+            "letter (e.g. clip_image, text, caption_text)"
+        )
+    return feature
+
+
+def feature_table(feature: str) -> str:
+    """`clip_image` -> `feat_clip_image`; the captions feature lives in `captions`."""
+    return CAPTIONS.name if feature == CAPTION_FEATURE else FEATURE_PREFIX + check_feature_name(feature)
+
+
+def feature_spec(name: str, dim: int) -> TableSpec:
+    """The vector table of feature `name`: item_id, fixed-size float32 `vector` of `dim`, provenance, input_hash."""
+    if dim <= 0:
+        raise ValueError(f"feature {name!r}: dim must be positive, got {dim}")
+    return TableSpec(
+        feature_table(name),
+        pa.schema(
+            [
+                pa.field("item_id", pa.string(), nullable=False),
+                pa.field("vector", pa.list_(pa.float32(), dim)),
+                *_PROVENANCE,
+            ]
+        ),
+        key=("item_id",),
+        compare=("input_hash",),
+    )
+
+
+def stored_dim(ws: Workspace, feature: str) -> int | None:
+    """The vector width of an existing feature table, None when the table does not exist."""
+    name = feature_table(feature)
+    if not ws.exists(name):
+        return None
+    return ws.open(name).schema.field("vector").type.list_size
+
+
+def ensure_feature(ws: Workspace, feature: str, dim: int, overwrite: bool = False) -> TableSpec:
+    """The spec of `feature`'s table, created when missing. A table of another width is an error unless
+    `overwrite`, which drops it (a model of another width makes every stored vector incomparable)."""
+    spec = feature_spec(feature, dim)
+    have = stored_dim(ws, feature)
+    if have is not None and have != dim:
+        if not overwrite:
+            raise ValueError(
+                f"table {spec.name} holds {have}-d vectors but the model gives {dim}-d; name another feature "
+                f"(--feature NAME) or pass --overwrite to drop {spec.name} and re-extract"
+            )
+        ws.db.drop_table(spec.name)
+    ws.ensure(spec)
+    return spec
+
+
+def hashes(ws: Workspace, table: str, feature: str | None = None) -> dict[str, str]:
+    """item_id -> input_hash of every row of `table` (the failures table filtered to `feature`)."""
+    if not ws.exists(table):
+        return {}
+    where = f"feature = {_quote(feature)}" if feature is not None else None
+    rows = ws.read(table, columns=["item_id", "input_hash"], where=where)
+    return dict(zip(rows["item_id"].to_pylist(), rows["input_hash"].to_pylist(), strict=True))
+
+
+def delete_items(ws: Workspace, table: str, item_ids: Iterable[str], feature: str | None = None) -> int:
+    """Delete the rows of `item_ids` (in `feature` for the failures table); no write when there is nothing to do."""
+    ids = sorted(set(item_ids))
+    if not ids or not ws.exists(table):
+        return 0
+    tbl = ws.open(table)
+    scope = f"feature = {_quote(feature)} AND " if feature is not None else ""
+    for start in range(0, len(ids), _DELETE_BATCH):
+        chunk = ", ".join(_quote(i) for i in ids[start : start + _DELETE_BATCH])
+        tbl.delete(f"{scope}item_id IN ({chunk})")
+    return len(ids)
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+# ---- writing results -------------------------------------------------------------------------------------------
+
+
+class OutputWriter:
+    """Writes one feature's results a chunk at a time. Successes are upserted into the output table and failures
+    into `extract_failures`; each item then loses the other kind of row (an old failure, an old output), so an item
+    has its output or its failure, never both. `stored` and `failed` are the item ids that have rows already."""
+
+    def __init__(
+        self, ws: Workspace, feature: str, stored: set[str], failed: set[str], overwrite: bool = False
+    ):
+        self.ws, self.feature, self.overwrite = ws, feature, overwrite
+        self.stored, self.failed = stored, failed
+        self.spec: TableSpec | None = None
+
+    def start(self, model: str, revision: str, params_json: str, dim: int | None) -> None:
+        """Fix the provenance written with every row; creates the vector table of width `dim` if needed."""
+        self.model, self.revision, self.params = model, revision, params_json
+        self.prompt = json.loads(params_json).get("prompt")
+        if self.feature == CAPTION_FEATURE:
+            self.spec = CAPTIONS
+        else:
+            self.spec = ensure_feature(self.ws, self.feature, int(dim), self.overwrite)
+
+    def write(
+        self, ids: np.ndarray, hashes_: np.ndarray, values: np.ndarray, errors: np.ndarray
+    ) -> dict[str, int]:
+        """Write one chunk: `values` are vectors [n, dim] or captions, `errors` "" or "reason: detail" per row.
+        Returns the count of failed rows per reason ("" for the rows written)."""
+        if self.spec.name != CAPTIONS.name:
+            dim = self.spec.schema.field("vector").type.list_size
+            if values.ndim != 2 or values.shape[1] != dim:
+                raise ValueError(
+                    f"the model returned vectors of shape {values.shape}; {self.spec.name} holds {dim}-d"
+                )
+            errors = errors.copy()
+            errors[~np.isfinite(values).all(axis=1) & (errors == "")] = (
+                "non_finite_vector: the model returned NaN or infinite values"
+            )
+        ok = errors == ""
+        now = datetime.now(UTC)
+        counts = {"": int(ok.sum())}
+        if ok.any():
+            self._rows(ids[ok].tolist(), hashes_[ok].tolist(), values[ok], now)
+        if not ok.all():
+            for reason, n in self._failures(
+                ids[~ok].tolist(), hashes_[~ok].tolist(), errors[~ok], now
+            ).items():
+                counts[reason] = n
+        return counts
+
+    def _rows(self, ids: list[str], hashes_: list[str], values: np.ndarray, now: datetime) -> None:
+        n = len(ids)
+        columns: dict[str, Any] = {
+            "item_id": ids,
+            "model": [self.model] * n,
+            "revision": [self.revision] * n,
+            "params": [self.params] * n,
+            "input_hash": hashes_,
+            "created_at": pa.array([now] * n, TIMESTAMP),
+        }
+        if self.spec.name == CAPTIONS.name:
+            columns["caption"] = values.tolist()
+            columns["prompt"] = [self.prompt] * n
+        else:
+            vectors = np.ascontiguousarray(values, dtype=np.float32)
+            columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+        self.ws.upsert(
+            self.spec, pa.table({f.name: columns[f.name] for f in self.spec.schema}, schema=self.spec.schema)
+        )
+        cleared = [i for i in ids if i in self.failed]
+        delete_items(self.ws, FAILURES.name, cleared, self.feature)
+        self.failed.difference_update(cleared)
+        self.stored.update(ids)
+
+    def _failures(self, ids: list[str], hashes_: list[str], errors: np.ndarray, now: datetime) -> Counter:
+        reasons, details = zip(*(split_error(e) for e in errors), strict=True)
+        rows = {
+            "feature": [self.feature] * len(ids),
+            "item_id": ids,
+            "input_hash": hashes_,
+            "reason": list(reasons),
+            "detail": list(details),
+            "created_at": pa.array([now] * len(ids), TIMESTAMP),
+        }
+        self.ws.upsert(FAILURES, pa.table(rows, schema=FAILURES.schema))
+        gone = [i for i in ids if i in self.stored]
+        delete_items(self.ws, self.spec.name, gone)
+        self.stored.difference_update(gone)
+        self.failed.update(ids)
+        return Counter(reasons)
+
+
+def split_error(error: str) -> tuple[str, str]:
+    """'corrupt_image: truncated file' -> ('corrupt_image', 'truncated file'); a bare message gets 'error'."""
+    code, sep, detail = str(error).partition(": ")
+    if sep and code.replace("_", "").isalnum() and " " not in code:
+        return code, detail
+    return "error", str(error)
+
+
+# ---- ANN index -------------------------------------------------------------------------------------------------
+
+
+def refresh_index(ws: Workspace, feature: str, min_rows: int = INDEX_MIN_ROWS) -> str:
+    """Build the cosine IVF_HNSW_SQ index of `feat_<feature>` once it holds `min_rows` rows, then keep it current:
+    new rows are folded in incrementally, and the index is rebuilt once more than half the rows are unindexed.
+    Returns what it did: "none", "built", "extended", "rebuilt" or "current"."""
+    from lancedb.index import IvfHnswSq
+
+    table = ws.open(feature_table(feature))
+    rows = table.count_rows()
+    index = next((i for i in table.list_indices() if i.columns == ["vector"]), None)
+    if index is None and rows < min_rows:
+        return "none"
+    if index is not None:
+        unindexed = index.num_unindexed_rows
+        if not unindexed:
+            return "current"
+        if unindexed <= INDEX_REBUILD_SHARE * rows:
+            table.to_lance().optimize.optimize_indices()
+            return "extended"
+    # About sqrt(n) partitions of at least a few hundred rows each; HNSW inside each partition.
+    partitions = max(1, min(int(rows**0.5), rows // 256 or 1))
+    table.create_index(
+        "vector", config=IvfHnswSq(distance_type="cosine", num_partitions=partitions), replace=True
+    )
+    return "built" if index is None else "rebuilt"
+
+
+def compact(ws: Workspace, table: str, max_fragments: int = 32) -> bool:
+    """Merge the small fragments that chunked commits leave behind, once there are more than `max_fragments`.
+    Old versions stay readable (no cleanup), so snapshots that pin them keep working."""
+    if not ws.exists(table):
+        return False
+    ds = ws.dataset(table)
+    if len(ds.get_fragments()) <= max_fragments:
+        return False
+    ds.optimize.compact_files(materialize_deletions=True)
+    return True
+
+
+# ---- listing ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One extracted feature as `mmfeat features` lists it."""
+
+    feature: str
+    table: str
+    dim: int | None
+    rows: int
+    items: int
+    failures: int
+    model: str
+    revision: str
+    index: str
+
+    @property
+    def coverage(self) -> float:
+        return self.rows / self.items if self.items else 0.0
+
+    @property
+    def untrained(self) -> bool:
+        return "untrained" in self.revision.split(",")
+
+    def to_dict(self) -> dict:
+        return vars(self) | {"coverage": round(self.coverage, 4), "untrained": self.untrained}
+
+
+def list_features(ws: Workspace) -> list[FeatureInfo]:
+    """Every extracted feature (the captions and each `feat_*` table) with its width, rows, models and coverage."""
+    names = ws.table_names()
+    items = ws.count("items")
+    failures: dict[str, int] = {}
+    if FAILURES.name in names:
+        counts = ws.read(FAILURES.name, columns=["feature"])["feature"].value_counts()
+        failures = {c["values"].as_py(): c["counts"].as_py() for c in counts}
+    out = []
+    for name in names:
+        if name == CAPTIONS.name:
+            feature, dim = CAPTION_FEATURE, None
+        elif name.startswith(FEATURE_PREFIX):
+            feature, dim = (
+                name.removeprefix(FEATURE_PREFIX),
+                ws.open(name).schema.field("vector").type.list_size,
+            )
+        else:
+            continue
+        table = ws.open(name)
+        index = next((i for i in table.list_indices() if i.columns == ["vector"]), None) if dim else None
+        prov = ws.read(name, columns=["model", "revision"])
+        # A table part-way through a model change holds rows of both; list the most common first.
+        groups = (
+            prov.group_by(["model", "revision"])
+            .aggregate([("model", "count")])
+            .sort_by([("model_count", "descending")])
+        )
+        models = ",".join(dict.fromkeys(str(m) for m in groups["model"].to_pylist())) or "-"
+        revisions = ",".join(dict.fromkeys(str(r) for r in groups["revision"].to_pylist())) or "-"
+        out.append(
+            FeatureInfo(
+                feature=feature,
+                table=name,
+                dim=dim,
+                rows=prov.num_rows,
+                items=items,
+                failures=failures.get(feature, 0),
+                model=models,
+                revision=revisions,
+                index=index.index_type if index is not None else "-",
+            )
+        )
+    return out
