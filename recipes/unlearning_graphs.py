@@ -1,0 +1,339 @@
+"""Retained artifacts: after erasure, re-pin the split manifests and re-derive the graphs built on erased rows.
+
+kNN graphs are re-pinned when their items and vectors are the same, else patched (`knn_patch`, single feature)
+or rebuilt per feature and fused again; a user-item graph losing whole users or items is patched from its stored
+edges (`patched_ui_edges`: their edges go, degrees and D^-1/2 A D^-1/2 weights are recomputed), row for row what
+`pipeline.build_ui_graph` writes; other graphs are rebuilt with their parameters. Each keeps its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recipes.knn_graph import KnnConfig, fuse_graphs
+from recipes.splits import TEST, TRAIN, VALID
+from recipes.unlearning_patch import edges_matrix, knn_patch, knn_retained, ui_weights
+
+if TYPE_CHECKING:
+    from recipes.unlearning_requests import ForgetScope
+
+_GRAPH_ORDER = {"knn": 0, "user-item": 1, "cooccur": 1, "hyper": 2}
+
+
+def manifest_body(info: dict) -> dict:
+    """A stored manifest without the keys `record_artifact` sets itself: what to re-record it with."""
+    return {k: v for k, v in info.items() if k not in ("kind", "name", "table", "table_version")}
+
+
+def _node_positions(values: pa.ChunkedArray, nodes: np.ndarray) -> np.ndarray:
+    pos = pc.index_in(values, value_set=pa.array(nodes, pa.string()))
+    return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _split_items(ws, split_name: str, version: int) -> np.ndarray:
+    """The item nodes of a split (sorted ids, the order of `id_maps`), reading only its item_id column."""
+    column = ws.read(f"split_{split_name}", columns=["item_id"], version=version)["item_id"]
+    uniq = pc.unique(column)
+    return uniq.take(pc.sort_indices(uniq)).to_numpy(zero_copy_only=False)
+
+
+def _same_nodes(ws, info: dict, nodes: np.ndarray) -> bool:
+    """Whether the split the graph was built on (at that version) has exactly these item nodes."""
+    try:
+        old = _split_items(ws, info["split"], info["split_version"])
+    except Exception:  # the pinned version is gone: treat the nodes as changed
+        return False
+    return len(old) == len(nodes) and bool(np.all(old == nodes))
+
+
+def retained_knn_graph(
+    ws, info: dict, split_name: str, excluded: Callable[[str], set[str]], name: str | None = None
+) -> dict:
+    """Rebuild-equivalent kNN graph of stored graph `info` (a manifest) on split `split_name`'s current manifest,
+    without the items `excluded(feature)` names for each feature. Single-feature graphs are patched
+    (`knn_patch`); fused graphs are rebuilt per feature on the retained items and fused again."""
+    from recipes.pipeline import _fingerprint
+    from stores import artifacts
+
+    split_info = artifacts.manifest(ws, "split", split_name)
+    nodes = _split_items(ws, split_name, split_info["table_version"])
+    params = info["params"]
+    cfg = KnnConfig(
+        k=params["k"], norm=params["norm"], symmetric=params["symmetric"], self_loops=params["self_loops"]
+    )
+    inputs: dict[str, Any] = {
+        "split": split_name,
+        "split_version": split_info["table_version"],
+        "features": {},
+    }
+    provenance, graphs, recomputed = {}, [], 0
+    same_nodes = name in (None, info["name"]) and ws.exists(info["table"]) and _same_nodes(ws, info, nodes)
+    for feature in params["features"]:
+        mat, mask, prov = artifacts.feature_matrix(ws, feature, nodes)
+        prov["missing_items"] = int((~mask).sum())
+        provenance[feature] = prov
+        inputs["features"][feature] = {"version": prov["version"], "content_hash": prov["content_hash"]}
+        same_nodes &= info["inputs"]["features"].get(feature, {}).get("content_hash") == prov["content_hash"]
+    if same_nodes and not any(set(nodes.tolist()) & excluded(f) for f in params["features"]):
+        # Same items, same vectors: the stored edges are the retained graph; only the pins move.
+        body = manifest_body(info)
+        body |= inputs | {
+            "inputs": inputs,
+            "fingerprint": _fingerprint(inputs, params),
+            "feature_provenance": provenance,
+        }
+        out = artifacts.record_artifact(ws, "graph", info["name"], info["table"], info["table_version"], body)
+        return out | {"recomputed_items": 0, "unchanged": True}
+    for feature in params["features"]:
+        mat, mask, prov = artifacts.feature_matrix(ws, feature, nodes)
+        gone = excluded(feature)
+        keep = ~np.isin(nodes, np.array(sorted(gone), dtype=object)) if gone else np.ones(len(nodes), bool)
+        if len(params["features"]) == 1 and ws.exists(info["table"]):
+            old = ws.read(info["table"], columns=["src", "dst"], version=info["table_version"])
+            src, dst, w, recomputed = knn_patch(
+                _node_positions(old["src"], nodes), _node_positions(old["dst"], nodes), mat, keep, cfg
+            )
+        else:
+            src, dst, w = knn_retained(mat, keep, cfg)
+            recomputed += int(keep.sum())
+        graphs.append(edges_matrix(src, dst, w, len(nodes)))
+    weights = params["weights"]
+    matrix = graphs[0] if len(graphs) == 1 and weights[0] == 1.0 else fuse_graphs(graphs, weights)
+    fingerprint = _fingerprint(inputs, params)
+    body = inputs | {
+        "inputs": inputs,
+        "params": params,
+        "fingerprint": fingerprint,
+        "feature_provenance": provenance,
+        "retained": {"recomputed_items": recomputed},
+    }
+    # save_graph only takes the item order from the split: hand it the nodes, not the 10M-row split
+    order = pa.table({"user_id": pa.array(nodes, pa.string()), "item_id": pa.array(nodes, pa.string())})
+    out = artifacts.save_graph(ws, name or info["name"], matrix, order, "item", body)
+    return out | {"recomputed_items": recomputed}
+
+
+def rebuild_graph(ws, info: dict, split_name: str, name: str | None = None) -> dict:
+    """Rebuild a stored non-kNN graph (user-item, co-occurrence, hypergraph) with its parameters on a split."""
+    from recipes import pipeline
+
+    params, name = info["params"], name or info["name"]
+    kind = params["type"]
+    if kind == "user-item":
+        return pipeline.build_ui_graph(ws, split_name, params["norm"], name)
+    if kind == "cooccur":
+        return pipeline.build_cooccur_graph(
+            ws, split_name, params["kind"], params["k"], params["weight"], name
+        )
+    if kind == "hyper":
+        return pipeline.build_hypergraph(ws, split_name, params["kind"], params["knn_graphs"] or None, name)
+    raise ValueError(f"graph {info['name']!r} has type {kind!r}; no rebuild rule for it")
+
+
+def _split_counts(split: pa.Table) -> dict[str, int]:
+    """`recipes.splits.split_counts` without sorting the ids (distinct counts are enough, two at once)."""
+    labels = {r["values"]: r["counts"] for r in pc.value_counts(split["label"]).to_pylist()}
+    with ThreadPoolExecutor(2) as pool:
+        users, items = pool.map(lambda c: pc.count_distinct(split[c]).as_py(), ["user_id", "item_id"])
+    return {
+        "rows": split.num_rows,
+        "users": users,
+        "items": items,
+        "train": labels.get(TRAIN, 0),
+        "valid": labels.get(VALID, 0),
+        "test": labels.get(TEST, 0),
+    }
+
+
+def patched_ui_edges(ws, info: dict, users: set[str], items: set[str]) -> tuple[pa.Table, int]:
+    """The edges of stored user-item graph `info` once whole users and items left its split: theirs go and,
+    for norm "sym", every remaining edge is re-weighted with the new degrees exactly as
+    `ui_graph.sym_normalize` weighs a rebuild (same edges, same order, same float32 weights). Returns the edge
+    table and the number of edges removed; raises ValueError where only a rebuild will do."""
+    norm = info["params"]["norm"]
+    if norm not in ("sym", "none"):
+        raise ValueError(f"norm {norm!r} is rebuilt, not patched")
+    edges = ws.read(info["table"], version=info["table_version"])
+    keys = pa.array(sorted(users | items), pa.string())
+    drop = np.zeros(edges.num_rows, dtype=bool)
+    for side in ("src", "dst"):
+        rows = np.flatnonzero(pc.is_in(edges[side], keys).to_numpy(zero_copy_only=False))
+        if len(rows):  # an id may name a user and an item: check the kind on the few rows that match
+            hit = edges.select([side, f"{side}_kind"]).take(pa.array(rows)).to_pylist()
+            drop[rows] |= [
+                (r[side] in users and r[f"{side}_kind"] == "user")
+                or (r[side] in items and r[f"{side}_kind"] == "item")
+                for r in hit
+            ]
+    keep = ~drop
+    kept = edges.filter(pa.array(keep))
+    if norm == "sym":
+        weight = ui_weights(edges, keep)
+        if weight is None:
+            raise ValueError(f"graph {info['name']!r} is not in save_graph's edge order; rebuilding it")
+        kept = kept.set_column(
+            kept.schema.get_field_index("weight"), edges.schema.field("weight"), pa.array(weight)
+        )
+    return kept, int(drop.sum())
+
+
+def _save_patched_ui(ws, info: dict, split_version: int, edges: pa.Table, removed: int, nodes: int) -> dict:
+    from recipes.pipeline import _fingerprint
+    from stores import artifacts
+
+    version = artifacts._write_table(ws, info["table"], edges)
+    inputs = {"split": info["split"], "split_version": split_version}
+    body = manifest_body(info)
+    body |= inputs | {
+        "inputs": inputs,
+        "fingerprint": _fingerprint(inputs, info["params"]),
+        "nodes": nodes,
+        "edges": edges.num_rows,
+        "retained": {"edges_removed": removed},
+    }
+    return artifacts.record_artifact(ws, "graph", info["name"], info["table"], version, body)
+
+
+def _ui_patchable(info: dict, split_manifests: dict[str, dict], scope: ForgetScope | None) -> bool:
+    split = split_manifests.get(info.get("split"))
+    return (
+        info["params"]["type"] == "user-item"
+        and info["params"].get("norm") in ("sym", "none")
+        and scope is not None
+        and not (scope.pairs or scope.before)
+        and split is not None
+        and info.get("split_version") == split["table_version"]
+    )
+
+
+def prepare_refresh(ws, changed: set[str], scope: ForgetScope | None) -> dict:
+    """The heavy reads of `refresh_artifacts` that need only the rows left, not the final versions: the counts
+    of the changed splits and the patched user-item edge tables. Erasure runs it while it compacts."""
+    from stores import artifacts
+
+    splits = {i["name"]: i for i in artifacts.list_artifacts(ws, "split") if i["table"] in changed}
+    out: dict[str, dict] = {"counts": {}, "ui": {}}
+    for name, info in splits.items():
+        out["counts"][name] = _split_counts(ws.read(info["table"], columns=["user_id", "item_id", "label"]))
+    for info in artifacts.list_artifacts(ws, "graph"):
+        if _ui_patchable(info, splits, scope):
+            try:
+                out["ui"][info["name"]] = patched_ui_edges(ws, info, set(scope.users), set(scope.items))
+            except ValueError:
+                continue
+    return out
+
+
+def _repin_graph(ws, info: dict, split_version: int) -> dict:
+    """Same edges on a new split version (no node left, no input vector changed): move the pins only."""
+    from recipes.pipeline import _fingerprint
+    from stores import artifacts
+
+    inputs = info["inputs"] | {"split_version": split_version}
+    body = manifest_body(info)
+    body |= {
+        "split_version": split_version,
+        "inputs": inputs,
+        "fingerprint": _fingerprint(inputs, info["params"]),
+    }
+    return artifacts.record_artifact(ws, "graph", info["name"], info["table"], info["table_version"], body)
+
+
+def refresh_artifacts(
+    ws,
+    changed: set[str],
+    excluded: Callable[[str], set[str]],
+    request_id: str,
+    scope: ForgetScope | None = None,
+    prepared: dict | None = None,
+) -> dict:
+    """After erasure changed the tables in `changed`: re-pin every split manifest, and re-derive every graph
+    whose split or features changed, under the same name and parameters. kNN graphs are re-pinned when their
+    items and vectors are the same, else patched (`knn_patch`); user-item graphs are patched when the scope
+    removed whole users or items, else rebuilt; other graphs are rebuilt. Returns {"splits", "graphs",
+    "failed"} for the receipt."""
+    from recipes.pipeline import _fingerprint
+    from stores import artifacts
+
+    report: dict[str, dict] = {"splits": {}, "graphs": {}, "failed": {}}
+    prepared = prepared or {"counts": {}, "ui": {}}
+    old_manifests, counts = {}, {}
+    for info in artifacts.list_artifacts(ws, "split"):
+        if not ws.exists(info["table"]) or (info["table"] not in changed and "interactions" not in changed):
+            continue
+        body = manifest_body(info)
+        version = ws.version(info["table"])
+        if "interactions" in body.get("inputs", {}) and ws.exists("interactions"):
+            body["inputs"] = body["inputs"] | {"interactions": ws.version("interactions")}
+            body["fingerprint"] = _fingerprint(body["inputs"], body.get("params", {}))
+        if body.get("base_split") and f"split_{body['base_split']}" in changed:
+            body["base_split_version"] = ws.version(f"split_{body['base_split']}")
+        if info["table"] in changed:
+            body["counts"] = counts[info["name"]] = prepared["counts"].get(info["name"]) or _split_counts(
+                ws.read(info["table"], columns=["user_id", "item_id", "label"])
+            )
+            old_manifests[info["name"]] = info
+        body["erasures"] = [*body.get("erasures", []), request_id]
+        artifacts.record_artifact(ws, "split", info["name"], info["table"], version, body)
+        report["splits"][info["name"]] = {
+            "table_version": version,
+            "rows": body.get("counts", {}).get("rows"),
+        }
+    graphs = sorted(
+        artifacts.list_artifacts(ws, "graph"), key=lambda g: _GRAPH_ORDER.get(g["params"]["type"], 3)
+    )
+    rebuilt: set[str] = set()
+    for info in graphs:
+        params, split = info["params"], info.get("split")
+        feats = {artifacts.feature_table(f) for f in params.get("features", [])}
+        if not (split in counts or feats & changed or set(params.get("knn_graphs") or []) & rebuilt):
+            continue
+        split_version = ws.version(f"split_{split}")
+        # erasure only removes rows, so the same split version plus the same item count means the same items
+        same_items = (
+            split in counts
+            and info.get("split_version") == old_manifests[split]["table_version"]
+            and info.get("nodes") == counts[split]["items"]
+        )
+        try:
+            if params["type"] == "knn" and same_items and not feats & changed:
+                out, action = _repin_graph(ws, info, split_version), "unchanged (re-pinned)"
+            elif params["type"] == "knn":
+                out = retained_knn_graph(ws, info, split, excluded)
+                action = (
+                    "unchanged (re-pinned)"
+                    if out.get("unchanged")
+                    else f"patched ({out['recomputed_items']} items re-searched)"
+                    if len(feats) == 1
+                    else "rebuilt"
+                )
+            elif _ui_patchable(info, old_manifests, scope):
+                nodes = counts[split]["users"] + counts[split]["items"]
+                try:
+                    edges, removed = prepared["ui"].get(info["name"]) or patched_ui_edges(
+                        ws, info, set(scope.users), set(scope.items)
+                    )
+                    out = _save_patched_ui(ws, info, split_version, edges, removed, nodes)
+                    action = f"patched ({removed} edges removed, weights renormalised)"
+                except ValueError:
+                    out, action = rebuild_graph(ws, info, split), "rebuilt"
+            else:
+                out, action = rebuild_graph(ws, info, split), "rebuilt"
+        except Exception as exc:  # recorded; erasure then deletes the graph's rows instead
+            report["failed"][info["name"]] = f"{type(exc).__name__}: {exc}"
+            continue
+        if not action.startswith("unchanged"):
+            rebuilt.add(info["name"])
+        report["graphs"][info["name"]] = {
+            "action": action,
+            "table": out["table"],
+            "table_version": out["table_version"],
+            "edges": out.get("edges"),
+        }
+    return report

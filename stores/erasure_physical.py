@@ -1,0 +1,204 @@
+"""Physical erasure: delete the rows that mention a request's targets, then make the deletion physical.
+
+Deletes commit `_rowid IN (...)` predicates (a table losing more than 200k rows is rewritten instead), so no
+transaction ever names a forgotten key. Compaction rewrites every fragment holding a deleted row and rebuilds the
+indexes; purging drops tags on old versions, every old version and any file no version references. This assumes
+erasure is the only writer of the tables it erases while it runs (it deletes files no version references).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+
+from stores.erasure_log import BOOKKEEPING
+from stores.erasure_match import mentions, needed_columns
+from stores.erasure_targets import TableClass, Targets
+from stores.workspace import Workspace
+
+_ROWID_DELETE_MAX = 200_000
+_CHUNK = 20_000
+_TEMP_DIRS = {".tmp", "_tmp", "tmp", ".cache", "_cache", "cache"}
+
+
+def delete_rows(
+    ws: Workspace,
+    targets: Targets,
+    classes: dict[str, TableClass],
+    skip: set[str] = frozenset(),
+    only: set[str] | None = None,
+) -> dict[str, int]:
+    """Delete the rows that mention the targets from every table (or those in `only`) but `skip` and the
+    bookkeeping tables. Small deletions commit `_rowid IN (...)`; large ones rewrite the table without them."""
+    removed = {}
+    for name in ws.table_names():
+        if name in skip or name in BOOKKEEPING or (only is not None and name not in only):
+            continue
+        ds = ws.dataset(name)
+        columns = needed_columns(ds.schema, targets)
+        if not columns:
+            continue
+        rows = ds.to_table(columns=columns, with_row_id=True)
+        mask = mentions(rows, classes.get(name, TableClass()), targets)
+        if not mask.any():
+            continue
+        table = ws.open(name)
+        ids = rows["_rowid"].filter(pa.array(mask)).to_pylist()
+        if len(ids) <= _ROWID_DELETE_MAX:
+            for start in range(0, len(ids), _CHUNK):
+                table.delete(f"_rowid IN ({', '.join(str(i) for i in ids[start : start + _CHUNK])})")
+        else:
+            keep = ds.to_table().filter(pa.array(~mask))
+            table.add(keep, mode="overwrite")
+        removed[name] = len(ids)
+    return removed
+
+
+_SCALAR = {
+    "BTree": "BTREE",
+    "Bitmap": "BITMAP",
+    "LabelList": "LABEL_LIST",
+    "Inverted": "INVERTED",
+    "NGram": "NGRAM",
+    "ZoneMap": "ZONEMAP",
+    "BloomFilter": "BLOOMFILTER",
+}
+
+
+def index_specs(ds) -> list[dict]:
+    """What it takes to rebuild each index of a dataset: name, column, type and the vector parameters."""
+    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+    specs = []
+    for idx in ds.list_indices():
+        spec = {
+            "name": idx["name"],
+            "column": ds.schema.names[idx["fields"][0]]
+            if isinstance(idx["fields"][0], int)
+            else idx["fields"][0],
+            "type": idx["type"],
+        }
+        if idx["type"] not in _SCALAR:
+            stats = (ds.stats.index_stats(idx["name"]).get("indices") or [{}])[0]
+            sub = stats.get("sub_index") or {}
+            spec |= {
+                "metric": stats.get("metric_type", "l2"),
+                "num_partitions": stats.get("num_partitions"),
+                "m": (sub.get("params") or {}).get("m"),
+                "ef_construction": (sub.get("params") or {}).get("ef_construction"),
+                "num_sub_vectors": sub.get("num_sub_vectors"),
+                "num_bits": sub.get("num_bits") or sub.get("nbits"),
+            }
+        specs.append(spec)
+    return specs
+
+
+def rebuild_indices(ws: Workspace, name: str, specs: list[dict]) -> list[str]:
+    """Recreate each index from the current rows (replacing the remapped one); drop it where that fails."""
+    done = []
+    for spec in specs:
+        ds = ws.dataset(name)
+        rows = ds.count_rows()
+        try:
+            if spec["type"] in _SCALAR:
+                ds.create_scalar_index(spec["column"], _SCALAR[spec["type"]], name=spec["name"], replace=True)
+            elif rows == 0:
+                raise ValueError("no rows left to train on")
+            else:
+                extra = {
+                    k: spec[k] for k in ("m", "ef_construction", "num_sub_vectors", "num_bits") if spec.get(k)
+                }
+                parts = max(1, min(int(spec.get("num_partitions") or 1), rows))
+                base = {
+                    "name": spec["name"],
+                    "metric": spec["metric"],
+                    "num_partitions": parts,
+                    "replace": True,
+                }
+                try:
+                    ds.create_index(spec["column"], spec["type"], **base, **extra)
+                except (TypeError, ValueError):  # an index type without those sub-index parameters
+                    ds.create_index(spec["column"], spec["type"], **base)
+            done.append(f"{spec['name']} ({spec['type']}) rebuilt")
+        except Exception as exc:  # a stale index must not survive: drop it and say so
+            ws.dataset(name).drop_index(spec["name"])
+            done.append(f"{spec['name']} ({spec['type']}) dropped, rebuild it: {exc}")
+    return done
+
+
+def compact(ws: Workspace, name: str, target_rows_per_fragment: int | None = None) -> dict:
+    """Rewrite every fragment that holds deleted rows (threshold 0: one deleted row is enough, where Lance's
+    default 10% would leave a large fragment with a few deleted rows as it is), falling back to rewriting the
+    whole table, then rebuild the indexes on the rewritten data."""
+    ds = ws.dataset(name)
+    if not any(f.metadata.deletion_file is not None for f in ds.get_fragments()):
+        return {}
+    specs = index_specs(ds)
+    metrics = ds.optimize.compact_files(
+        materialize_deletions=True,
+        materialize_deletions_threshold=0.0,
+        target_rows_per_fragment=target_rows_per_fragment,
+    )
+    out = {"fragments_rewritten": metrics.fragments_removed, "fragments_written": metrics.fragments_added}
+    ds = ws.dataset(name)
+    if any(f.metadata.deletion_file is not None for f in ds.get_fragments()):
+        ws.open(name).add(ds.to_table(), mode="overwrite")
+        out["rewritten_whole_table"] = True
+    out["indices"] = rebuild_indices(ws, name, specs)
+    return out
+
+
+def purge_versions(ws: Workspace, name: str) -> dict:
+    """Drop tags on old versions, delete every version but the latest (unverified files included) and any
+    file no version references; afterwards the table has exactly one version."""
+    ds = ws.dataset(name)
+    current = ds.version
+    tags = [t for t, info in ds.tags.list().items() if info.get("version") != current]
+    for tag in tags:
+        ds.tags.delete(tag)
+    stats = ds.cleanup_old_versions(
+        older_than=timedelta(0), delete_unverified=True, error_if_tagged_old_versions=False
+    )
+    ds = ws.dataset(name)
+    tracked = set(ds.tracked_files().read_all()["path"].to_pylist())
+    present = set(ds.all_files().read_all()["path"].to_pylist())
+    stray = sorted(present - tracked - {"_versions/latest_version_hint.json"})
+    for path in stray:
+        if ws.is_local:
+            Path(ds.uri, path).unlink(missing_ok=True)
+    left = [v["version"] for v in ws.dataset(name).versions()]
+    return {
+        "versions_removed": stats.old_versions,
+        "bytes_removed": stats.bytes_removed,
+        "unreferenced_files_removed": len(stray),
+        "tags_removed": tags,
+        "versions_left": left,
+    }
+
+
+def remove_temp_files(ws: Workspace) -> list[str]:
+    """Delete scratch files of the workspace root: *.tmp files and tmp/cache folders outside the tables."""
+    if not ws.is_local:
+        return []
+    removed = []
+    root = Path(ws.uri)
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts and rel.parts[0].endswith(".lance"):
+            continue
+        if path.is_file() and (path.suffix == ".tmp" or any(p in _TEMP_DIRS for p in rel.parts[:-1])):
+            path.unlink()
+            removed.append(str(rel))
+    return removed
+
+
+def parallel(fn, names: list[str], workers: int = 4) -> dict:
+    """{name: fn(name)} with the names run in threads: Lance and Arrow release the GIL, and compaction
+    waits on I/O about half of the time."""
+    if len(names) <= 1:
+        return {n: fn(n) for n in names}
+    with ThreadPoolExecutor(max_workers=min(workers, len(names))) as pool:
+        return dict(zip(names, pool.map(fn, names), strict=True))
