@@ -154,11 +154,11 @@ def sql(ctx, query, fmt, out, pins, snapshot):
         if not ver.isdigit():
             raise click.ClickException(f"--version {pin!r}: write TABLE=VERSION, e.g. items=3")
         versions[name] = int(ver)
-    if snapshot:
-        from stores.snapshots import snapshot_versions
-
-        versions = snapshot_versions(ws, snapshot) | versions
     try:
+        if snapshot:
+            from stores.snapshots import snapshot_versions
+
+            versions = snapshot_versions(ws, snapshot) | versions
         result = run_sql(ws, query, versions=versions)
     except (SqlRefused, KeyError) as exc:
         raise click.ClickException(str(exc).strip('"')) from None
@@ -230,8 +230,10 @@ def _register() -> None:
     from flows.forget_cli import COMMANDS as forget_commands
     from flows.recipes_cli import export, graph, split
     from flows.report_cli import report
+    from flows.snapshot_cli import snapshot, train_example
 
-    for command in (caption, encode, features, split, graph, export, report, *forget_commands):
+    for command in (caption, encode, features, split, graph, export, snapshot, train_example, report,
+                    *forget_commands):
         cli.add_command(command)
 
 

@@ -1,0 +1,187 @@
+"""BPR triples with item features per second from `FeatureReader`, next to the same batches cut from NumPy arrays.
+
+    .venv/bin/python bench/reader.py [--users 6040] [--items 3706] [--interactions 1000000] [--dims 384,512]
+                                     [--batch 4096] [--epochs 2] [--record]
+
+Builds a synthetic workspace (random interactions, one feature table per entry of --dims, a random split and a
+snapshot), then times, in the same process and on the same batches (checked equal):
+  in-memory:   a loop over NumPy arrays already in memory (permutation slice, the same negative sampler,
+               `take` of the feature rows): the rate any reader has to be compared with;
+  reader:      `FeatureReader(ws, snapshot).bpr(...)` through `DataLoader(batch_size=None)`, 0 and 2 workers.
+Goal: the reader at >= half the in-memory rate and >= 100,000 triples/s. --record appends to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from recipes.pipeline import build_split  # noqa: E402
+from recipes.splits import SplitConfig  # noqa: E402
+from stores.features import feature_spec  # noqa: E402
+from stores.reader import FeatureReader, pair_keys, sample_negatives  # noqa: E402
+from stores.schema import INTERACTIONS, ITEMS, TIMESTAMP  # noqa: E402
+from stores.snapshots import create_snapshot  # noqa: E402
+from stores.workspace import Workspace, conform  # noqa: E402
+
+
+def build(ws: Workspace, users: int, items: int, interactions: int, dims: list[int], seed: int) -> list[str]:
+    """A synthetic workspace with a split "main" and a snapshot "bench" over features f0, f1, ..."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"{i:07d}" for i in range(items)])
+    ws.upsert(ITEMS, conform(pa.table({"item_id": ids, "content_hash": ids}), ITEMS.schema))
+    # Zipf-like item popularity, as in real logs; repeated pairs are dropped by the split's dedup.
+    pop = 1.0 / np.arange(1, items + 1) ** 0.8
+    u = rng.integers(0, users, interactions)
+    i = rng.choice(items, interactions, p=pop / pop.sum())
+    rows = pa.table(
+        {
+            "user_id": pa.array(np.char.add("u", u.astype(str))),
+            "item_id": pa.array(ids[i]),
+            "timestamp": pa.array(1_600_000_000 + np.arange(interactions), pa.timestamp("s", tz="UTC")),
+            "event": pa.array(["click"] * interactions),
+            "seq": pa.array(np.zeros(interactions, np.int32)),
+        }
+    )
+    ws.upsert(INTERACTIONS, conform(rows, INTERACTIONS.schema))
+    features = []
+    for k, d in enumerate(dims):
+        name = f"f{k}"
+        spec = feature_spec(name, d)
+        vec = rng.standard_normal((items, d), dtype=np.float32)
+        table = pa.table(
+            {
+                "item_id": ids,
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), d),
+                "model": ["random"] * items,
+                "revision": ["-"] * items,
+                "params": ["{}"] * items,
+                "input_hash": ids,
+                "created_at": pa.array([datetime.now(UTC)] * items, TIMESTAMP),
+            }
+        )
+        ws.upsert(spec, conform(table, spec.schema))
+        features.append(name)
+    build_split(ws, "main", SplitConfig(scheme="random", seed=seed))
+    create_snapshot(ws, "bench", "main", features)
+    return features
+
+
+def in_memory_batches(user, item, feats, n_items, batch, seed, epoch):
+    """The reference: the same batches as `BprDataset`, cut straight from arrays held by the caller."""
+    keys = pair_keys(user, item, n_items)
+    order = np.random.default_rng([seed, epoch]).permutation(len(user))
+    for b in range(-(-len(user) // batch)):
+        rows = order[b * batch : (b + 1) * batch]
+        u, p = user[rows], item[rows]
+        n = sample_negatives(np.random.default_rng([seed, epoch, b]), u, n_items, keys)
+        out = {"user": u, "pos": p, "neg": n}
+        for name, m in feats.items():
+            out[f"pos_{name}"] = m.take(p, axis=0)
+            out[f"neg_{name}"] = m.take(n, axis=0)
+        yield out
+
+
+def timed(batches) -> tuple[int, float, dict]:
+    start, count, first = time.perf_counter(), 0, None
+    for b in batches:
+        count += len(b["user"])
+        first = first or b
+    return count, time.perf_counter() - start, first
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, default=6040)
+    p.add_argument("--items", type=int, default=3706)
+    p.add_argument("--interactions", type=int, default=1_000_000)
+    p.add_argument("--dims", default="384,512", help="Feature widths, one feature table each.")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="Where the workspace goes (default: a temporary folder).")
+    p.add_argument("--record", action="store_true", help="Append the results to BENCHMARKS.md.")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dims = [int(d) for d in args.dims.split(",")]
+    tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
+    ws = Workspace(Path(args.workdir or tmp.name) / "ws")
+    t0 = time.perf_counter()
+    features = build(ws, args.users, args.items, args.interactions, dims, args.seed)
+    build_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reader = FeatureReader(ws, "bench")
+    ds = reader.bpr(batch_size=args.batch, features=features, seed=args.seed)
+    load_s = time.perf_counter() - t0
+    user, item = reader.interaction_arrays("train")
+    feats = {f: reader.feature_array(f)[0].copy() for f in features}
+    n_items = reader.n_items
+
+    results: dict[str, list[float]] = {}
+    for epoch in range(args.epochs):
+        n, s, ref = timed(in_memory_batches(user, item, feats, n_items, args.batch, args.seed, epoch))
+        results.setdefault("in-memory NumPy", []).append(n / s)
+        ds.set_epoch(epoch)
+        for workers in (0, 2):
+            loader = DataLoader(ds, batch_size=None, num_workers=workers)
+            n2, s2, got = timed(loader)
+            assert n2 == n and all(np.array_equal(np.asarray(got[k]), ref[k]) for k in ref), "batches differ"
+            results.setdefault(f"reader, DataLoader {workers} workers", []).append(n2 / s2)
+    best = {k: max(v) for k, v in results.items()}
+    base = best["in-memory NumPy"]
+    per_triple = 8 * 3 + 2 * 4 * sum(dims)
+    lines = [
+        f"{args.interactions:,} interactions ({len(user):,} train triples per epoch), {args.users:,} users, "
+        f"{args.items:,} items, features {dims} (float32), batch {args.batch}; {per_triple:,} bytes per triple "
+        f"with features. Build {build_s:.1f} s; reader load (snapshot check, split, id maps, features) "
+        f"{load_s:.2f} s. Best of {args.epochs} epochs.",
+        "",
+        "| source | triples/s | vs in-memory | MB/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, rate in best.items():
+        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f} | {rate * per_triple / 1e6:,.0f} |")
+    reader_best = max(v for k, v in best.items() if k.startswith("reader"))
+    verdict = "meets" if reader_best >= max(0.5 * base, 100_000) else "misses"
+    lines += [
+        "",
+        f"Goal (>= half the in-memory rate and >= 100,000 triples/s): {verdict} it "
+        f"(best reader path {reader_best:,.0f} triples/s).",
+    ]
+    print("\n".join(lines))
+    if args.record:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        cmd = "python bench/reader.py " + " ".join(sys.argv[1:])
+        env = (
+            f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+            "1 torch thread, load shared with other processes"
+        )
+        with (REPO / "BENCHMARKS.md").open("a", encoding="utf-8") as fh:
+            fh.write(
+                f"\n## {stamp}: reader BPR triples with features\n\n`{cmd}`; {env}.\n\n"
+                + "\n".join(lines)
+                + "\n"
+            )
+        print("appended to BENCHMARKS.md")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
