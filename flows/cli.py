@@ -209,31 +209,17 @@ def _cell(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# ---- demo --------------------------------------------------------------------------------------------------
-
-
-@cli.command()
-@click.option("--items", "n_items", default=120, show_default=True, help="Synthetic items.")
-@click.option("--users", "n_users", default=60, show_default=True, help="Synthetic users.")
-@click.option("--seed", default=0, show_default=True)
-@click.pass_context
-def demo(ctx, n_items, n_users, seed):
-    """Generate a synthetic multimodal catalog, ingest it, and print a summary (offline)."""
-    from flows.demo import run_demo
-
-    run_demo(_ws(ctx), n_items=n_items, n_users=n_users, seed=seed, echo=click.echo)
-
-
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
     from flows.extract_cli import caption, encode, features
     from flows.forget_cli import COMMANDS as forget_commands
     from flows.recipes_cli import export, graph, split
     from flows.report_cli import report
+    from flows.run_cli import demo, run, serve
     from flows.snapshot_cli import snapshot, train_example
 
     for command in (caption, encode, features, split, graph, export, snapshot, train_example, report,
-                    *forget_commands):
+                    *forget_commands, run, serve, demo):
         cli.add_command(command)
 
 

@@ -1,0 +1,178 @@
+"""Orchestration overhead: the demo's refresh through Prefect and Ray next to the same library calls made directly.
+
+Usage: .venv/bin/python bench/orchestration.py [--items 120] [--repeat 1] [--record]
+
+Every variant runs in its own child process, on a fresh workspace, over the same generated demo catalog, in this
+one run: (1) the library calls in one process with the runner's local engine (no Prefect, no Ray); (2) the same
+calls with the Ray engine (no Prefect); (3) `refresh_flow` through Prefect and Ray against a Prefect API that is
+already up (a deployment's server is long-running; the temporary server's start is reported, not counted); and
+(4) a second `refresh_flow` with nothing changed. Each child's time runs from its first import to its last write.
+Overhead = (orchestrated - direct) / orchestrated. Goal: under 15% of wall time on the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+DIRECT = """
+import time; t0 = time.perf_counter()
+import json, sys
+from recipes.config import load_config, open_source
+from recipes.ingest import ingest
+from recipes import pipeline as rp
+from recipes.report import ReportConfig, load_report_data, render_report
+from extractors.runner import run_extraction
+from flows.pipeline import extractor_spec
+from stores.erasure import forget
+from stores.snapshots import create_snapshot
+from stores.workspace import Workspace
+from recipes.config import graph_name, KnnGraph, UserItemGraph, CooccurGraph, output_path
+cfg, ws, engine = load_config(sys.argv[1]), Workspace(sys.argv[2]), sys.argv[3]
+ingest(ws, open_source(cfg, cfg.sources[0], ws.uri))
+for r in cfg.forget:
+    forget(ws, r.to_request())
+calls = 0
+for e in cfg.extract:
+    calls += run_extraction(ws, e.feature, extractor_spec(e), source=e.source, fields=tuple(e.fields),
+                            chunk_rows=e.chunk_rows, batch_size=e.batch_size, engine=engine, progress=False).model_calls
+for s in cfg.splits:
+    rp.build_split(ws, s.name, s.to_split_config())
+for g in cfg.graphs:
+    if isinstance(g, UserItemGraph):
+        rp.build_ui_graph(ws, g.split, g.norm, graph_name(g))
+    elif isinstance(g, KnnGraph):
+        rp.build_knn_graph(ws, g.split, g.features, g.k, g.norm, g.weights, g.symmetric, g.self_loops, graph_name(g))
+    elif isinstance(g, CooccurGraph):
+        rp.build_cooccur_graph(ws, g.split, g.kind, g.k, g.weight, graph_name(g))
+for x in cfg.exports:
+    rp.export(ws, x.split, x.format, output_path(x.out, ws.uri, format=x.format, split=x.split), dict(x.features),
+              x.name, x.user_graph_k)
+create_snapshot(ws, "bench", cfg.snapshot.split, cfg.snapshot_features(), cfg.snapshot_graphs())
+out = output_path(cfg.report.out, ws.uri)
+out.write_text(render_report(load_report_data(ws, ReportConfig(), split=cfg.snapshot.split), ReportConfig()))
+print(json.dumps({"seconds": time.perf_counter() - t0, "model_calls": calls}))
+"""
+
+ORCHESTRATED = """
+import time; t0 = time.perf_counter()
+import json, sys
+from prefect.testing.utilities import prefect_test_harness
+t1 = time.perf_counter()
+with prefect_test_harness(server_startup_timeout=180):
+    server = time.perf_counter() - t1
+    from flows.pipeline import refresh_flow
+    first = refresh_flow(sys.argv[1], sys.argv[2])
+    t2 = time.perf_counter()
+    second = refresh_flow(sys.argv[1], sys.argv[2])
+    t3 = time.perf_counter()
+print(json.dumps({"seconds": t2 - t0 - server, "server_start": server, "model_calls": first["model_calls"],
+                  "second_seconds": t3 - t2, "second_model_calls": second["model_calls"],
+                  "second_rows_written": second["rows_written"]}))
+"""
+
+
+def child(code: str, *args: str, env: dict | None = None) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ | (env or {}),
+        timeout=3600,
+    )
+    if out.returncode != 0:
+        raise SystemExit(out.stdout[-2000:] + out.stderr[-4000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def demo_config(root: Path, n_items: int, engine: str) -> Path:
+    """The shipped demo config with its source, exports and report under `root` (the source is shared)."""
+    data = yaml.safe_load((REPO / "recipes" / "configs" / "demo.yaml").read_text())
+    data["sources"][0].update(n_items=n_items, dir=str(root / "source"))
+    data["run"]["engine"] = engine
+    data["exports"][0]["out"] = "{workspace}-exports/{format}"
+    path = root / f"demo-{engine}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=120)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args()
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    runs: dict[str, list[dict]] = {"local": [], "ray": [], "flow": []}
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        local_cfg, ray_cfg = demo_config(root, args.items, "local"), demo_config(root, args.items, "ray")
+        for i in range(args.repeat):
+            runs["local"].append(child(DIRECT, str(local_cfg), str(root / f"local{i}"), "local", env=env))
+            runs["ray"].append(child(DIRECT, str(ray_cfg), str(root / f"ray{i}"), "ray", env=env))
+            runs["flow"].append(
+                child(
+                    ORCHESTRATED,
+                    str(ray_cfg),
+                    str(root / f"flow{i}"),
+                    env=env | {"PREFECT_HOME": str(root / f"prefect{i}")},
+                )
+            )
+            print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s" for k, v in runs.items()))
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    second = statistics.median(r["second_seconds"] for r in runs["flow"])
+    server = statistics.median(r["server_start"] for r in runs["flow"])
+    calls = {k: v[0]["model_calls"] for k, v in runs.items()}
+    lines = [
+        "| run | wall s (median) | model calls |",
+        "|---|---:|---:|",
+        f"| direct library calls, local engine (no Prefect, no Ray) | {med['local']:.1f} | {calls['local']} |",
+        f"| direct library calls, Ray engine (no Prefect) | {med['ray']:.1f} | {calls['ray']} |",
+        f"| `refresh_flow` through Prefect and Ray | {med['flow']:.1f} | {calls['flow']} |",
+        f"| `refresh_flow` again, nothing changed | {second:.1f} | {runs['flow'][0]['second_model_calls']} |",
+    ]
+    prefect_share = (med["flow"] - med["ray"]) / med["flow"]
+    total_share = (med["flow"] - med["local"]) / med["flow"]
+    summary = (
+        f"Prefect's share of the orchestrated wall time: {100 * prefect_share:.1f}% (flow vs the same calls on Ray); "
+        f"Prefect + Ray together: {100 * total_share:.1f}% (flow vs the same calls in one process). Goal: < 15%. "
+        f"Prefect's temporary server took {server:.1f} s to start (not counted: a deployment's server is "
+        f"long-running). The second refresh wrote {runs['flow'][0]['second_rows_written']} rows."
+    )
+    print("\n".join(lines))
+    print(summary)
+    if args.record:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        with open(REPO / "BENCHMARKS.md", "a") as fh:
+            fh.write(
+                f"\n## Orchestration overhead: the demo's refresh through Prefect and Ray vs direct calls ({stamp})\n\n"
+                f"`.venv/bin/python bench/orchestration.py --items {args.items} --repeat {args.repeat} --record`; "
+                f"demo config ({args.items} items: tiny captioner, tiny CLIP, packaged MiniLM x2, split, 3 graphs, "
+                f"MMRec export, snapshot, forget request, report); 2 CPUs, load average {load:.1f} at start; each "
+                "variant in its own process on a fresh workspace, same run.\n\n"
+                + "\n".join(lines)
+                + f"\n\n{summary}\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
