@@ -68,22 +68,36 @@ print(json.dumps({"rss_mb": hwm()}))
 def make_source(root: Path, n_inter: int, n_items: int, seed: int = 0) -> tuple[Path, Path]:
     rng = np.random.default_rng(seed)
     item_ids = pc.utf8_lpad(pa.array(np.arange(n_items).astype(str)), 10, "0")
-    items = pa.table({"item_id": item_ids, "title": pc.binary_join_element_wise("item ", item_ids, ""),
-                      "text": pa.array(np.full(n_items, "a synthetic product description"))})
+    items = pa.table(
+        {
+            "item_id": item_ids,
+            "title": pc.binary_join_element_wise("item ", item_ids, ""),
+            "text": pa.array(np.full(n_items, "a synthetic product description")),
+        }
+    )
     pacsv.write_csv(items, root / "items.csv")
     n_users = max(n_inter // 50, 1)
     users = pa.array(np.char.add("u", (rng.zipf(1.3, n_inter) % n_users).astype(str)))
     its = pc.take(item_ids, pa.array(rng.zipf(1.2, n_inter) % n_items))
     ts = pa.array(1_600_000_000 + rng.integers(0, 3e7, n_inter))
     events = pc.take(pa.array(["view", "cart", "purchase"]), pa.array(rng.integers(0, 3, n_inter)))
-    inter = pa.table({"user_id": users, "item_id": its, "timestamp": ts, "event": events,
-                      "value": pa.array(rng.integers(1, 6, n_inter).astype(float))})
+    inter = pa.table(
+        {
+            "user_id": users,
+            "item_id": its,
+            "timestamp": ts,
+            "event": events,
+            "value": pa.array(rng.integers(1, 6, n_inter).astype(float)),
+        }
+    )
     pacsv.write_csv(inter, root / "interactions.csv", pacsv.WriteOptions(batch_size=1 << 20))
     return root / "items.csv", root / "interactions.csv"
 
 
 def child(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", HWM + code, *args], cwd=REPO, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", HWM + code, *args], cwd=REPO, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -103,28 +117,39 @@ def main() -> None:
 
         gc.collect()
         raw_mb = (items.stat().st_size + inter.stat().st_size) / 2**20
-        print(f"generated {args.interactions:,} interactions, {args.items:,} items ({raw_mb:.0f} MB CSV) "
-              f"in {time.perf_counter() - t:.1f}s")
+        print(
+            f"generated {args.interactions:,} interactions, {args.items:,} items ({raw_mb:.0f} MB CSV) "
+            f"in {time.perf_counter() - t:.1f}s"
+        )
         idle = child(IDLE)
         base = child(BASELINE, str(root / "base"), str(items), str(inter))
         ours = child(MMFEAT, str(root / "ours"), str(items), str(inter))
     rows = [("pandas + create_table", base), ("mmfeat ingest (validated)", ours)]
-    lines = [f"| {'run':<28} | {'wall s':>7} | {'rows/s':>10} | {'peak RSS MB':>11} | {'RSS - libs MB':>13} |",
-             f"|{'-' * 30}|{'-' * 9}|{'-' * 12}|{'-' * 13}|{'-' * 15}|"]
+    lines = [
+        f"| {'run':<28} | {'wall s':>7} | {'rows/s':>10} | {'peak RSS MB':>11} | {'RSS - libs MB':>13} |",
+        f"|{'-' * 30}|{'-' * 9}|{'-' * 12}|{'-' * 13}|{'-' * 15}|",
+    ]
     for name, r in rows:
-        lines.append(f"| {name:<28} | {r['wall']:>7.1f} | {args.interactions / r['wall']:>10,.0f} | "
-                     f"{r['rss_mb']:>11.0f} | {r['rss_mb'] - idle['rss_mb']:>13.0f} |")
+        lines.append(
+            f"| {name:<28} | {r['wall']:>7.1f} | {args.interactions / r['wall']:>10,.0f} | "
+            f"{r['rss_mb']:>11.0f} | {r['rss_mb'] - idle['rss_mb']:>13.0f} |"
+        )
     ratio = base["wall"] / ours["wall"]
-    summary = (f"raw CSV {raw_mb:.0f} MB; libraries alone {idle['rss_mb']:.0f} MB RSS. Speed vs baseline: "
-               f"{ratio:.2f}x (goal >= 1.0); mmfeat peak RSS / raw size: {ours['rss_mb'] / raw_mb:.2f} "
-               f"(goal < 2.0)")
+    summary = (
+        f"raw CSV {raw_mb:.0f} MB; libraries alone {idle['rss_mb']:.0f} MB RSS. Speed vs baseline: "
+        f"{ratio:.2f}x (goal >= 1.0); mmfeat peak RSS / raw size: {ours['rss_mb'] / raw_mb:.2f} "
+        f"(goal < 2.0)"
+    )
     print("\n".join(lines))
     print(summary)
     if args.record:
         with open(REPO / "BENCHMARKS.md", "a") as fh:
-            fh.write(f"\n## Ingest ({dt.date.today()}, {args.interactions:,} interactions, {args.items:,} items, "
-                     "2-core CPU)\n\n`.venv/bin/python bench/ingest.py --record`\n\n" + "\n".join(lines) +
-                     f"\n\n{summary}\n")
+            fh.write(
+                f"\n## Ingest ({dt.date.today()}, {args.interactions:,} interactions, {args.items:,} items, "
+                "2-core CPU)\n\n`.venv/bin/python bench/ingest.py --record`\n\n"
+                + "\n".join(lines)
+                + f"\n\n{summary}\n"
+            )
 
 
 if __name__ == "__main__":
