@@ -31,4 +31,4 @@ lint: $(STAMP)
 	.venv/bin/ruff format --check .
 
 clean:
-	rm -rf mmfeat-data .prefect .pytest_cache
+	rm -rf mmfeat-data mmfeat-data-source mmfeat-data-exports mmfeat-data-report.html mmfeat-data-prefect .prefect .pytest_cache

@@ -93,7 +93,7 @@ def build_knn_graph(
         weights = [1.0 / len(features)] * len(features)
     if len(weights) != len(features):
         raise ValueError(f"{len(features)} features but {len(weights)} weights; give one weight per feature")
-    name = name or f"{split_name}_knn_{'_'.join(features)}_k{k}_{norm}"  # Lance table names: no '+' 
+    name = name or f"{split_name}_knn_{'_'.join(features)}_k{k}_{norm}"  # Lance table names: no '+'
     split, inputs = _split_inputs(ws, split_name)
     _, items = id_maps(split)
     mats, provenance = {}, {}

@@ -1,0 +1,313 @@
+"""Prefect flows over the pipeline (run against `prefect_test_harness`): refresh is incremental by content
+version, forget requests run once per id, only transient errors are retried, `mmfeat run` reports config errors
+by key, and `serve` builds one deployment per schedule."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from recipes.config import CONFIG_DIR, load_config
+from stores.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect API (SQLite in a temp dir) for this module's flow runs."""
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _write_config(path: Path, data: dict) -> Path:
+    path.write_text("# Run: mmfeat run " + path.name + "\n" + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _demo_config(tmp_path: Path, n_items: int = 40, n_users: int = 20, engine: str = "local") -> Path:
+    """The shipped demo config, smaller, with its source, report and exports under `tmp_path`. The fast test runs
+    the models in-process (engine local); the Ray path is exercised by the ML-100K and multi-node tests."""
+    data = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
+    data["run"]["engine"] = engine
+    data["sources"][0].update(n_items=n_items, n_users=n_users, dir=str(tmp_path / "source"))
+    data["report"] = {"out": str(tmp_path / "report.html")}
+    data["exports"][0]["out"] = str(tmp_path / "exports" / "mmrec")
+    return _write_config(tmp_path / "demo_small.yaml", data)
+
+
+def _add_items(source: Path, n: int, start: int = 900_000) -> list[str]:
+    """Append `n` new items (a row in items.csv and a PNG each) to a demo catalog, as a daily feed would."""
+    ids = [f"{start + i:06d}" for i in range(n)]
+    with open(source / "items.csv", "a", newline="") as fh:
+        w = csv.writer(fh)
+        for k, item_id in enumerate(ids):
+            Image.new("RGB", (64, 64), (20 * k % 255, 90, 160)).save(source / "images" / f"{item_id}.png")
+            w.writerow(
+                [
+                    item_id,
+                    f"New arrival {item_id}",
+                    f"A fresh item number {k} for the catalogue.",
+                    f"{item_id}.png",
+                    "toys",
+                    "9.99",
+                    "cc-by-4.0",
+                ]
+            )
+    return ids
+
+
+def _ids(ws: Workspace, table: str) -> set[str]:
+    return set(ws.read(table, columns=["item_id"])["item_id"].to_pylist())
+
+
+def _assert_incremental(cfg_path: Path, ws: Workspace, new_ids_fn) -> dict:
+    """refresh twice (the second makes 0 model calls and writes 0 rows), add items, refresh: exactly the new
+    items are extracted, by every extractor."""
+    from flows.pipeline import refresh_flow
+
+    cfg = load_config(cfg_path)
+    first = refresh_flow(str(cfg_path), ws.uri)
+    assert first["model_calls"] > 0 and first["snapshot"]["published"]
+    for e in first["extract"]:
+        assert e["failed"] == 0 and e["done"] == e["eligible"] > 0, e
+    second = refresh_flow(str(cfg_path), ws.uri)
+    assert second["model_calls"] == 0
+    assert second["rows_written"] == 0
+    assert second["tables_changed"] == []
+    assert all(e["skipped"] for e in second["extract"]) and all(i["skipped"] for i in second["ingest"])
+    assert all(r["skipped"] for r in second["recipes"])
+    assert second["snapshot"] == first["snapshot"] | {"published": False}
+    before = {
+        e.feature: _ids(ws, "captions" if e.feature == "caption" else f"feat_{e.feature}")
+        for e in cfg.extract
+    }
+    new_ids = set(new_ids_fn())
+    third = refresh_flow(str(cfg_path), ws.uri)
+    for e in third["extract"]:
+        table = "captions" if e["feature"] == "caption" else f"feat_{e['feature']}"
+        assert e["model_calls"] == len(new_ids) == e["done"], e
+        assert e["unchanged"] == len(before[e["feature"]]), e
+        assert _ids(ws, table) - before[e["feature"]] == new_ids
+    return {"first": first, "second": second, "third": third}
+
+
+def test_refresh_demo_is_incremental(prefect_api, tmp_path):
+    """The demo config through Prefect and Ray: run 2 makes 0 model calls and writes 0 rows, its forget request
+    is not served again, and after 10 items are added to the source run 3 extracts exactly those 10."""
+    cfg_path = _demo_config(tmp_path)
+    ws = Workspace(tmp_path / "ws")
+    runs = _assert_incremental(cfg_path, ws, lambda: _add_items(tmp_path / "source", 10))
+    first, second, third = runs["first"], runs["second"], runs["third"]
+    assert first["forget"][0]["status"].startswith("served") and first["forget"][0]["verified"]
+    assert second["forget"][0] == {
+        "request_id": "demo-gdpr-0001",
+        "status": "already served",
+        "skipped": True,
+        "verified": True,
+    }
+    assert "u00007" not in set(ws.read("users", columns=["user_id"])["user_id"].to_pylist())
+    assert third["snapshot"]["published"] and third["snapshot"]["snapshot"] != first["snapshot"]["snapshot"]
+    assert Path(third["report"]["report"]).stat().st_size > 10_000
+    assert (tmp_path / "exports" / "mmrec").is_dir()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_refresh_ml100k_is_incremental(prefect_api, tmp_path, ml100k, monkeypatch):
+    """The ML-100K config (a copy of the shared data, so items can be added): run 2 makes 0 model calls and
+    writes 0 rows; after 10 movies with posters are added, run 3 extracts exactly those 10."""
+    root = tmp_path / "ml100k"
+    shutil.copytree(ml100k / "ml-100k", root / "ml-100k")
+    shutil.copy(ml100k / "items_tmdb.csv", root / "items_tmdb.csv")
+    shutil.copytree(ml100k / "posters", root / "posters")
+    monkeypatch.setenv("MMFEAT_ML100K", str(root))
+    data = yaml.safe_load(
+        (CONFIG_DIR / "ml100k.yaml")
+        .read_text()
+        .replace("${MMFEAT_ML100K:-../../../shared/data/ml100k-posters}", str(root))
+    )
+    data["exports"][0]["out"] = str(tmp_path / "exports")
+    cfg_path = _write_config(tmp_path / "ml100k.yaml", data)
+
+    def add_movies() -> list[str]:
+        ids = [str(2000 + i) for i in range(10)]
+        with open(root / "ml-100k" / "u.item", "a", encoding="latin-1") as fh:
+            for i, item_id in enumerate(ids):
+                fh.write(
+                    f"{item_id}|New Film {i} (2026)|01-Jan-2026||http://example.org/{item_id}|"
+                    + "|".join("1" if g == i % 19 else "0" for g in range(19))
+                    + "\n"
+                )
+        with open(root / "items_tmdb.csv", newline="") as fh:
+            header = next(csv.reader(fh))
+        with open(root / "items_tmdb.csv", "a", newline="") as fh:
+            w = csv.writer(fh)
+            for i, item_id in enumerate(ids):
+                row = dict.fromkeys(header, "")
+                row |= {
+                    "movie_id": item_id,
+                    "title": f"New Film {i} (2026)",
+                    "overview": f"A new film, number {i}.",
+                }
+                w.writerow([row[h] for h in header])
+        for i, item_id in enumerate(ids):
+            src = Image.open(ml100k / "posters" / f"{i + 1}.jpg").convert("RGB")
+            src.rotate(90).save(root / "posters" / f"{item_id}.jpg", quality=85)
+        return ids
+
+    _assert_incremental(cfg_path, Workspace(tmp_path / "ws"), add_movies)
+
+
+# ---- retries -----------------------------------------------------------------------------------------------------
+
+
+def test_error_classification():
+    """Transient: I/O, network, timeouts and lost Ray workers, also when wrapped; terminal: bad input/config."""
+    import ray.exceptions as rex
+
+    from flows.pipeline import is_transient
+
+    assert (
+        is_transient(OSError("disk hiccup"))
+        and is_transient(ConnectionError())
+        and is_transient(TimeoutError())
+    )
+    assert is_transient(rex.ActorDiedError()) and is_transient(rex.GetTimeoutError())
+    assert is_transient(rex.RayTaskError("f", "tb", ConnectionError("peer reset")))
+    assert not is_transient(rex.RayTaskError("f", "tb", ValueError("bad row")).as_instanceof_cause())
+    assert not is_transient(ValueError("bad value")) and not is_transient(KeyError("no table"))
+    assert not is_transient(FileNotFoundError("no such source")) and not is_transient(RuntimeError("bug"))
+    try:
+        try:
+            raise TimeoutError("read timed out")
+        except TimeoutError as inner:
+            raise RuntimeError("extraction failed") from inner
+    except RuntimeError as wrapped:
+        assert is_transient(wrapped)
+
+
+def test_only_transient_errors_are_retried(prefect_api):
+    """A task failing with a transient error is retried (and then succeeds); one failing with a ValueError is
+    not retried at all."""
+    from prefect import flow, task
+
+    from flows.pipeline import retry_transient
+
+    calls = {"flaky": 0, "bad": 0}
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def flaky() -> str:
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise ConnectionError("node went away")
+        return "ok"
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def bad() -> None:
+        calls["bad"] += 1
+        raise ValueError("item_id is empty")
+
+    @flow
+    def both() -> str:
+        out = flaky()
+        bad()
+        return out
+
+    with pytest.raises(ValueError):
+        both()
+    assert calls == {"flaky": 3, "bad": 1}
+
+
+# ---- CLI and schedules -------------------------------------------------------------------------------------------
+
+
+def _cli():
+    from flows.run_cli import demo, run, serve
+
+    @click.group()
+    @click.option("--workspace", envvar="MMFEAT_HOME", default="./mmfeat-data")
+    @click.pass_context
+    def cli(ctx, workspace):
+        ctx.ensure_object(dict)
+        ctx.obj["workspace"] = workspace
+
+    cli.add_command(run)
+    cli.add_command(serve)
+    cli.add_command(demo)
+    return cli
+
+
+def test_run_cli_runs_refresh_and_reports_config_errors(prefect_api, tmp_path):
+    """`mmfeat run CONFIG` runs refresh once and prints a summary; a second run reports 0 model calls; a bad
+    config fails before any work with the key and the fix."""
+    data = {
+        "name": "mini",
+        "sources": [{"kind": "demo", "n_items": 12, "n_users": 8, "dir": str(tmp_path / "src")}],
+        "splits": [{"name": "main", "kcore": 0}],
+        "graphs": [{"type": "user_item", "split": "main"}],
+    }
+    cfg = _write_config(tmp_path / "mini.yaml", data)
+    ws = tmp_path / "ws"
+    runner = CliRunner()
+    out = runner.invoke(_cli(), ["--workspace", str(ws), "run", str(cfg)], obj={})
+    assert out.exit_code == 0, out.output
+    assert "ingest    demo:" in out.output and "graph main_ui_sym: built" in out.output
+    again = runner.invoke(_cli(), ["--workspace", str(ws), "run", str(cfg)], obj={})
+    assert "0 model calls, 0 rows written; tables changed: none" in again.output
+    data["splits"][0]["kcor"] = 2
+    bad = runner.invoke(
+        _cli(), ["--workspace", str(ws), "run", str(_write_config(tmp_path / "bad.yaml", data))], obj={}
+    )
+    assert bad.exit_code != 0 and "splits[0].kcor: unknown key; did you mean 'kcore'?" in bad.output
+
+
+def test_demo_command_completes_every_flow_run(prefect_api, tmp_path):
+    """`mmfeat demo` (here on a small config with a forget request): refresh, forget, refresh again; every flow
+    run ends Completed, the forget request is verified, and the summary says where to look next."""
+    data = {
+        "name": "minidemo",
+        "sources": [{"kind": "demo", "n_items": 16, "n_users": 8, "dir": str(tmp_path / "src")}],
+        "extract": [{"feature": "clip_image", "kind": "clip_image", "model": "test:tiny-clip"}],
+        "splits": [{"name": "main"}],
+        "graphs": [{"type": "knn", "split": "main", "features": ["clip_image"], "k": 3}],
+        "snapshot": {"split": "main"},
+        "forget": [{"request_id": "mini-1", "kind": "user", "users": ["u00001"]}],
+        "run": {"engine": "local"},
+    }
+    cfg = _write_config(tmp_path / "minidemo.yaml", data)
+    out = CliRunner().invoke(
+        _cli(), ["--workspace", str(tmp_path / "ws"), "demo", "--config", str(cfg)], obj={}
+    )
+    assert out.exit_code == 0, out.output
+    assert "forget mini-1: served, verified" in out.output
+    assert "prefect flow runs of this demo: 3 Completed" in out.output
+    assert "verify-erasure mini-1" in out.output and "next:" in out.output
+
+
+def test_serve_builds_one_deployment_per_schedule(tmp_path):
+    """`mmfeat serve` turns each cron schedule of a config into a deployment of the named flow with the config
+    and workspace as parameters."""
+    from flows.run_cli import build_deployments
+
+    cfg = load_config("hm_fashion")
+    deployments = build_deployments(cfg, str(tmp_path / "ws"))
+    assert [d.name for d in deployments] == ["hm_fashion-daily-articles", "hm_fashion-weekly-graphs"]
+    assert [d.flow_name for d in deployments] == ["refresh", "recipes"]
+    assert all(d.concurrency_limit == 1 for d in deployments)
+    crons = [(d.schedules[0].schedule.cron, d.schedules[0].schedule.timezone) for d in deployments]
+    assert crons == [("15 1 * * *", "Europe/Stockholm"), ("0 4 * * mon", "Europe/Stockholm")]
+    assert deployments[0].parameters == {
+        "config": str(CONFIG_DIR / "hm_fashion.yaml"),
+        "workspace": str(tmp_path / "ws"),
+    }
