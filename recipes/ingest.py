@@ -278,7 +278,8 @@ def ingest(ws: Workspace, src: RawSource) -> IngestReport:
 
         result, items, users = ingest_interactions(ws, src, q, denied)
         now = _now()
-        if src.derive_items:
+        if src.derive_items:  # only ids the workspace lacks: never overwrite a real item with a bare one
+            items -= set(ws.read("items", columns=["item_id"])["item_id"].to_pylist())
             derived = pa.table({"item_id": sorted(items)})
             n = derived.num_rows
             derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
@@ -286,6 +287,7 @@ def ingest(ws: Workspace, src: RawSource) -> IngestReport:
             derived = derived.append_column("created_at", pa.array([now] * n, ITEMS.schema.field("created_at").type))
             tables["items"] = ws.upsert(ITEMS, conform(derived, ITEMS.schema))
         if src.derive_users:
+            users -= set(ws.read("users", columns=["user_id"])["user_id"].to_pylist())
             derived = pa.table({"user_id": sorted(users)})
             n = derived.num_rows
             derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))

@@ -216,3 +216,16 @@ def test_mmrec_and_recbole_layouts(ws, tmp_path):
     assert report.balanced
     row = ws.sql("select title, attributes from items where item_id='i9'").to_pylist()[0]
     assert row["title"] == "Heat" and json.loads(row["attributes"])["genre"] == "Action Crime"
+
+
+def test_derived_items_never_overwrite_real_ones(ws, tmp_path):
+    """An interactions-only source (MMRec) ingested after a catalogue keeps the catalogue's titles and text."""
+    f = _write_csv(tmp_path / "items.csv", ["item_id", "title", "text"], [["5", "Heat", "a heist"]])
+    ingest(ws, table(f))
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    (mm / "x.inter").write_text("userID\titemID\trating\ttimestamp\tx_label\n0\t5\t4\t1500000000\t0\n0\t6\t4\t1500000001\t0\n")
+    ingest(ws, mmrec(mm))
+    rows = {r["item_id"]: r for r in ws.read("items").to_pylist()}
+    assert rows["5"]["title"] == "Heat" and rows["5"]["text"] == "a heist"
+    assert "6" in rows and rows["6"]["title"] is None
