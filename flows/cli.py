@@ -8,11 +8,7 @@ from pathlib import Path
 
 import click
 
-from stores.workspace import Workspace
-
-
-def _ws(ctx: click.Context) -> Workspace:
-    return Workspace(ctx.obj["workspace"])
+from flows.cli_context import workspace_of as _ws
 
 
 def print_ingest_report(report) -> None:

@@ -6,12 +6,12 @@ does not pay for torch.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import click
 
-from stores.workspace import Workspace
+from flows.cli_context import cli_errors as _errors
+from flows.cli_context import workspace_of as _ws
 
 # The offline test models' names (extractors.clip.TINY_CLIP, extractors.captioner.TINY_CAPTIONER), spelled out
 # here so that importing the CLI does not import torch.
@@ -19,9 +19,6 @@ TINY_CLIP = "test:tiny-clip"
 TINY_CAPTIONER = "test:tiny-captioner"
 CLIP_PREFIX = "clip:"
 
-
-def _ws(ctx: click.Context) -> Workspace:
-    return Workspace(ctx.obj["workspace"])
 
 
 def _run_options(fn):
@@ -55,18 +52,6 @@ def _run_options(fn):
         fn = option(fn)
     return fn
 
-
-def _errors(fn):
-    """Bad arguments and missing tables become one-line CLI errors."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, KeyError) as exc:
-            raise click.ClickException(str(exc).strip('"')) from None
-
-    return wrapper
 
 
 def _run(ctx, feature, spec, source, fields, opts, index_min_rows=None, overwrite=False):

@@ -15,29 +15,14 @@ Each `forget` prints the JSON receipt; it exits non-zero when verification did n
 from __future__ import annotations
 
 import csv
-import functools
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from stores.workspace import Workspace
-
-
-def _ws(ctx: click.Context) -> Workspace:
-    return Workspace(ctx.obj["workspace"])
-
-
-def _errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (KeyError, ValueError) as exc:
-            raise click.ClickException(str(exc).strip('"')) from None
-
-    return wrapper
+from flows.cli_context import cli_errors as _errors
+from flows.cli_context import workspace_of as _ws
 
 
 def _request_options(fn):

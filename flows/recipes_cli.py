@@ -7,29 +7,14 @@ from datetime import UTC, datetime
 
 import click
 
-from stores.workspace import Workspace
-
-
-def _ws(ctx: click.Context) -> Workspace:
-    return Workspace(ctx.obj["workspace"])
+from flows.cli_context import cli_errors as _errors
+from flows.cli_context import workspace_of as _ws
 
 
 def _show(info: dict) -> None:
     brief = {k: v for k, v in info.items() if k not in ("feature_provenance", "fingerprint")}
     click.echo(json.dumps(brief, indent=2, default=str))
 
-
-def _errors(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (KeyError, ValueError) as exc:
-            raise click.ClickException(str(exc).strip('"')) from None
-
-    return wrapper
 
 
 @click.command()

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import click
 
-from stores.workspace import Workspace
-
-
-def _ws(ctx: click.Context) -> Workspace:
-    return Workspace(ctx.obj["workspace"])
-
-
-def _errors(fn):
-    """Unknown names, bad arguments and unservable snapshots become one-line CLI errors."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (KeyError, ValueError) as exc:
-            raise click.ClickException(str(exc).strip('"')) from None
-
-    return wrapper
+from flows.cli_context import cli_errors as _errors
+from flows.cli_context import workspace_of as _ws
 
 
 def _brief(info: dict) -> dict:

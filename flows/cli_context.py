@@ -1,0 +1,27 @@
+"""What every `mmfeat` command module shares: the workspace from the group's `--workspace`, and clean errors."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from stores.workspace import Workspace
+
+
+def workspace_of(ctx: click.Context) -> Workspace:
+    """The workspace named by `mmfeat --workspace` (or $MMFEAT_HOME, or the default)."""
+    return Workspace(ctx.obj["workspace"])
+
+
+def cli_errors(fn):
+    """Unknown names and bad arguments (KeyError, ValueError) become one-line CLI errors, not tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (KeyError, ValueError) as exc:
+            raise click.ClickException(str(exc).strip('"')) from None
+
+    return wrapper
