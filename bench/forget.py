@@ -160,8 +160,8 @@ def main() -> None:
     p.add_argument("--record", action="store_true")
     args = p.parse_args()
 
-    from recipes.unlearning import ForgetRequest
-    from stores.erasure import forget
+    from recipes.unlearning.forget import forget
+    from stores.erasure.requests import ForgetRequest
     from stores.workspace import Workspace
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-forget-"))

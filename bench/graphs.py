@@ -66,8 +66,8 @@ def make_data(rows: int, seed: int) -> pa.Table:
 def ours(table: pa.Table, k: int, seed: int) -> dict:
     import pyarrow.compute as pc
 
+    from recipes.graphs.user_item import ui_adjacency
     from recipes.splits import SplitConfig, make_split, split_counts
-    from recipes.ui_graph import ui_adjacency
 
     t0, c0 = time.perf_counter(), time.process_time()
     split = make_split(table, SplitConfig(scheme="random", kcore=k, seed=seed, dedup="first"))
@@ -140,8 +140,8 @@ def worker(method: str, rows: int, k: int, seed: int) -> None:
         import pandas  # noqa: F401
         import scipy.sparse  # noqa: F401
     else:
+        import recipes.graphs.user_item  # noqa: F401
         import recipes.splits  # noqa: F401
-        import recipes.ui_graph  # noqa: F401
     table = make_data(rows, seed)
     before = peak_mb()
     result = (ours if method == "ours" else baseline)(table, k, seed)

@@ -43,7 +43,7 @@ def worker(method: str, n: int, d: int, k: int, seed: int, out: str) -> None:
     else:
         import torch  # noqa: F401  (imported before the baseline so both sides count their library)
 
-        from recipes.knn_graph import KnnConfig, knn_edges
+        from recipes.graphs.knn import KnnConfig, knn_edges
     x = make_data(n, d, seed)
     before = peak_mb()
     t0, c0 = time.perf_counter(), time.process_time()

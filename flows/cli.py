@@ -47,7 +47,7 @@ def ingest() -> None:
 
 
 def _run_ingest(ctx: click.Context, src, as_json: bool) -> None:
-    from recipes.ingest import ingest as do_ingest
+    from recipes.ingest.load import ingest as do_ingest
 
     report = do_ingest(_ws(ctx), src)
     if as_json:
@@ -64,7 +64,7 @@ def _source_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from recipes.sources import SourceError
+        from recipes.ingest.sources import SourceError
 
         try:
             return fn(*args, **kwargs)
@@ -83,7 +83,7 @@ def _source_errors(fn):
 @_source_errors
 def ingest_movielens(ctx, directory, items_csv, posters, as_json):
     """MovieLens-100K layout (u.item latin-1, u.user, u.data)."""
-    from recipes.sources import movielens
+    from recipes.ingest.sources import movielens
 
     _run_ingest(ctx, movielens(directory, items_csv, posters), as_json)
 
@@ -95,7 +95,7 @@ def ingest_movielens(ctx, directory, items_csv, posters, as_json):
 @_source_errors
 def ingest_mmrec(ctx, directory, as_json):
     """MMRec dataset folder (<name>.inter TSV with x_label)."""
-    from recipes.sources import mmrec
+    from recipes.ingest.sources import mmrec
 
     _run_ingest(ctx, mmrec(directory), as_json)
 
@@ -107,7 +107,7 @@ def ingest_mmrec(ctx, directory, as_json):
 @_source_errors
 def ingest_recbole(ctx, directory, as_json):
     """RecBole atomic files (.inter, .item, .user with typed headers)."""
-    from recipes.sources import recbole
+    from recipes.ingest.sources import recbole
 
     _run_ingest(ctx, recbole(directory), as_json)
 
@@ -124,7 +124,7 @@ def ingest_recbole(ctx, directory, as_json):
 @_source_errors
 def ingest_table(ctx, items, interactions, users, images, maps, name, as_json):
     """Generic tables: items item_id,title,text,image; interactions user_id,item_id,timestamp[,event,value]."""
-    from recipes.sources import parse_mapping, table
+    from recipes.ingest.sources import parse_mapping, table
 
     _run_ingest(ctx, table(items, interactions, users, images, parse_mapping(maps), name), as_json)
 

@@ -33,8 +33,8 @@ def _request_options(fn):
 
 
 def _run(ctx: click.Context, **fields) -> None:
-    from recipes.unlearning import ForgetRequest, new_request_id
-    from stores.erasure import forget as do_forget
+    from recipes.unlearning.forget import forget as do_forget
+    from stores.erasure.requests import ForgetRequest, new_request_id
 
     request_id = fields.pop("request_id", None) or new_request_id()
     request = ForgetRequest(request_id, **fields)
@@ -157,7 +157,7 @@ def forget_attribute(ctx, attribute, value, reason, requester, request_id):
 @_errors
 def verify_erasure(ctx, request_id, details):
     """Re-scan every table, version, index and file for what REQUEST_ID forgot."""
-    from stores.erasure import verify
+    from stores.erasure.verify import verify
 
     result = verify(_ws(ctx), request_id)
     if not details:
@@ -212,7 +212,8 @@ def unlearn_split(
     graphs,
 ):
     """Forget/retain splits of a benchmark scenario, the gold retain-only split and retained graphs."""
-    from recipes.unlearning import ScenarioConfig, build_unlearning_split
+    from recipes.unlearning.scenarios import ScenarioConfig
+    from recipes.unlearning.split import build_unlearning_split
 
     cfg = ScenarioConfig(
         scenario=scenario,

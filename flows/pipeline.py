@@ -157,7 +157,7 @@ def _stat_digest(files: list[Path]) -> str:
 @task(name="ingest-source", cache_policy=NO_CACHE)
 def ingest_source(ws_uri: str, cfg: PipelineConfig, source: str, force: bool = False) -> dict:
     """Ingest one configured source unless its files (paths, sizes, mtimes) are as at its last ingest."""
-    from recipes.ingest import ingest
+    from recipes.ingest.load import ingest
 
     ws, spec = Workspace(ws_uri), cfg.source(source)
     if isinstance(spec, DemoSource):
@@ -452,7 +452,8 @@ def snapshot_step(ws_uri: str, cfg: PipelineConfig) -> dict:
 @task(name="write-report", cache_policy=NO_CACHE)
 def report_step(ws_uri: str, cfg: PipelineConfig) -> dict:
     """Write the HTML report unless no table changed since the last one (and the file is still there)."""
-    from recipes.report import ReportConfig, load_report_data, render_report
+    from recipes.report.data import load_report_data
+    from recipes.report.render import ReportConfig, render_report
 
     ws = Workspace(ws_uri)
     out = output_path(cfg.report.out, ws.uri)
@@ -476,7 +477,8 @@ def forget_step(ws_uri: str, cfg: PipelineConfig, request_id: str) -> dict:
     """Serve one forget request, once per request id: a request already in the log is reported, not redone. A
     receipt whose verification fails stops the flow (terminal: retrying cannot make forgotten data reappear
     elsewhere)."""
-    from stores.erasure import forget, logged
+    from recipes.unlearning.forget import forget
+    from stores.erasure.log import logged
 
     ws = Workspace(ws_uri)
     done = logged(ws, request_id)

@@ -29,8 +29,8 @@ import click
 @click.pass_context
 def report(ctx, snapshot, split, out, kcore, max_points, knn_items):
     """Dataset report: counts, degrees, time, coverage, captions, projections, kNN graphs, forget requests."""
-    from recipes.report import ReportConfig, ReportError, render_report
-    from stores.report_data import load_report_data
+    from recipes.report.data import load_report_data
+    from recipes.report.render import ReportConfig, ReportError, render_report
     from stores.workspace import Workspace
 
     try:

@@ -55,7 +55,7 @@ class _Strict(BaseModel):
 
 
 class DemoSource(_Strict):
-    """The synthetic catalog of recipes/demo_data.py, generated into `dir` (once per parameters) and ingested as a
+    """The synthetic catalog of recipes/ingest/demo_data.py, generated into `dir` (once per parameters) and ingested as a
     table source. `dir` defaults to `<workspace>-source/<name>` beside a local workspace."""
 
     kind: Literal["demo"]
@@ -339,7 +339,7 @@ class ForgetRequest(_Strict):
         return self
 
     def to_request(self):
-        from recipes.unlearning import ForgetRequest as Request
+        from stores.erasure.requests import ForgetRequest as Request
 
         return Request(
             request_id=self.request_id,
@@ -723,9 +723,9 @@ def source_files(cfg: PipelineConfig, spec: Any, workspace_uri: str) -> list[Pat
 
 
 def open_source(cfg: PipelineConfig, spec: Any, workspace_uri: str):
-    """Read a configured source into a `RawSource` with the adapters of recipes/sources.py (the demo catalog is
+    """Read a configured source into a `RawSource` with the adapters of recipes/ingest/sources.py (the demo catalog is
     generated first, once per parameters)."""
-    from recipes import sources
+    from recipes.ingest import sources
 
     if isinstance(spec, DemoSource):
         root = ensure_demo_catalog(demo_dir(cfg, spec, workspace_uri), spec)
@@ -759,7 +759,7 @@ def ensure_demo_catalog(root: Path, spec: DemoSource) -> Path:
     appended to it later, as a test does, stay)."""
     import json
 
-    from recipes.demo_data import generate_catalog
+    from recipes.ingest.demo_data import generate_catalog
 
     params = spec.model_dump(exclude={"kind", "name", "dir"})
     marker = root / ".mmfeat-demo.json"

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from recipes.kcore import id_maps, index_ids, seconds
+from stores.ids import id_maps, index_ids, seconds
 
 Features = Mapping[str, tuple[np.ndarray, np.ndarray]]
 LABEL_NAMES = {0: "train", 1: "valid", 2: "test"}

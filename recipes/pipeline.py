@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from recipes import cooccur, hypergraph, knn_graph, splits, ui_graph
-from recipes.kcore import id_maps
-from recipes.ui_graph import edges_to_csr
+from recipes import splits
+from recipes.graphs import cooccur, hypergraph
+from recipes.graphs import knn as knn_graph
+from recipes.graphs import user_item as ui_graph
+from recipes.graphs.user_item import edges_to_csr
 from stores import artifacts
+from stores.ids import id_maps
 from stores.workspace import Workspace
 
 

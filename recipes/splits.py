@@ -20,24 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recipes.kcore import (
-    DEDUP_POLICIES,
-    DedupPolicy,
-    check_interactions,
-    dedup_mask,
-    id_maps,
-    index_ids,
-    kcore_mask,
-    pair_order,
-    seconds,
-    sorted_codes,
-)
+from recipes.kcore import DEDUP_POLICIES, DedupPolicy, check_interactions, dedup_mask, kcore_mask, pair_order
+from stores.ids import id_maps, seconds, sorted_codes
 
 Scheme = Literal["random", "temporal", "loo", "cutoff"]
 SCHEMES: tuple[str, ...] = ("random", "temporal", "loo", "cutoff")
 TRAIN, VALID, TEST = 0, 1, 2
 
-__all__ = ["SplitConfig", "make_split", "split_counts", "holdout_counts", "id_maps", "index_ids"]
+__all__ = ["SplitConfig", "holdout_counts", "make_split", "split_counts"]
 
 
 @dataclass(frozen=True)

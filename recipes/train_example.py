@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from recipes.ui_graph import bipartite, sym_normalize
+from recipes.graphs.user_item import bipartite, sym_normalize
 from stores.reader import BprDataset, FeatureReader, UserBatches, pair_keys
 
 KS = (10, 20)

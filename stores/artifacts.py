@@ -125,7 +125,7 @@ def feature_matrix(
 
 def node_ids(split: pa.Table, kind: str) -> tuple[np.ndarray, list[str]]:
     """The node order of a graph built from `split`: sorted user ids, sorted item ids, or users then items."""
-    from recipes.kcore import id_maps
+    from stores.ids import id_maps
 
     users, items = id_maps(split)
     if kind == "item":
@@ -168,7 +168,7 @@ def load_graph(ws: Workspace, name: str, version: int | None = None) -> tuple[sp
     edges = ws.read(f"graph_{name}", version=version)
     value_set = pa.array(ids, pa.string())
     if info["node_kind"] == "user+item":  # user and item ids may collide: index each kind in its own range
-        from recipes.kcore import id_maps
+        from stores.ids import id_maps
 
         users, items = id_maps(split)
         src = _index_kind(edges, "src", users, items)

@@ -94,7 +94,7 @@ class FeatureReader:
 
     def _split(self) -> dict[str, np.ndarray]:
         def load() -> dict[str, np.ndarray]:
-            from recipes.kcore import id_maps
+            from stores.ids import id_maps
 
             info = self.manifest
             table = f"split_{info['split']}"

@@ -35,7 +35,7 @@ def ml100k() -> Path:
 
 def ingest_ml100k(ws, root: Path):
     """Ingest ML-100K with its TMDB items CSV and posters, the way `mmfeat ingest movielens` does."""
-    from recipes.ingest import ingest
-    from recipes.sources import movielens
+    from recipes.ingest.load import ingest
+    from recipes.ingest.sources import movielens
 
     return ingest(ws, movielens(root, root / "items_tmdb.csv", root / "posters"))

@@ -25,7 +25,7 @@ from recipes.config import (
     parse_config,
     shipped_configs,
 )
-from recipes.ingest import ingest
+from recipes.ingest.load import ingest
 
 REQUIRED = {"demo", "ml100k", "hm_fashion", "amazon_mmrec"}
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")  # what LanceDB accepts

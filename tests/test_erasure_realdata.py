@@ -16,9 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from recipes.unlearning import ForgetRequest, ScenarioConfig, build_unlearning_split, select, train_degrees
+from recipes.unlearning.forget import forget
+from recipes.unlearning.scenarios import ScenarioConfig, select, train_degrees
+from recipes.unlearning.split import build_unlearning_split
 from stores import artifacts
-from stores.erasure import forget, verify
+from stores.erasure.requests import ForgetRequest
+from stores.erasure.verify import verify
 from stores.schema import TIMESTAMP, TableSpec
 from stores.workspace import Workspace
 from tests.conftest import ingest_ml100k

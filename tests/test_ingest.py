@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from recipes.ingest import ingest
-from recipes.sources import SourceError, mmrec, parse_mapping, recbole, table
+from recipes.ingest.load import ingest
+from recipes.ingest.sources import SourceError, mmrec, parse_mapping, recbole, table
 
 
 def _jpeg(colour=(200, 30, 30), size=(24, 32), exif_orientation: int | None = None) -> bytes:

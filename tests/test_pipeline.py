@@ -7,20 +7,20 @@ import pyarrow as pa
 import pytest
 
 from recipes import pipeline
-from recipes.ingest import ingest
-from recipes.kcore import id_maps
-from recipes.knn_graph import KnnConfig, knn_graph
+from recipes.graphs.knn import KnnConfig, knn_graph
+from recipes.graphs.user_item import ui_adjacency
+from recipes.ingest.load import ingest
 from recipes.splits import SplitConfig
-from recipes.ui_graph import ui_adjacency
 from stores import artifacts
+from stores.ids import id_maps
 from stores.schema import TIMESTAMP, TableSpec
 from stores.workspace import conform
 from tests.conftest import ingest_ml100k
 
 
 def _demo(ws, tmp_path):
-    from recipes.demo_data import generate_catalog
-    from recipes.sources import table
+    from recipes.ingest.demo_data import generate_catalog
+    from recipes.ingest.sources import table
 
     cat = generate_catalog(tmp_path / "src", n_items=60, n_users=30, seed=1)
     ingest(ws, table(cat.items, cat.interactions, cat.users, cat.images))

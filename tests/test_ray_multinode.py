@@ -170,7 +170,7 @@ def _rows(ws) -> int:
 def test_encode_flow_survives_losing_a_node(two_node_cluster, prefect_api, tmp_path):
     """Kill the second node (SIGKILL of its raylet and workers) once the first chunks are committed: the encode
     flow still completes, and feat_clip_image holds exactly one vector per item with an image."""
-    from recipes.demo_data import generate_catalog
+    from recipes.ingest.demo_data import generate_catalog
     from stores.workspace import Workspace
 
     address, node = two_node_cluster

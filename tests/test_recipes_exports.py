@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recipes.cooccur import user_cooccurrence
 from recipes.exports import export_mmrec, export_pyg, export_recbole, user_graph_dict
-from recipes.kcore import id_maps
+from recipes.graphs.cooccur import user_cooccurrence
+from stores.ids import id_maps
 
 
 @pytest.fixture

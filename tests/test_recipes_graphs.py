@@ -13,8 +13,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recipes.cooccur import item_cooccurrence, user_cooccurrence
-from recipes.hypergraph import (
+from recipes.graphs.cooccur import item_cooccurrence, user_cooccurrence
+from recipes.graphs.hypergraph import (
     hgnn_operator,
     item_incidence,
     knn_incidence,
@@ -22,8 +22,7 @@ from recipes.hypergraph import (
     mmhcl_user_graph,
     user_incidence,
 )
-from recipes.kcore import id_maps, index_ids
-from recipes.knn_graph import (
+from recipes.graphs.knn import (
     KnnConfig,
     freedom_mm_graph,
     knn_edges,
@@ -32,14 +31,9 @@ from recipes.knn_graph import (
     knn_topk,
     multimodal_knn_graph,
 )
+from recipes.graphs.user_item import csr_to_edges, edges_to_csr, to_torch_sparse, train_matrix, ui_adjacency
 from recipes.splits import SplitConfig, make_split
-from recipes.ui_graph import (
-    csr_to_edges,
-    edges_to_csr,
-    to_torch_sparse,
-    train_matrix,
-    ui_adjacency,
-)
+from stores.ids import id_maps, index_ids
 
 # ---------------------------------------------------------------- references (dense, from the papers' code)
 

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
 
-from recipes.kcore import dedup, id_maps, index_ids, kcore
+from recipes.kcore import dedup, kcore
 from recipes.splits import SplitConfig, holdout_counts, make_split, split_counts
+from stores.ids import id_maps, index_ids
 
 
 def inter(rows: list[tuple]) -> pa.Table:

@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from flows.report_cli import report
-from recipes.report import SECTIONS, ReportConfig, ReportData, ReportError, render_report
-from recipes.report_charts import Graph, graph_stats, knn_topk, neighbour_overlap, time_bins
-from stores.report_data import feature_modality, load_report_data
+from recipes.report.charts import Graph, graph_stats, knn_topk, neighbour_overlap, time_bins
+from recipes.report.data import feature_modality, load_report_data
+from recipes.report.render import SECTIONS, ReportConfig, ReportData, ReportError, render_report
 from stores.schema import INTERACTIONS, ITEMS, TIMESTAMP, TableSpec
 from stores.workspace import conform
 from tests.conftest import ingest_ml100k

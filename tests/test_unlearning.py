@@ -19,22 +19,16 @@ import pyarrow.compute as pc
 import pytest
 import scipy.sparse as sp
 
-from recipes.knn_graph import KnnConfig, knn_edges
-from recipes.unlearning import (
-    ForgetRequest,
-    ScenarioConfig,
-    build_unlearning_split,
-    edges_matrix,
-    forget_retain,
-    interaction_mask,
-    knn_patch,
-    knn_retained,
-    resolve,
-    select,
-    train_degrees,
-)
+from recipes.graphs.knn import KnnConfig, knn_edges
+from recipes.unlearning.forget import forget
+from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained
+from recipes.unlearning.scenarios import ScenarioConfig, forget_retain, select, train_degrees
+from recipes.unlearning.split import build_unlearning_split
 from stores import artifacts
-from stores.erasure import FORGET_REQUESTS, forget, image_slices, logged, verify
+from stores.erasure.log import FORGET_REQUESTS, logged
+from stores.erasure.requests import ForgetRequest, interaction_mask, resolve
+from stores.erasure.targets import image_slices
+from stores.erasure.verify import verify
 from stores.schema import INTERACTIONS, ITEM_IMAGES, ITEMS, QUARANTINE, TIMESTAMP, USERS, TableSpec, key_hash
 from stores.workspace import Workspace
 
@@ -351,7 +345,7 @@ def test_forget_user_reaches_every_table_and_version(sws):
     log = sws.read(FORGET_REQUESTS.name).to_pylist()[0]
     assert "u00" not in log["params"] + log["receipt"] and log["reason"] == "art. 17"
     # the user-item graph is what a rebuild from the retained split gives
-    from recipes.ui_graph import ui_adjacency
+    from recipes.graphs.user_item import ui_adjacency
 
     mat, _ = artifacts.load_graph(sws, "ui")
     ref = ui_adjacency(artifacts.load_split(sws, "main"), "sym")
@@ -400,7 +394,7 @@ def test_one_deleted_row_rewrites_its_fragment_only(tmp_path):
     """A full-size fragment holding one deleted row is rewritten (Lance's default threshold would keep it, deleted
     row and all), while full-size fragments without deleted rows keep their data files; `forget` leaves no
     deletion file either."""
-    from stores.erasure import compact
+    from stores.erasure.physical import compact
 
     ws = Workspace(tmp_path / "ws")
     for part in range(3):
@@ -516,7 +510,7 @@ def test_snapshots_pinning_forgotten_data_are_reported(sws):
 def test_reingest_is_refused_and_stores_nothing(sws):
     """Re-ingesting a source that still holds a forgotten user and item quarantines those rows as `forgotten`
     without the key or an excerpt, and the verification stays clean."""
-    from recipes.ingest import RawSource, ingest
+    from recipes.ingest.load import RawSource, ingest
     from stores.schema import key_hash as ingest_key_hash
 
     assert ingest_key_hash("user", "u02") == key_hash("user", "u02")  # one deny-list naming on both sides
@@ -757,7 +751,7 @@ def test_reingest_after_modality_and_pair_forgets_brings_neither_back(sws, tmp_p
 
     from PIL import Image
 
-    from recipes.ingest import RawSource, ingest
+    from recipes.ingest.load import RawSource, ingest
 
     inter = sws.read("interactions")
     u, i = inter["user_id"][0].as_py(), inter["item_id"][0].as_py()

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recipes.kcore import sorted_codes
+from stores.ids import sorted_codes
 
 if TYPE_CHECKING:
     import torch

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recipes.knn_graph import KnnConfig, fuse_graphs
+from recipes.graphs.knn import KnnConfig, fuse_graphs
 from recipes.splits import TEST, TRAIN, VALID
-from recipes.unlearning_patch import edges_matrix, knn_patch, knn_retained, ui_weights
+from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained, ui_weights
 
 if TYPE_CHECKING:
-    from recipes.unlearning_requests import ForgetScope
+    from stores.erasure.requests import ForgetScope
 
 _GRAPH_ORDER = {"knn": 0, "user-item": 1, "cooccur": 1, "hyper": 2}
 

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from recipes.cooccur import gram_blocks
-from recipes.ui_graph import train_matrix
+from recipes.graphs.cooccur import gram_blocks
+from recipes.graphs.user_item import train_matrix
 
 ExpansionNorm = Literal["none", "rw", "sym"]
 
@@ -45,7 +45,7 @@ def item_incidence(split: pa.Table) -> sp.csr_matrix:
 def knn_incidence(knn_edges: Sequence[pa.Table], n_items: int) -> sp.csr_matrix:
     """Items x (modalities * items) incidence of MMHCL's i2i hypergraph from per-modality top-k edge tables.
 
-    knn_edges: one Arrow (src, dst, ...) table per modality, e.g. `recipes.knn_graph.knn_edges` outputs;
+    knn_edges: one Arrow (src, dst, ...) table per modality, e.g. `recipes.graphs.knn.knn_edges` outputs;
     column block m holds modality m, H[i, m * n_items + j] = 1 when j is in i's top-k.
     """
     if not knn_edges:

@@ -3,7 +3,7 @@
 The retained kNN graph is patched (`knn_patch`): items whose top-k held a removed item are recomputed against the
 retained items, every other item keeps its neighbours (re-weighted), which equals `knn_retained`, a rebuild on the
 retained items. `ui_weights` re-weighs the kept edges of a stored user-item graph with the degrees left, as
-`ui_graph.sym_normalize` weighs a rebuild. The store steps that read and write graphs are in unlearning_graphs.py.
+`ui_graph.sym_normalize` weighs a rebuild. The store steps that read and write graphs are in graphs.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recipes.knn_graph import KnnConfig, knn_topk, l2_normalize, normalize_knn
+from recipes.graphs.knn import KnnConfig, knn_topk, l2_normalize, normalize_knn
 
 # ---- retained kNN graphs -------------------------------------------------------------------------------------
 

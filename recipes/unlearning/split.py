@@ -26,10 +26,10 @@ retained items. A user-item graph losing whole users or items is patched from it
 (`patched_ui_edges`: their edges go, degrees and D^-1/2 A D^-1/2 weights are recomputed), row for row what
 `pipeline.build_ui_graph` writes; other graphs are rebuilt with their parameters.
 
-The parts live beside this module, by role: unlearning_requests.py (requests, scopes, matching),
-unlearning_scenarios.py (forget/retain cuts and the scenario generators), unlearning_patch.py (patching math)
-and unlearning_graphs.py (re-deriving stored graphs and splits). This module stores unlearning splits
-(`build_unlearning_split`), and every public name of those modules is importable from here.
+The parts live beside this module, by role: stores/erasure/requests.py (requests, scopes, matching: the data
+model erasure shares), scenarios.py (forget/retain cuts and the scenario generators), patch.py (patching math)
+and graphs.py (re-deriving stored graphs and splits). This module stores unlearning splits
+(`build_unlearning_split`).
 
     >>> scope = resolve(ForgetRequest("r1", "user", users=("1",)), items)
     >>> cut = forget_retain(split, interaction_mask(split, scope), parts="all")
@@ -39,40 +39,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from recipes.kcore import id_maps
-from recipes.unlearning_graphs import (
-    manifest_body,
-    patched_ui_edges,
-    prepare_refresh,
+from recipes.unlearning.graphs import (
     rebuild_graph,
-    refresh_artifacts,
     retained_knn_graph,
 )
-from recipes.unlearning_patch import edges_matrix, knn_patch, knn_retained, ui_weights
-from recipes.unlearning_requests import (
-    KINDS,
-    MODALITIES,
-    ForgetRequest,
-    ForgetScope,
-    Kind,
-    attribute_items,
-    id_mask,
-    interaction_mask,
-    new_request_id,
-    resolve,
-)
-from recipes.unlearning_scenarios import (
-    CURE_MODES,
-    SCENARIOS,
-    Parts,
+from recipes.unlearning.scenarios import (
     ScenarioConfig,
-    Selection,
-    UnlearningSplit,
-    cure4rec_users,
     forget_retain,
     select,
-    train_degrees,
 )
+from stores.ids import id_maps
 
 # ---- store steps: unlearning splits -------------------------------------------------------------------------------
 
@@ -134,38 +110,3 @@ def build_unlearning_split(
             k: built.get(k) for k in ("name", "table", "table_version", "edges", "recomputed_items")
         }
     return out
-
-
-__all__ = [
-    "CURE_MODES",
-    "KINDS",
-    "MODALITIES",
-    "SCENARIOS",
-    "ForgetRequest",
-    "ForgetScope",
-    "Kind",
-    "Parts",
-    "ScenarioConfig",
-    "Selection",
-    "UnlearningSplit",
-    "attribute_items",
-    "build_unlearning_split",
-    "cure4rec_users",
-    "edges_matrix",
-    "forget_retain",
-    "id_mask",
-    "interaction_mask",
-    "knn_patch",
-    "knn_retained",
-    "manifest_body",
-    "new_request_id",
-    "patched_ui_edges",
-    "prepare_refresh",
-    "rebuild_graph",
-    "refresh_artifacts",
-    "resolve",
-    "retained_knn_graph",
-    "select",
-    "train_degrees",
-    "ui_weights",
-]

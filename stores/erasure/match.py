@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stores.erasure_targets import TableClass, Targets, is_blob, is_vector, vector_digests
+from stores.erasure.targets import TableClass, Targets, is_blob, is_vector, vector_digests
 from stores.schema import key_hash
 
 _JSON_ID = re.compile(r'"(user_id|item_id)":\s*"((?:[^"\\]|\\.)*)"')
@@ -107,7 +107,7 @@ def mentions(t: pa.Table, cls: TableClass, targets: Targets) -> np.ndarray:
             pair = (key_hash("user", t["user_id"][row].as_py()), key_hash("item", t["item_id"][row].as_py()))
             m[row] |= pair in targets.pairs
     if targets.before is not None and {"user_id", "item_id", "timestamp"} <= cols:
-        from recipes.kcore import seconds
+        from stores.ids import seconds
 
         m |= seconds(t["timestamp"]) < int(targets.before.timestamp())
     for side in ("src", "dst"):

@@ -21,7 +21,7 @@ from stores.schema import key_hash
 from stores.workspace import Workspace
 
 if TYPE_CHECKING:
-    from recipes.unlearning_requests import ForgetScope
+    from stores.erasure.requests import ForgetScope
 
 SLICE_BYTES = 64
 SLICES_PER_IMAGE = 3

@@ -17,8 +17,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from recipes.ingest import FileTally, RawSource, _content_hash
-from recipes.ingest_interactions import CsvStream
+from recipes.ingest.interactions import CsvStream
+from recipes.ingest.load import FileTally, RawSource, _content_hash
 
 ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
 USER_FIELDS = ("user_id",)
@@ -183,7 +183,7 @@ def movielens(directory: str | Path, items_csv: str | Path | None = None, poster
 
 def _tmdb(path: Path, src: RawSource, known: set[str]) -> dict[str, dict]:
     """The TMDB items CSV, de-duplicated on `movie_id` (identical rows merged, conflicting ones quarantined)."""
-    from recipes.ingest import _Quarantine
+    from recipes.ingest.load import _Quarantine
 
     table = read_table_file(path)
     tally = src.tallies.setdefault(path.name, FileTally())

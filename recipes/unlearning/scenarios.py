@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recipes.kcore import id_maps, seconds, sorted_codes
 from recipes.splits import TEST, TRAIN, VALID
-from recipes.unlearning_requests import attribute_items, id_mask
+from stores.erasure.requests import attribute_items, id_mask
+from stores.ids import id_maps, seconds, sorted_codes
 
 Parts = Literal["train", "all"]
 

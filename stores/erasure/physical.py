@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stores.erasure_log import BOOKKEEPING
-from stores.erasure_match import mentions, needed_columns
-from stores.erasure_targets import TableClass, Targets
+from stores.erasure.log import BOOKKEEPING
+from stores.erasure.match import mentions, needed_columns
+from stores.erasure.targets import TableClass, Targets
 from stores.workspace import Workspace
 
 _ROWID_DELETE_MAX = 200_000

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from recipes.ui_graph import edges_table, train_matrix
+from recipes.graphs.user_item import edges_table, train_matrix
 
 Weight = Literal["count", "jaccard"]
 

@@ -22,7 +22,8 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from threadpoolctl import threadpool_limits
 
-from recipes.kcore import dedup_mask, kcore_mask, seconds, sorted_codes
+from recipes.kcore import dedup_mask, kcore_mask
+from stores.ids import seconds, sorted_codes
 
 LABELS = {0: "train", 1: "valid", 2: "test"}
 _PALETTE = qualitative.Plotly + qualitative.D3

@@ -274,7 +274,7 @@ def ingest(ws: Workspace, src: RawSource) -> IngestReport:
         tables["users"] = ws.upsert(USERS, pa.Table.from_pylist(users, schema=USERS.schema))
 
     if src.interactions is not None:
-        from recipes.ingest_interactions import ingest_interactions
+        from recipes.ingest.interactions import ingest_interactions
 
         result, items, users = ingest_interactions(ws, src, q, denied)
         now = _now()

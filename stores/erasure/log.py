@@ -16,7 +16,7 @@ from stores.schema import DENY_LIST, TIMESTAMP, TableSpec, key_hash
 from stores.workspace import Workspace
 
 if TYPE_CHECKING:
-    from recipes.unlearning_requests import ForgetRequest, ForgetScope
+    from stores.erasure.requests import ForgetRequest, ForgetScope
 
 FORGET_REQUESTS = TableSpec(
     "forget_requests",
@@ -59,7 +59,7 @@ def deny_rows(scope: ForgetScope, request_id: str) -> list[dict]:
         ("interaction", key_hash("interaction", f"{key_hash('user', u)}:{key_hash('item', i)}"))
         for u, i in scope.pairs
     ]
-    # lets ingest test only the rows of users with a forgotten pair (see recipes/ingest_interactions.py)
+    # lets ingest test only the rows of users with a forgotten pair (see recipes/ingest/interactions.py)
     keys += [("interaction_user", key_hash("interaction_user", u)) for u in {u for u, _ in scope.pairs}]
     return [{"key_hash": h, "kind": k, "request_id": request_id, "created_at": now} for k, h in keys]
 

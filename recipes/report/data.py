@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recipes.report import Feature, ReportConfig, ReportData, ReportError
-from recipes.report_charts import Graph, hash_rank
+from recipes.report.charts import Graph, hash_rank
+from recipes.report.render import Feature, ReportConfig, ReportData, ReportError
 from stores import artifacts
 from stores.workspace import Workspace
 

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from recipes.ui_graph import edges_table
+from recipes.graphs.user_item import edges_table
 
 KnnNorm = Literal["freedom", "lattice", "none"]
 NORMS: tuple[str, ...] = ("freedom", "lattice", "none")

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recipes.kcore import seconds
+from stores.ids import seconds
 
 Kind = Literal["user", "item", "interactions", "modality", "before", "attribute"]
 KINDS: tuple[str, ...] = ("user", "item", "interactions", "modality", "before", "attribute")

@@ -1,7 +1,7 @@
 """The dataset report: one self-contained HTML file that shows what a workspace holds, section by section.
 
-`render_report` lays out the statistics and plotly figures of recipes/report_charts.py as one HTML string
-(plotly.js inlined once, thumbnails as data URIs, so the file opens offline). stores/report_data.py reads the
+`render_report` lays out the statistics and plotly figures of recipes/report/charts.py as one HTML string
+(plotly.js inlined once, thumbnails as data URIs, so the file opens offline). recipes/report/data.py reads the
 workspace into a `ReportData`; every section renders a note naming the command to run when its tables are absent.
 
     >>> data = load_report_data(Workspace("./mmfeat-data"), ReportConfig(), split="random")
@@ -26,12 +26,12 @@ import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recipes import report_charts as charts
-from recipes.kcore import seconds, sorted_codes
-from recipes.report_charts import Graph
+from recipes.report import charts
+from recipes.report.charts import Graph
+from stores.ids import seconds, sorted_codes
 
 if TYPE_CHECKING:
-    from stores.workspace import Workspace
+    pass
 
 SECTIONS: dict[str, str] = {
     "card": "Dataset card",
@@ -491,13 +491,3 @@ def render_report(d: ReportData, cfg: ReportConfig = ReportConfig()) -> str:
         f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}</p><p>tables read: {_esc(pinned) or 'none'}</p>{notes}</header>"
         f"<nav>{nav}</nav><main>{body}</main></body></html>"
     )
-
-
-def load_report_data(
-    ws: Workspace, cfg: ReportConfig = ReportConfig(), snapshot: str | None = None, split: str | None = None
-) -> ReportData:
-    """Read a workspace for the report. The reader is `stores.report_data.load_report_data` (I/O lives in
-    stores/); this forwards to it for callers that import it from here."""
-    from stores.report_data import load_report_data as load
-
-    return load(ws, cfg, snapshot=snapshot, split=split)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from stores.erasure_log import FORGET_REQUESTS, logged
-from stores.erasure_match import hash_mask, mentions, needed_columns
-from stores.erasure_physical import parallel
-from stores.erasure_targets import TableClass, Targets, anchor_digests, classify
+from stores.erasure.log import FORGET_REQUESTS, logged
+from stores.erasure.match import hash_mask, mentions, needed_columns
+from stores.erasure.physical import parallel
+from stores.erasure.targets import TableClass, Targets, anchor_digests, classify
 from stores.schema import DENY_LIST, key_hash
 from stores.workspace import Workspace
 

@@ -33,50 +33,38 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from stores.erasure_log import (
-    BOOKKEEPING,
-    FORGET_REQUESTS,
+from stores.erasure.log import (
     affected_snapshots,
     deny_rows,
     invalidate_snapshots,
     logged,
     record,
 )
-from stores.erasure_match import mentions, needed_columns
-from stores.erasure_physical import (
+from stores.erasure.physical import (
     compact,
     delete_rows,
-    index_specs,
     parallel,
     purge_versions,
-    rebuild_indices,
     remove_temp_files,
 )
-from stores.erasure_targets import (
-    SLICE_BYTES,
-    SLICES_PER_IMAGE,
-    TableClass,
-    Targets,
-    anchor,
+from stores.erasure.targets import (
     capture,
     classify,
     image_feature_tables,
-    image_slices,
-    vector_digests,
 )
-from stores.erasure_verify import raw_scan, scan, scan_table, verify
-from stores.schema import DENY_LIST, key_hash
+from stores.erasure.verify import scan
+from stores.schema import DENY_LIST
 from stores.workspace import Workspace
 
 if TYPE_CHECKING:
-    from recipes.unlearning_requests import ForgetRequest
+    from stores.erasure.requests import ForgetRequest
 
 
 def forget(ws: Workspace, request: ForgetRequest) -> dict:
     """Carry out `request` everywhere and return its receipt (see the module docstring). A request id already
     in the log is not carried out again: its stored receipt comes back with `"duplicate": true`."""
-    from recipes.unlearning_graphs import manifest_body, prepare_refresh, refresh_artifacts
-    from recipes.unlearning_requests import resolve
+    from recipes.unlearning.graphs import manifest_body, prepare_refresh, refresh_artifacts
+    from stores.erasure.requests import resolve
 
     done = logged(ws, request.request_id)
     if done is not None:
@@ -217,39 +205,3 @@ def forget(ws: Workspace, request: ForgetRequest) -> dict:
     params = {"scope": receipt["scope"], "targets": targets.to_json(), "erased_tables": sorted(erase)}
     record(ws, request, params, receipt)
     return receipt
-
-
-__all__ = [
-    "BOOKKEEPING",
-    "FORGET_REQUESTS",
-    "SLICES_PER_IMAGE",
-    "SLICE_BYTES",
-    "TableClass",
-    "Targets",
-    "affected_snapshots",
-    "anchor",
-    "capture",
-    "classify",
-    "compact",
-    "delete_rows",
-    "deny_rows",
-    "forget",
-    "image_feature_tables",
-    "image_slices",
-    "index_specs",
-    "invalidate_snapshots",
-    "key_hash",
-    "logged",
-    "mentions",
-    "needed_columns",
-    "parallel",
-    "purge_versions",
-    "raw_scan",
-    "rebuild_indices",
-    "record",
-    "remove_temp_files",
-    "scan",
-    "scan_table",
-    "vector_digests",
-    "verify",
-]
