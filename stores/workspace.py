@@ -18,6 +18,7 @@ import lance
 import lancedb
 import pyarrow as pa
 
+from stores.lease import Lease, write_lease
 from stores.schema import CORE_TABLES, TableSpec
 
 DEFAULT_HOME = "./mmfeat-data"
@@ -113,10 +114,12 @@ class Workspace:
         return self.db.open_table(name)
 
     def ensure(self, spec: TableSpec) -> Any:
-        """Open `spec`'s table, creating it empty with its explicit schema when missing."""
+        """Open `spec`'s table, creating it empty with its explicit schema when missing (under the write lease,
+        so two writers never race to create it)."""
         if self.exists(spec.name):
             return self.db.open_table(spec.name)
-        return self.db.create_table(spec.name, schema=spec.schema, exist_ok=True)
+        with write_lease(self, f"create:{spec.name}"):
+            return self.db.create_table(spec.name, schema=spec.schema, exist_ok=True)
 
     def dataset(self, name: str, version: int | None = None) -> lance.LanceDataset:
         """The Lance dataset behind a table, optionally checked out at `version`."""
@@ -168,13 +171,25 @@ class Workspace:
 
     def upsert_relation(self, spec: TableSpec, con: duckdb.DuckDBPyConnection, relation: str) -> UpsertResult:
         """`upsert` for rows already held by DuckDB (a table or view named `relation` in `con`), streamed out in
-        batches so that large ingests never hold the whole table in memory twice."""
+        batches so that large ingests never hold the whole table in memory twice.
+
+        The anti-join against the current rows and the add that follows run under the workspace's write lease, so
+        two writers can never both insert the same key."""
+        with write_lease(self, f"upsert:{spec.name}") as lease:
+            return self._upsert_locked(spec, con, relation, lease)
+
+    def _upsert_locked(
+        self, spec: TableSpec, con: duckdb.DuckDBPyConnection, relation: str, lease: Lease
+    ) -> UpsertResult:
         table = self.ensure(spec)
+        # Another process may have committed since this handle was opened: read the latest version.
+        table.checkout_latest()
         result = UpsertResult(spec.name)
         total = con.sql(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
         cols = ", ".join(f'n."{c}"' for c in spec.schema.names)
         if table.count_rows() == 0:
             if total:
+                lease.check()
                 table.add(_batches(con, f"SELECT {cols} FROM {relation} n", spec.schema))
             result.inserted = total
             result.version = table.version
@@ -184,11 +199,13 @@ class Workspace:
         new_query = f"SELECT {cols} FROM {relation} n ANTI JOIN old_rows o ON {on}"
         result.inserted = con.sql(f"SELECT count(*) FROM ({new_query})").fetchall()[0][0]
         if result.inserted:
+            lease.check()
             table.add(_batches(con, new_query, spec.schema))
         if spec.compare:
             differs = " OR ".join(f'n."{c}" IS DISTINCT FROM o."{c}"' for c in spec.compare)
             changed = _fetch(con, f"SELECT {cols} FROM {relation} n JOIN old_rows o ON {on} WHERE {differs}", spec.schema)
             if changed.num_rows:
+                lease.check()
                 table.merge_insert(list(spec.key)).when_matched_update_all().when_not_matched_insert_all().execute(
                     changed
                 )

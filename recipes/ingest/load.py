@@ -19,6 +19,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, inspect_image, resolve_inside
+from stores.lease import write_lease
 from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS, key_hash
 from stores.workspace import UpsertResult, Workspace, conform
 
@@ -258,7 +259,15 @@ def _validate_users(src: RawSource, q: _Quarantine, denied: set[str]) -> list[di
 
 
 def ingest(ws: Workspace, src: RawSource) -> IngestReport:
-    """Validate and write one source into the workspace; see the module docstring for the guarantees."""
+    """Validate and write one source into the workspace; see the module docstring for the guarantees.
+
+    The whole ingest holds the workspace's write lease: the deny-list it reads and the rows it writes cannot be
+    interleaved with another writer (a concurrent ingest, a forget)."""
+    with write_lease(ws, f"ingest:{src.name}"):
+        return _ingest_locked(ws, src)
+
+
+def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
     q = _Quarantine(src)
     tables: dict[str, UpsertResult] = {}
     denied = set(ws.read("deny_list", columns=["key_hash"])["key_hash"].to_pylist())
