@@ -1,7 +1,13 @@
-"""The `mmfeat` command line. Thin: parses arguments, calls library functions, prints results."""
+"""The `mmfeat` command line. Thin: parses arguments, calls library functions, prints results.
+
+It starts fast: this module imports only click at load time. Command groups that live in their own modules are
+imported when they are invoked (or listed by --help), and every command imports its stores/recipes/extractors
+dependencies (LanceDB, pandas, torch, Ray, Prefect) inside its body.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -9,6 +15,45 @@ from pathlib import Path
 import click
 
 from flows.cli_context import workspace_of as _ws
+
+LAZY_COMMANDS = {
+    "caption": "flows.extract_cli:caption",
+    "encode": "flows.extract_cli:encode",
+    "features": "flows.extract_cli:features",
+    "split": "flows.recipes_cli:split",
+    "graph": "flows.recipes_cli:graph",
+    "export": "flows.recipes_cli:export",
+    "snapshot": "flows.snapshot_cli:snapshot",
+    "train-example": "flows.snapshot_cli:train_example",
+    "report": "flows.report_cli:report",
+    "forget": "flows.forget_cli:forget",
+    "verify-erasure": "flows.forget_cli:verify_erasure",
+    "unlearn-split": "flows.forget_cli:unlearn_split",
+    "run": "flows.run_cli:run",
+    "serve": "flows.run_cli:serve",
+    "demo": "flows.run_cli:demo",
+}
+"""Sub-commands defined in other modules: name -> "module:attribute", imported only when looked up."""
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a sub-command's module only when that sub-command is looked up."""
+
+    def __init__(self, *args, lazy: dict[str, str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = self.lazy[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if command.name != cmd_name:
+            raise RuntimeError(f"{self.lazy[cmd_name]} is named {command.name!r}, not {cmd_name!r}; fix LAZY_COMMANDS")
+        return command
 
 
 def print_ingest_report(report) -> None:
@@ -23,7 +68,7 @@ def print_ingest_report(report) -> None:
         click.echo(f"  {name:<28}{r.inserted:>10}{r.updated:>10}{r.unchanged:>10}{r.version!s:>9}")
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS)
 @click.option(
     "--workspace",
     envvar="MMFEAT_HOME",
@@ -203,23 +248,6 @@ def _cell(value) -> str:
         return f"<{len(value)} bytes>"
     text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _register() -> None:
-    """Attach the command groups that live in their own modules."""
-    from flows.extract_cli import caption, encode, features
-    from flows.forget_cli import COMMANDS as forget_commands
-    from flows.recipes_cli import export, graph, split
-    from flows.report_cli import report
-    from flows.run_cli import demo, run, serve
-    from flows.snapshot_cli import snapshot, train_example
-
-    for command in (caption, encode, features, split, graph, export, snapshot, train_example, report,
-                    *forget_commands, run, serve, demo):
-        cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

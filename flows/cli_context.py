@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import click
 
-from stores.workspace import Workspace
+if TYPE_CHECKING:  # the workspace module pulls in LanceDB; commands import it only when they run
+    from stores.workspace import Workspace
 
 
 def workspace_of(ctx: click.Context) -> Workspace:
     """The workspace named by `mmfeat --workspace` (or $MMFEAT_HOME, or the default)."""
+    from stores.workspace import Workspace
+
     return Workspace(ctx.obj["workspace"])
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import duckdb
 import lance
-import lancedb
 import pyarrow as pa
 
 from stores.lease import Lease, write_lease
@@ -88,12 +87,19 @@ class Workspace:
 
     @property
     def db(self) -> Any:
+        """The LanceDB connection, for writes and indexes. Imported here, not at load time: read-only paths
+        (`mmfeat sql`, snapshots, readers) list and read tables through pylance alone and start faster."""
         if self._db is None:
+            import lancedb
+
             self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None)
         return self._db
 
     # ---- tables -------------------------------------------------------------------------------------------
     def table_names(self) -> list[str]:
+        if self.is_local:  # a local LanceDB root is a directory of <name>.lance datasets
+            root = Path(self.uri)
+            return sorted(p.name.removesuffix(".lance") for p in root.glob("*.lance") if p.is_dir())
         names: list[str] = []
         token = None
         while True:
@@ -122,10 +128,10 @@ class Workspace:
             return self.db.create_table(spec.name, schema=spec.schema, exist_ok=True)
 
     def dataset(self, name: str, version: int | None = None) -> lance.LanceDataset:
-        """The Lance dataset behind a table, optionally checked out at `version`."""
-        return self.open(name).to_lance() if version is None else lance.dataset(
-            self.table_uri(name), version=version, storage_options=self.storage_options or None
-        )
+        """The Lance dataset behind a table, optionally checked out at `version` (read with pylance directly)."""
+        if not self.exists(name):
+            self.open(name)  # raises the clear error naming the tables that exist
+        return lance.dataset(self.table_uri(name), version=version, storage_options=self.storage_options or None)
 
     def table_uri(self, name: str) -> str:
         return f"{self.uri}/{name}.lance"
