@@ -69,7 +69,9 @@ class ExtractorSpec:
 
 @dataclass
 class ExtractSummary:
-    """What one run did. eligible = skipped + known_failed + done + failed; items = eligible + no_input."""
+    """What one run did. eligible = skipped + known_failed + done + failed + skipped_forgotten;
+    items = eligible + no_input. skipped_forgotten: results dropped at commit because their item was deleted or
+    forgotten while the model ran."""
 
     feature: str
     table: str
@@ -81,6 +83,7 @@ class ExtractSummary:
     failed: int = 0
     no_input: int = 0
     pruned: int = 0
+    skipped_forgotten: int = 0
     model_calls: int = 0
     engine: str = "local"
     seconds: float = 0.0
@@ -336,7 +339,9 @@ def run_extraction(
     if use_ray and model is not None and todo.num_rows <= batch_size:
         use_ray = False
     summary.engine = "ray" if use_ray else "local"
-    writer = OutputWriter(ws, feature, set(stored), set(failed), overwrite)
+    # Commits re-check the inputs and the deny-list: an image forget also voids what was derived from the image.
+    deny = ("item",) if source == "text" else ("item", "image")
+    writer = OutputWriter(ws, feature, set(stored), set(failed), overwrite, tuple(needed[source]), deny)
     if provenance is not None:
         summary.provenance = provenance
         writer.start(provenance["model"], provenance["revision"], output_params(provenance, source, fields),
@@ -365,6 +370,7 @@ def run_extraction(
                 _flush(writer, pending, output, summary)
                 pending, rows = [], 0
         _flush(writer, pending, output, summary)
+        summary.skipped_forgotten = writer.skipped_forgotten
         bar.close()
         compact(ws, table_name)
     if output == "vector" and ws.exists(table_name):

@@ -4,6 +4,10 @@ Every output row records what produced it (model, revision, params) and the `inp
 bytes or text + model + revision + params), so an extraction re-run skips items whose hash is unchanged and a
 trainer can tell which weights made a vector. Writes go through `Workspace.upsert`; the ANN index of a vector table
 is built once it holds `INDEX_MIN_ROWS` rows and refreshed incrementally after that.
+
+Every write runs under the workspace's write lease, and a chunk of results is re-checked there against the live
+inputs and the deny-list: rows of items forgotten while the model ran are dropped (`skipped_forgotten`), never
+written back after the forget.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stores.schema import TIMESTAMP, TableSpec
+from stores.lease import write_lease
+from stores.schema import DENY_LIST, TIMESTAMP, TableSpec
 from stores.workspace import Workspace
 
 CAPTION_FEATURE = "caption"
@@ -127,7 +132,8 @@ def ensure_feature(ws: Workspace, feature: str, dim: int, overwrite: bool = Fals
                 f"table {spec.name} holds {have}-d vectors but the model gives {dim}-d; name another feature "
                 f"(--feature NAME) or pass --overwrite to drop {spec.name} and re-extract"
             )
-        ws.db.drop_table(spec.name)
+        with write_lease(ws, f"extract:{feature}"):
+            ws.db.drop_table(spec.name)
     ws.ensure(spec)
     return spec
 
@@ -146,12 +152,48 @@ def delete_items(ws: Workspace, table: str, item_ids: Iterable[str], feature: st
     ids = sorted(set(item_ids))
     if not ids or not ws.exists(table):
         return 0
-    tbl = ws.open(table)
     scope = f"feature = {_quote(feature)} AND " if feature is not None else ""
-    for start in range(0, len(ids), _DELETE_BATCH):
-        chunk = ", ".join(_quote(i) for i in ids[start : start + _DELETE_BATCH])
-        tbl.delete(f"{scope}item_id IN ({chunk})")
+    with write_lease(ws, f"delete:{table}"):
+        tbl = ws.open(table)
+        for start in range(0, len(ids), _DELETE_BATCH):
+            chunk = ", ".join(_quote(i) for i in ids[start : start + _DELETE_BATCH])
+            tbl.delete(f"{scope}item_id IN ({chunk})")
     return len(ids)
+
+
+def denied_keys(ws: Workspace, kind: str, keys: Iterable[str]) -> set[str]:
+    """The `keys` of `kind` ("user", "item", "image") that are on the deny-list, i.e. were forgotten."""
+    keys = set(keys)
+    if not keys or not ws.exists(DENY_LIST.name):
+        return set()
+    from stores.erasure.log import deny_list  # keyed hashes: the same reader as ingest's
+
+    denied = deny_list(ws)
+    return {k for k in keys if denied.has(kind, k)}
+
+
+def live_items(
+    ws: Workspace, item_ids: Iterable[str], inputs: tuple[str, ...], deny: tuple[str, ...]
+) -> set[str]:
+    """The `item_ids` still present in every table of `inputs` (read at their latest version) and on no deny-list
+    of the kinds `deny`: what an extraction may still write. Call it under the write lease, right before a commit."""
+    ids = set(item_ids)
+    for table in inputs:
+        if not ids:
+            break
+        if not ws.exists(table):
+            return set()
+        present: set[str] = set()
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), _DELETE_BATCH):
+            chunk = ", ".join(_quote(i) for i in ordered[start : start + _DELETE_BATCH])
+            present.update(
+                ws.read(table, columns=["item_id"], where=f"item_id IN ({chunk})")["item_id"].to_pylist()
+            )
+        ids &= present
+    for kind in deny:
+        ids -= denied_keys(ws, kind, ids)
+    return ids
 
 
 def _quote(value: str) -> str:
@@ -164,13 +206,25 @@ def _quote(value: str) -> str:
 class OutputWriter:
     """Writes one feature's results a chunk at a time. Successes are upserted into the output table and failures
     into `extract_failures`; each item then loses the other kind of row (an old failure, an old output), so an item
-    has its output or its failure, never both. `stored` and `failed` are the item ids that have rows already."""
+    has its output or its failure, never both. `stored` and `failed` are the item ids that have rows already.
+
+    A chunk commits under the write lease, after `live_items` drops the items that left `inputs` or joined the
+    deny-list (kinds `deny`) since they were read: `skipped_forgotten` counts them."""
 
     def __init__(
-        self, ws: Workspace, feature: str, stored: set[str], failed: set[str], overwrite: bool = False
+        self,
+        ws: Workspace,
+        feature: str,
+        stored: set[str],
+        failed: set[str],
+        overwrite: bool = False,
+        inputs: tuple[str, ...] = ("items",),
+        deny: tuple[str, ...] = ("item",),
     ):
         self.ws, self.feature, self.overwrite = ws, feature, overwrite
         self.stored, self.failed = stored, failed
+        self.inputs, self.deny = inputs, deny
+        self.skipped_forgotten = 0
         self.spec: TableSpec | None = None
 
     def start(self, model: str, revision: str, params_json: str, dim: int | None) -> None:
@@ -197,16 +251,21 @@ class OutputWriter:
             errors[~np.isfinite(values).all(axis=1) & (errors == "")] = (
                 "non_finite_vector: the model returned NaN or infinite values"
             )
-        ok = errors == ""
-        now = datetime.now(UTC)
-        counts = {"": int(ok.sum())}
-        if ok.any():
-            self._rows(ids[ok].tolist(), hashes_[ok].tolist(), values[ok], now)
-        if not ok.all():
-            for reason, n in self._failures(
-                ids[~ok].tolist(), hashes_[~ok].tolist(), errors[~ok], now
-            ).items():
-                counts[reason] = n
+        with write_lease(self.ws, f"extract:{self.feature}") as lease:
+            live = live_items(self.ws, ids.tolist(), self.inputs, self.deny)
+            keep = np.fromiter((i in live for i in ids), bool, len(ids))
+            self.skipped_forgotten += int((~keep).sum())
+            ok, bad = (errors == "") & keep, (errors != "") & keep
+            now = datetime.now(UTC)
+            counts = {"": int(ok.sum())}
+            lease.check()
+            if ok.any():
+                self._rows(ids[ok].tolist(), hashes_[ok].tolist(), values[ok], now)
+            if bad.any():
+                for reason, n in self._failures(
+                    ids[bad].tolist(), hashes_[bad].tolist(), errors[bad], now
+                ).items():
+                    counts[reason] = n
         return counts
 
     def _rows(self, ids: list[str], hashes_: list[str], values: np.ndarray, now: datetime) -> None:
@@ -268,24 +327,25 @@ def refresh_index(ws: Workspace, feature: str, min_rows: int = INDEX_MIN_ROWS) -
     Returns what it did: "none", "built", "extended", "rebuilt" or "current"."""
     from lancedb.index import IvfHnswSq
 
-    table = ws.open(feature_table(feature))
-    rows = table.count_rows()
-    index = next((i for i in table.list_indices() if i.columns == ["vector"]), None)
-    if index is None and rows < min_rows:
-        return "none"
-    if index is not None:
-        unindexed = index.num_unindexed_rows
-        if not unindexed:
-            return "current"
-        if unindexed <= INDEX_REBUILD_SHARE * rows:
-            table.to_lance().optimize.optimize_indices()
-            return "extended"
-    # About sqrt(n) partitions of at least a few hundred rows each; HNSW inside each partition.
-    partitions = max(1, min(int(rows**0.5), rows // 256 or 1))
-    table.create_index(
-        "vector", config=IvfHnswSq(distance_type="cosine", num_partitions=partitions), replace=True
-    )
-    return "built" if index is None else "rebuilt"
+    with write_lease(ws, f"index:{feature}"):
+        table = ws.open(feature_table(feature))
+        rows = table.count_rows()
+        index = next((i for i in table.list_indices() if i.columns == ["vector"]), None)
+        if index is None and rows < min_rows:
+            return "none"
+        if index is not None:
+            unindexed = index.num_unindexed_rows
+            if not unindexed:
+                return "current"
+            if unindexed <= INDEX_REBUILD_SHARE * rows:
+                table.to_lance().optimize.optimize_indices()
+                return "extended"
+        # About sqrt(n) partitions of at least a few hundred rows each; HNSW inside each partition.
+        partitions = max(1, min(int(rows**0.5), rows // 256 or 1))
+        table.create_index(
+            "vector", config=IvfHnswSq(distance_type="cosine", num_partitions=partitions), replace=True
+        )
+        return "built" if index is None else "rebuilt"
 
 
 def compact(ws: Workspace, table: str, max_fragments: int = 32) -> bool:
@@ -293,10 +353,10 @@ def compact(ws: Workspace, table: str, max_fragments: int = 32) -> bool:
     Old versions stay readable (no cleanup), so snapshots that pin them keep working."""
     if not ws.exists(table):
         return False
-    ds = ws.dataset(table)
-    if len(ds.get_fragments()) <= max_fragments:
+    if len(ws.dataset(table).get_fragments()) <= max_fragments:
         return False
-    ds.optimize.compact_files(materialize_deletions=True)
+    with write_lease(ws, f"compact:{table}"):
+        ws.dataset(table).optimize.compact_files(materialize_deletions=True)
     return True
 
 
