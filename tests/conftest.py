@@ -39,3 +39,28 @@ def ingest_ml100k(ws, root: Path):
     from recipes.ingest.sources import movielens
 
     return ingest(ws, movielens(root, root / "items_tmdb.csv", root / "posters"))
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """The one temporary Prefect API of the session (SQLite under a temp PREFECT_HOME); yields its URL, which
+    driver subprocesses get as PREFECT_API_URL. Started on first use, stopped at the end of the session."""
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The one local Ray of the session (2 CPUs); yields its address so that CLI subprocesses can join it. Tests
+    whose flows or runners start Ray in this process ask for it too, so that Ray is shut down at the end."""
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        yield ctx.address_info["address"]
+    finally:
+        ray.shutdown()

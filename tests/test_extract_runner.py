@@ -28,16 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = "test:tiny-clip"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray with 2 CPUs for the module; its address lets CLI subprocesses join it."""
-    import ray
-
-    ctx = ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield ctx.address_info["address"]
-    ray.shutdown()
-
-
 def png(seed: int, size: int = 16) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
@@ -326,10 +316,7 @@ def test_features_listing_and_width_change(ws, ray_local):
 
 # ---- crash safety ----------------------------------------------------------------------------------------------
 
-CLI = (
-    "import sys; from flows.cli import cli; from flows.extract_cli import caption, encode, features; "
-    "[cli.add_command(c) for c in (caption, encode, features)]; cli(obj={})"
-)
+CLI = "from flows.cli import main; main()"
 
 
 def _encode_cmd(ws_path: Path, engine: str = "ray") -> list[str]:

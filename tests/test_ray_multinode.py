@@ -148,17 +148,6 @@ def two_node_cluster(request):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A temporary Prefect API; yields its URL for the driver process."""
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def _rows(ws) -> int:
     """Rows of feat_clip_image so far (0 while the driver is still creating the table)."""
     try:

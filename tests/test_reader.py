@@ -198,10 +198,7 @@ def test_train_example_cli(reader, tiny_ws):
     from click.testing import CliRunner
 
     from flows.cli import cli
-    from flows.snapshot_cli import train_example
 
-    if "train-example" not in cli.commands:
-        cli.add_command(train_example)
     base = ["--workspace", tiny_ws.uri, "train-example"]
     res = CliRunner().invoke(
         cli,

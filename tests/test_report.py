@@ -22,7 +22,10 @@ from flows.report_cli import report
 from recipes.report.charts import Graph, graph_stats, knn_topk, neighbour_overlap, time_bins
 from recipes.report.data import feature_modality, load_report_data
 from recipes.report.render import SECTIONS, ReportConfig, ReportData, ReportError, render_report
-from stores.schema import INTERACTIONS, ITEMS, TIMESTAMP, TableSpec
+from stores.artifacts import write_split
+from stores.erasure.log import FORGET_REQUESTS
+from stores.features import CAPTIONS, feature_spec
+from stores.schema import INTERACTIONS, ITEMS, TIMESTAMP
 from stores.workspace import conform
 from tests.conftest import ingest_ml100k
 
@@ -39,62 +42,7 @@ CHROMIUM_FLAGS = [
     "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: the page must render from the file alone
 ]
 
-CAPTIONS = TableSpec(
-    "captions",
-    pa.schema(
-        [
-            pa.field("item_id", pa.string(), nullable=False),
-            pa.field("caption", pa.string()),
-            pa.field("model", pa.string()),
-            pa.field("revision", pa.string()),
-            pa.field("prompt", pa.string()),
-            pa.field("params", pa.string()),
-            pa.field("input_hash", pa.string()),
-            pa.field("created_at", TIMESTAMP),
-        ]
-    ),
-    key=("item_id", "model"),
-)
-FORGET = TableSpec(
-    "forget_requests",
-    pa.schema(
-        [
-            pa.field("request_id", pa.string(), nullable=False),
-            pa.field("kind", pa.string()),
-            pa.field("reason", pa.string()),
-            pa.field("requester", pa.string()),
-            pa.field("created_at", TIMESTAMP),
-            pa.field("receipt", pa.string()),
-        ]
-    ),
-    key=("request_id",),
-)
-
-
-def feature_spec(name: str, dim: int) -> TableSpec:
-    return TableSpec(
-        f"feat_{name}",
-        pa.schema(
-            [
-                pa.field("item_id", pa.string(), nullable=False),
-                pa.field("vector", pa.list_(pa.float32(), dim)),
-                pa.field("model", pa.string()),
-                pa.field("revision", pa.string()),
-                pa.field("params", pa.string()),
-                pa.field("input_hash", pa.string()),
-                pa.field("created_at", TIMESTAMP),
-            ]
-        ),
-        key=("item_id",),
-    )
-
-
-def split_spec(name: str) -> TableSpec:
-    fields = [INTERACTIONS.schema.field(c) for c in ("user_id", "item_id", "timestamp", "event", "value")]
-    return TableSpec(f"split_{name}", pa.schema([*fields, pa.field("label", pa.int8())]), key=())
-
-
-def feature_table(ids: list[str], vectors: np.ndarray, model: str) -> pa.Table:
+def feature_rows(ids: list[str], vectors: np.ndarray, model: str) -> pa.Table:
     flat = pa.array(vectors.astype(np.float32).ravel())
     now = datetime.now(UTC)
     return pa.table(
@@ -102,6 +50,7 @@ def feature_table(ids: list[str], vectors: np.ndarray, model: str) -> pa.Table:
             "item_id": ids,
             "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
             "model": [model] * len(ids),
+            "input_hash": [f"{model}:{i}" for i in ids],
             "created_at": pa.array([now] * len(ids), TIMESTAMP),
         }
     )
@@ -127,6 +76,7 @@ def add_side_tables(ws) -> None:
                 "item_id": row["item_id"],
                 "caption": f"A movie poster for {row['title']}, a {' and '.join(genres).lower()} film. {extra}",
                 "model": "test-captioner",
+                "input_hash": f"caption:{row['item_id']}",
                 "created_at": now,
             }
         )
@@ -140,7 +90,7 @@ def add_side_tables(ws) -> None:
         img_vecs.append(np.asarray(pixels, dtype=np.float32).ravel() / 255.0)
     ws.upsert(
         feature_spec("image", 48),
-        conform(feature_table(img_ids, np.stack(img_vecs), "tiny-pixels"), feature_spec("image", 48).schema),
+        conform(feature_rows(img_ids, np.stack(img_vecs), "tiny-pixels"), feature_spec("image", 48).schema),
     )
     txt_ids, txt_vecs = [], []
     for row in items:
@@ -153,11 +103,11 @@ def add_side_tables(ws) -> None:
         txt_vecs.append(vec)
     ws.upsert(
         feature_spec("text", 64),
-        conform(feature_table(txt_ids, np.stack(txt_vecs), "hashed-bow"), feature_spec("text", 64).schema),
+        conform(feature_rows(txt_ids, np.stack(txt_vecs), "hashed-bow"), feature_spec("text", 64).schema),
     )
 
     split = make_split(ws.read("interactions"), SplitConfig(scheme="temporal", kcore=5))
-    ws.upsert(split_spec("temporal"), conform(split, split_spec("temporal").schema))
+    write_split(ws, "temporal", split)
     receipt = {"status": "done", "rows_deleted": {"interactions": 20, "users": 1}, "tables_rewritten": 3}
     request = {
         "request_id": "fr-0001",
@@ -173,7 +123,7 @@ def add_side_tables(ws) -> None:
         "reason": "licence revoked",
         "receipt": None,
     }
-    ws.upsert(FORGET, conform(pa.Table.from_pylist([request, pending]), FORGET.schema))
+    ws.upsert(FORGET_REQUESTS, conform(pa.Table.from_pylist([request, pending]), FORGET_REQUESTS.schema))
 
 
 def sections(page: str) -> dict[str, str]:
@@ -332,7 +282,7 @@ def graph_workspace(ws) -> dict[str, str]:
     for name, dim in (("image", 6), ("text", 5)):
         spec = feature_spec(name, dim)
         vectors = rng.standard_normal((8, dim))
-        ws.upsert(spec, conform(feature_table(ids, vectors, f"tiny-{name}"), spec.schema))
+        ws.upsert(spec, conform(feature_rows(ids, vectors, f"tiny-{name}"), spec.schema))
     build_split(ws, "s", SplitConfig(scheme="random", seed=0))
     return {
         "image": build_knn_graph(ws, "s", ["image"], k=3)["name"],

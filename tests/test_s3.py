@@ -50,16 +50,7 @@ def s3_endpoint():
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def test_refresh_on_an_s3_workspace(s3_endpoint, prefect_api, tmp_path):
+def test_refresh_on_an_s3_workspace(s3_endpoint, prefect_api, ray_local, tmp_path):
     """ingest -> encode (tiny CLIP, image and text) -> split -> kNN graph -> snapshot on s3://; read back the
     rows, vectors and split, query them with DuckDB, and a second refresh writes 0 rows."""
     import boto3

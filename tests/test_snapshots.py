@@ -269,10 +269,7 @@ def test_bad_requests_name_the_problem(tiny):
 def test_snapshot_cli(tiny):
     """create / list / show / reissue through `mmfeat snapshot`, with clean one-line errors."""
     from flows.cli import cli
-    from flows.snapshot_cli import snapshot
 
-    if "snapshot" not in cli.commands:
-        cli.add_command(snapshot)
     run = CliRunner()
 
     def invoke(*args):
@@ -297,8 +294,8 @@ def test_snapshot_cli(tiny):
 def test_erasure_invalidates_the_snapshot_and_reissue_serves_the_erased_data(tiny):
     """A forget request that erases rows a snapshot pins flags it: reading fails with the re-issue hint instead of
     serving the forgotten user; after `reissue_snapshot` the reader serves the erased data, without that user."""
-    forget = pytest.importorskip("stores.erasure").forget
-    ForgetRequest = pytest.importorskip("recipes.unlearning_requests").ForgetRequest
+    from recipes.unlearning.forget import forget
+    from stores.erasure.requests import ForgetRequest
 
     assert "u01" in FeatureReader(tiny, "s1").users
     receipt = forget(tiny, ForgetRequest("req-u01", "user", users=("u01",), reason="test"))
