@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from stores.lease import write_lease
 from stores.schema import ARTIFACTS, INTERACTIONS, TIMESTAMP
 from stores.workspace import Workspace
 
@@ -33,14 +34,44 @@ GRAPH_SCHEMA = pa.schema(
 VECTOR_PREFIX = "feat_"
 
 
-def _write_table(ws: Workspace, name: str, data: pa.Table) -> int:
-    """Replace a table's rows with `data` as a new Lance version (older versions stay readable)."""
-    if ws.exists(name):
-        table = ws.open(name)
-        table.add(data, mode="overwrite")
-    else:
-        table = ws.db.create_table(name, data=data, schema=data.schema)
-    return table.version
+def write_table(ws: Workspace, name: str, data: pa.Table) -> int:
+    """Replace a table's rows with `data` as a new Lance version (older versions stay readable). Under the write
+    lease, and refused when `data` names a user or item forgotten while it was built."""
+    with write_lease(ws, f"artifact:{name}") as lease:
+        _refuse_forgotten(ws, name, data)
+        lease.check()
+        if ws.exists(name):
+            table = ws.open(name)
+            table.add(data, mode="overwrite")
+        else:
+            table = ws.db.create_table(name, data=data, schema=data.schema)
+        return table.version
+
+
+def _refuse_forgotten(ws: Workspace, name: str, data: pa.Table) -> None:
+    """Raise when `data` (split rows: user_id/item_id; graph edges: src/dst with their kinds) names a denied key."""
+    from stores.features import denied_keys
+
+    keys: dict[str, set[str]] = {"user": set(), "item": set()}
+    for col in ("user_id", "item_id"):
+        if col in data.column_names:
+            keys[col.removesuffix("_id")].update(pc.unique(data[col]).drop_null().to_pylist())
+    for col in ("src", "dst"):
+        if col in data.column_names and f"{col}_kind" in data.column_names:
+            pairs = pa.table({"k": data[col], "t": data[f"{col}_kind"]}).group_by(["k", "t"]).aggregate([])
+            for key, kind in zip(pairs["k"].to_pylist(), pairs["t"].to_pylist(), strict=True):
+                if kind in keys:
+                    keys[kind].add(key)
+    gone = {kind: denied_keys(ws, kind, ids) for kind, ids in keys.items()}
+    if any(gone.values()):
+        counts = ", ".join(f"{len(v)} {k}s" for k, v in gone.items() if v)
+        raise ValueError(
+            f"not writing {name}: it names {counts} forgotten while it was built (a forget ran meanwhile); "
+            f"rebuild it from the current tables"
+        )
+
+
+_write_table = write_table  # old name, still imported by tests/test_unlearning.py
 
 
 def record_artifact(ws: Workspace, kind: str, name: str, table_name: str, version: int, manifest: dict) -> dict:
