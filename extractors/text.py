@@ -101,7 +101,8 @@ class TextEncoder:
         else:
             source = self.model_id
             self._revision = ""
-        self._model = SentenceTransformer(source, device=str(self.device))
+        # Explicitly False: custom modelling code shipped with a model folder is never run.
+        self._model = SentenceTransformer(source, device=str(self.device), trust_remote_code=False)
         self._model.eval()
         if not self._revision:
             self._revision = model_revision(source)

@@ -179,67 +179,140 @@ def ingest_table(ctx, items, interactions, users, images, maps, name, as_json):
 
 @cli.command()
 @click.argument("query")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table")
-@click.option("--out", type=click.Path(path_type=Path), help="Write the result to this file.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    help="Output format (default: table on the terminal; with --out, from the file's suffix).",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Stream the whole result to this file (outside the workspace).")
 @click.option("--version", "pins", multiple=True, help="Pin a table to a version: TABLE=VERSION (repeatable).")
 @click.option("--snapshot", help="Read the tables as pinned by this snapshot.")
+@click.option("--timeout", default=60.0, show_default=True, help="Stop the query after this many seconds (0: never).")
+@click.option("--memory-limit", default="2GB", show_default=True, help="DuckDB's memory limit, e.g. 512MB or 4GB.")
+@click.option("--max-rows", default=1000, show_default=True, help="Print at most this many rows (--out writes all).")
 @click.pass_context
-def sql(ctx, query, fmt, out, pins, snapshot):
-    """Read-only SQL (DuckDB) over every table of the workspace."""
-    from stores.sql import SqlRefused, run_sql
+def sql(ctx, query, fmt, out, pins, snapshot, timeout, memory_limit, max_rows):
+    """Read-only SQL (DuckDB) over every table of the workspace, bounded in time and memory."""
+    from stores.sql import SqlLimits, SqlRefused, SqlStopped, open_sql
 
-    ws = _ws(ctx)
+    ws = _ws(ctx, create=False)
     versions = {}
     for pin in pins:
         name, _, ver = pin.partition("=")
         if not ver.isdigit():
             raise click.ClickException(f"--version {pin!r}: write TABLE=VERSION, e.g. items=3")
         versions[name] = int(ver)
+    if out is not None:
+        _check_out(out, ws)
+    fmt = fmt or (_format_of(out) if out else "table")
+    if out is not None:
+        if fmt == "table":
+            raise click.ClickException("--format table is for the terminal; write --out files as parquet, csv or json")
+    elif fmt == "parquet":
+        raise click.ClickException("--format parquet needs --out FILE")
     try:
+        limits = SqlLimits(timeout_s=timeout, memory=memory_limit)
         if snapshot:
             from stores.snapshots import snapshot_versions
 
             versions = snapshot_versions(ws, snapshot) | versions
-        result = run_sql(ws, query, versions=versions)
-    except (SqlRefused, KeyError) as exc:
+        with open_sql(ws, query, versions=versions, limits=limits) as reader:
+            if out is not None:
+                _write_out(reader, fmt, out)
+            else:
+                _print_head(reader, fmt, max_rows)
+    except (SqlRefused, SqlStopped, KeyError, ValueError) as exc:
         raise click.ClickException(str(exc).strip('"')) from None
-    except Exception as exc:  # DuckDB errors: bad SQL, unknown column...
-        raise click.ClickException(f"query failed: {exc}") from None
-    _emit(result, fmt, out)
 
 
-def _emit(result, fmt: str, out: Path | None) -> None:
+def _format_of(out: Path) -> str:
+    formats = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
+    if out.suffix.lower() not in formats:
+        raise click.ClickException(f"--out {out}: cannot tell the format from {out.suffix or 'no suffix'!r}; "
+                                   "use .parquet, .csv or .json, or pass --format")
+    return formats[out.suffix.lower()]
+
+
+def _check_out(out: Path, ws) -> None:
+    """Refuse an --out path that would land inside the workspace or cannot be written, before the query runs."""
+    target = out.expanduser().resolve()
+    if ws.is_local and target.is_relative_to(Path(ws.uri)):
+        raise click.ClickException(f"--out {out} is inside the workspace {ws.uri}; write results outside it")
+    if target.is_dir():
+        raise click.ClickException(f"--out {out} is a folder; give a file name, e.g. {out / 'result.parquet'}")
+    if not target.parent.is_dir():
+        raise click.ClickException(f"--out {out}: folder {target.parent} does not exist; create it first")
+
+
+def _write_out(reader, fmt: str, out: Path) -> None:
+    """Stream every batch to `out` (through a .partial file renamed at the end, so a stopped query leaves none)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    if fmt == "parquet":
-        if out is None:
-            raise click.ClickException("--format parquet needs --out FILE")
-        pq.write_table(result, out)
-        return
+    partial = out.with_name(out.name + ".partial")
+    try:
+        if fmt == "parquet":
+            with pq.ParquetWriter(str(partial), reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+        elif fmt == "csv":
+            with pacsv.CSVWriter(str(partial), reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+        else:
+            with open(partial, "w") as fh:
+                fh.write("[")
+                sep = "\n"
+                for batch in reader:
+                    for row in batch.to_pylist():
+                        fh.write(sep + json.dumps(row, default=str))
+                        sep = ",\n"
+                fh.write("\n]\n")
+        partial.replace(out)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write --out {out}: {exc.strerror or exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _print_head(reader, fmt: str, max_rows: int) -> None:
+    """Print the first `max_rows` rows and stop reading: the rest of the result is never computed."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    batches, rows = [], 0
+    for batch in reader:
+        batches.append(batch)
+        rows += batch.num_rows
+        if rows > max_rows:
+            break
+    head = pa.Table.from_batches(batches, schema=reader.schema)
+    cut = head.num_rows > max_rows
+    head = head.slice(0, max_rows)
     if fmt == "csv":
-        target = str(out) if out else sys.stdout.buffer
-        pacsv.write_csv(result, target)
-        return
-    if fmt == "json":
-        text = json.dumps(result.to_pylist(), default=str, indent=1)
+        sys.stdout.flush()
+        pacsv.write_csv(head, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    elif fmt == "json":
+        click.echo(json.dumps(head.to_pylist(), default=str, indent=1))
     else:
-        text = _format_table(result)
-    if out:
-        Path(out).write_text(text + "\n")
-    else:
-        click.echo(text)
+        click.echo(_format_table(head))
+    if cut:
+        click.echo(
+            f"output cut at {max_rows} rows (--max-rows); add a LIMIT, raise --max-rows, or write everything "
+            "with --out FILE",
+            err=True,
+        )
 
 
-def _format_table(result, limit: int = 50) -> str:
-    rows = result.slice(0, limit).to_pylist()
+def _format_table(result) -> str:
+    rows = result.to_pylist()
     names = result.column_names
     cells = [[_cell(r[n]) for n in names] for r in rows]
     widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
     lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    if result.num_rows > limit:
-        lines.append(f"... {result.num_rows - limit} more rows (use --format csv or --out)")
     return "\n".join(lines)
 
 

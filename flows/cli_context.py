@@ -11,11 +11,17 @@ if TYPE_CHECKING:  # the workspace module pulls in LanceDB; commands import it o
     from stores.workspace import Workspace
 
 
-def workspace_of(ctx: click.Context) -> Workspace:
-    """The workspace named by `mmfeat --workspace` (or $MMFEAT_HOME, or the default)."""
-    from stores.workspace import Workspace
+def workspace_of(ctx: click.Context, create: bool = True) -> Workspace:
+    """The workspace named by `mmfeat --workspace` (or $MMFEAT_HOME, or the default).
 
-    return Workspace(ctx.obj["workspace"])
+    Commands that only read pass `create=False`: a workspace that does not exist is then a one-line error naming
+    the path, not a new empty workspace."""
+    from stores.workspace import Workspace, WorkspaceNotFound
+
+    try:
+        return Workspace(ctx.obj["workspace"], create=create)
+    except WorkspaceNotFound as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def cli_errors(fn):

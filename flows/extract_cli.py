@@ -201,7 +201,7 @@ def features(ctx, as_json):
     """List the extracted features: width, rows, item coverage, failures, model and revision, ANN index."""
     from stores.features import list_features
 
-    infos = list_features(_ws(ctx))
+    infos = list_features(_ws(ctx, create=False))
     if as_json:
         click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
         return

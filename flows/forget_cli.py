@@ -159,7 +159,7 @@ def verify_erasure(ctx, request_id, details):
     """Re-scan every table, version, index and file for what REQUEST_ID forgot."""
     from stores.erasure.verify import verify
 
-    result = verify(_ws(ctx), request_id)
+    result = verify(_ws(ctx, create=False), request_id)
     if not details:
         result = {k: v for k, v in result.items() if k != "tables"}
     click.echo(json.dumps(result, indent=2, default=str))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from flows.cli_context import workspace_of
+
 
 @click.command()
 @click.option("--snapshot", help="Report the tables as pinned by this snapshot (default: current tables).")
@@ -31,12 +33,11 @@ def report(ctx, snapshot, split, out, kcore, max_points, knn_items):
     """Dataset report: counts, degrees, time, coverage, captions, projections, kNN graphs, forget requests."""
     from recipes.report.data import load_report_data
     from recipes.report.render import ReportConfig, ReportError, render_report
-    from stores.workspace import Workspace
 
     try:
         cfg = ReportConfig(kcore=kcore, max_points=max_points, knn_max_items=knn_items)
         start = time.perf_counter()
-        data = load_report_data(Workspace(ctx.obj["workspace"]), cfg, snapshot=snapshot, split=split)
+        data = load_report_data(workspace_of(ctx, create=False), cfg, snapshot=snapshot, split=split)
         page = render_report(data, cfg)
     except (ReportError, ValueError, KeyError) as exc:
         raise click.ClickException(str(exc).strip('"')) from None

@@ -45,7 +45,7 @@ def list_(ctx, as_json):
     """Every snapshot with its status: ok, invalidated (by erasure) or stale (pinned versions cleaned up)."""
     from stores.snapshots import list_snapshots
 
-    rows = list_snapshots(_ws(ctx))
+    rows = list_snapshots(_ws(ctx, create=False))
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -70,7 +70,7 @@ def show(ctx, name):
     """The manifest of NAME: pinned tables and versions, split and graph manifests, status, history."""
     from stores.snapshots import show_snapshot
 
-    click.echo(json.dumps(show_snapshot(_ws(ctx), name), indent=2, default=str))
+    click.echo(json.dumps(show_snapshot(_ws(ctx, create=False), name), indent=2, default=str))
 
 
 @snapshot.command("reissue")
@@ -139,7 +139,7 @@ def train_example(
     from recipes.train_example import TrainConfig, compare, format_table, unlearning_eval
     from stores.reader import FeatureReader
 
-    ws = _ws(ctx)
+    ws = _ws(ctx, create=False)
     cfg = TrainConfig(
         models=tuple(models) or TrainConfig.models,
         features=tuple(features) or None,

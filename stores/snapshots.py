@@ -7,7 +7,7 @@ same name later changes nothing a snapshot serves. It is an `artifacts` row of k
 either way reading it fails with an error that says to re-issue it, never serving forgotten data.
 
     >>> create_snapshot(ws, "ml100k-v1", split="main", features=["text", "clip_image"], graphs=["main_ui_sym"])
-    >>> ws.sql("SELECT count(*) FROM feat_text", versions=snapshot_versions(ws, "ml100k-v1"))
+    >>> run_sql(ws, "SELECT count(*) FROM feat_text", versions=snapshot_versions(ws, "ml100k-v1"))  # stores.sql
 """
 
 from __future__ import annotations

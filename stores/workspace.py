@@ -63,18 +63,43 @@ class UpsertResult:
         return self.inserted + self.updated
 
 
+class WorkspaceNotFound(FileNotFoundError):
+    """A reader was pointed at a workspace that does not exist (it is not created for a read)."""
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self.uri = uri
+
+    def __str__(self) -> str:
+        return (
+            f"workspace {self.uri} does not exist (or holds no tables); check --workspace / $MMFEAT_HOME, "
+            "or create it first with `mmfeat ingest ...`"
+        )
+
+
 class Workspace:
     """A LanceDB root with the platform's tables. Cheap to construct; picklable (holds only its URI)."""
 
-    def __init__(self, uri: str | os.PathLike | None = None, storage_options: dict[str, str] | None = None):
+    def __init__(
+        self, uri: str | os.PathLike | None = None, storage_options: dict[str, str] | None = None, create: bool = True
+    ):
+        """Open the workspace at `uri`. Writers create it (`create=True`); readers pass `create=False`, which
+        raises `WorkspaceNotFound` instead of creating an empty workspace where the path has a typo."""
         self.uri = resolve_uri(uri)
         self.is_local = "://" not in self.uri
         if storage_options is None and not self.is_local:
             storage_options = storage_options_from_env()
         self.storage_options = storage_options or {}
-        if self.is_local:
-            Path(self.uri).mkdir(parents=True, exist_ok=True)
         self._db: Any = None
+        if create and self.is_local:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        if not create and not self._found():
+            raise WorkspaceNotFound(self.uri)
+
+    def _found(self) -> bool:
+        """A local workspace exists as a folder; on object storage there are no folders, so it exists once it
+        holds a table."""
+        return Path(self.uri).is_dir() if self.is_local else bool(self.table_names())
 
     def __getstate__(self) -> dict:
         return {"uri": self.uri, "storage_options": self.storage_options}
@@ -220,13 +245,6 @@ class Workspace:
         result.version = table.version
         con.unregister("old_rows")
         return result
-
-    # ---- SQL ----------------------------------------------------------------------------------------------
-    def sql(self, query: str, versions: dict[str, int] | None = None) -> pa.Table:
-        """Read-only DuckDB SQL over every table of the workspace (see stores/sql.py)."""
-        from stores.sql import run_sql
-
-        return run_sql(self, query, versions=versions)
 
 
 def _fetch(con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema) -> pa.Table:

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from stores.features import FAILURES, list_features
+from stores.sql import run_sql
 from stores.workspace import Workspace
 from tests.conftest import ingest_ml100k
 
@@ -61,7 +62,7 @@ def test_every_feature_has_exactly_one_row_per_item_with_input(ml_ws):
     cap = mmfeat(ws, "caption", "--max-new-tokens", "8")
     assert (cap["done"], cap["no_input"], cap["failed"]) == (1663, 19, 0)
     assert ws.count("captions") == 1663
-    missing = ws.sql("select item_id from items anti join captions using (item_id)")["item_id"].to_pylist()
+    missing = run_sql(ws, "select item_id from items anti join captions using (item_id)")["item_id"].to_pylist()
     assert set(missing) == NO_POSTER
 
     image = mmfeat(ws, "encode", "image")
@@ -69,7 +70,7 @@ def test_every_feature_has_exactly_one_row_per_item_with_input(ml_ws):
     title = mmfeat(ws, "encode", "text", "--clip-text")
     assert (title["feature"], title["done"], title["no_input"]) == ("clip_title", 1682, 0)
     overview = mmfeat(ws, "encode", "text", "--fields", "text", "--feature", "overview")
-    with_overview = ws.sql("select count(*) n from items where trim(coalesce(text, '')) <> ''")["n"][
+    with_overview = run_sql(ws, "select count(*) n from items where trim(coalesce(text, '')) <> ''")["n"][
         0
     ].as_py()
     assert overview["done"] == with_overview and overview["no_input"] == 1682 - with_overview
@@ -108,7 +109,7 @@ def test_minilm_neighbours_share_genres(ml_ws):
     ws = ml_ws
     s = mmfeat(ws, "encode", "text", "--fields", "title,text", "--feature", "text")
     assert s["done"] + s["skipped"] == 1682
-    rows = ws.sql("select v.item_id, v.vector, i.attributes from feat_text v join items i using (item_id)")
+    rows = run_sql(ws, "select v.item_id, v.vector, i.attributes from feat_text v join items i using (item_id)")
     vectors = np.array(rows["vector"].to_pylist(), np.float32)
     genres = [set(json.loads(a)["genres"]) for a in rows["attributes"].to_pylist()]
     n = len(genres)

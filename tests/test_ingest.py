@@ -16,6 +16,7 @@ from PIL import Image
 
 from recipes.ingest.load import ingest
 from recipes.ingest.sources import SourceError, mmrec, parse_mapping, recbole, table
+from stores.sql import run_sql
 
 
 def _jpeg(colour=(200, 30, 30), size=(24, 32), exif_orientation: int | None = None) -> bytes:
@@ -161,9 +162,9 @@ def test_string_ids_iso_dates_and_repeat_purchases(ws, bad_source):
     ingest(ws, bad_source)
     ids = set(ws.read("items", columns=["item_id"])["item_id"].to_pylist())
     assert "0001" in ids and "1" not in ids
-    rows = ws.sql("select seq, epoch(timestamp) ts from interactions where user_id='u2' and item_id='0010' order by seq")
+    rows = run_sql(ws, "select seq, epoch(timestamp) ts from interactions where user_id='u2' and item_id='0010' order by seq")
     assert rows["seq"].to_pylist() == [0, 1]
-    iso = ws.sql("select epoch(timestamp) t from interactions where user_id='u1' and item_id='0002'")
+    iso = run_sql(ws, "select epoch(timestamp) t from interactions where user_id='u1' and item_id='0002'")
     assert iso["t"].to_pylist() == [1700006400]
 
 
@@ -174,7 +175,7 @@ def test_changed_content_updates_in_place(ws, tmp_path):
     _write_csv(f, ["item_id", "title", "text"], [["a", "A", "one"], ["b", "B", "changed"]])
     report = ingest(ws, table(f))
     assert (report.tables["items"].inserted, report.tables["items"].updated) == (0, 1)
-    assert ws.sql("select text from items where item_id='b'")["text"].to_pylist() == ["changed"]
+    assert run_sql(ws, "select text from items where item_id='b'")["text"].to_pylist() == ["changed"]
     assert ws.count("items") == 2
 
 
@@ -214,7 +215,7 @@ def test_mmrec_and_recbole_layouts(ws, tmp_path):
     (rb / "ml.item").write_text("item_id:token\tmovie_title:token_seq\tgenre:token_seq\ni9\tHeat\tAction Crime\n")
     report = ingest(ws, recbole(rb))
     assert report.balanced
-    row = ws.sql("select title, attributes from items where item_id='i9'").to_pylist()[0]
+    row = run_sql(ws, "select title, attributes from items where item_id='i9'").to_pylist()[0]
     assert row["title"] == "Heat" and json.loads(row["attributes"])["genre"] == "Action Crime"
 
 

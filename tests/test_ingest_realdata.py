@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from stores.sql import run_sql
 from tests.conftest import REPO, ingest_ml100k
 
 pytestmark = pytest.mark.realdata
@@ -22,9 +23,9 @@ def test_ml100k_counts_and_idempotent_reingest(ws, ml100k):
     assert ws.count("item_images") == 1663
     assert ws.count("quarantine") == 0
     assert report.files["items_tmdb.csv"].merged == 64
-    no_poster = ws.sql("select item_id from items anti join item_images using (item_id) order by item_id::int")
+    no_poster = run_sql(ws, "select item_id from items anti join item_images using (item_id) order by item_id::int")
     assert no_poster["item_id"].to_pylist()[:3] == ["330", "387", "563"] and no_poster.num_rows == 19
-    overview = ws.sql("select count(*) n from items where text is not null and length(text) > 0")["n"][0].as_py()
+    overview = run_sql(ws, "select count(*) n from items where text is not null and length(text) > 0")["n"][0].as_py()
     assert overview > 1600
     again = ingest_ml100k(ws, ml100k)
     assert sum(r.inserted + r.updated for r in again.tables.values()) == 0

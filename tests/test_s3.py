@@ -57,6 +57,7 @@ def test_refresh_on_an_s3_workspace(s3_endpoint, prefect_api, ray_local, tmp_pat
 
     from flows.pipeline import refresh_flow
     from stores.snapshots import snapshot_versions
+    from stores.sql import run_sql
     from stores.workspace import Workspace
 
     cfg = {
@@ -86,10 +87,10 @@ def test_refresh_on_an_s3_workspace(s3_endpoint, prefect_api, ray_local, tmp_pat
     assert ws.count("feat_clip_title") == 24
     split = ws.read("split_main")
     assert split.num_rows == ws.count("interactions") and set(split["label"].to_pylist()) == {0, 1, 2}
-    counts = ws.sql("select label, count(*) n from split_main group by 1 order by 1").to_pylist()
+    counts = run_sql(ws, "select label, count(*) n from split_main group by 1 order by 1").to_pylist()
     assert sum(r["n"] for r in counts) == split.num_rows
     pins = snapshot_versions(ws, "s3demo-1")
-    assert ws.sql("select count(*) n from feat_clip_image", versions=pins).to_pylist() == [{"n": 24}]
+    assert run_sql(ws, "select count(*) n from feat_clip_image", versions=pins).to_pylist() == [{"n": 24}]
     keys = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="workspaces/demo/")
     assert any(
         o["Key"].startswith("workspaces/demo/feat_clip_image.lance/") for o in keys.get("Contents", [])

@@ -27,6 +27,7 @@ from stores.snapshots import (
     snapshot_versions,
     snapshots_pinning,
 )
+from stores.sql import run_sql
 from stores.workspace import Workspace, conform
 
 N_USERS, N_ITEMS = 12, 20
@@ -175,7 +176,7 @@ def test_sql_through_a_snapshot(tiny):
     put_vectors(tiny, "text", ["100", "101"], np.ones((2, 8)))
     assert tiny.count("feat_text") == N_ITEMS
     assert (
-        tiny.sql("SELECT count(*) AS n FROM feat_text", versions=snapshot_versions(tiny, "s1"))["n"][
+        run_sql(tiny, "SELECT count(*) AS n FROM feat_text", versions=snapshot_versions(tiny, "s1"))["n"][
             0
         ].as_py()
         == N_ITEMS - 2
