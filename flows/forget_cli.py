@@ -6,6 +6,7 @@
     mmfeat forget modality image 12 13 14                       (images, image vectors, captions; text stays)
     mmfeat forget before 1998-01-01T00:00:00Z
     mmfeat forget attribute rights tmdb                          (items whose rights tags include "tmdb")
+    mmfeat forget --resume                                       (finish every request a crash left pending)
     mmfeat verify-erasure fr-20240611T101500-1a2b3c4d
     mmfeat unlearn-split --split main --scenario cure4rec --mode most_active --percent 5 --seed 42
 
@@ -46,9 +47,25 @@ def _run(ctx: click.Context, **fields) -> None:
         )
 
 
-@click.group()
-def forget() -> None:
+@click.group(invoke_without_command=True)
+@click.option("--resume", is_flag=True, help="Finish every forget request a crash left pending, then exit.")
+@click.pass_context
+@_errors
+def forget(ctx, resume) -> None:
     """Forget users, items, interactions, a modality, old interactions or items by attribute, everywhere."""
+    if resume and ctx.invoked_subcommand is not None:
+        raise click.UsageError("--resume takes no subcommand: `mmfeat forget --resume`")
+    if not resume:
+        if ctx.invoked_subcommand is None:
+            click.echo(ctx.get_help())
+        return
+    from recipes.unlearning.forget import resume_pending
+
+    receipts = resume_pending(_ws(ctx, create=False))
+    click.echo(json.dumps({"resumed": receipts}, indent=2, default=str))
+    failed = [r["request"]["request_id"] for r in receipts if not r["verification"]["verified"]]
+    if failed:
+        raise click.ClickException(f"resumed requests not verified: {failed}; see their problems above")
 
 
 @forget.command("user")

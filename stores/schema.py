@@ -8,7 +8,9 @@ columns that identify a row (`key`) and the cheap columns that tell whether a ro
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
+from functools import lru_cache
 
 import pyarrow as pa
 
@@ -117,14 +119,36 @@ QUARANTINE = TableSpec(
     key=("quarantine_id",),
 )
 
-def key_hash(kind: str, key: str) -> str:
-    """sha256 of "<kind>:<key>": how the deny-list names a forgotten user, item, image or interaction without
-    storing the key itself (kinds: user, item, image, interaction, interaction_user)."""
+KEYED_PREFIX = "hmac:"
+
+
+@lru_cache(maxsize=8)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    return hmac.new(secret, digestmod=hashlib.sha256)
+
+
+def key_hash(secret: bytes | None, kind: str, key: str) -> str:
+    """How the deny-list and the forget log name a forgotten user, item, image or interaction without storing the
+    key: "hmac:" + HMAC-SHA256 of "<kind>:<key>" under the workspace's secret (stores/erasure/log.py
+    `workspace_secret`), so nobody without the secret can recover an id by hashing candidates. `secret=None` gives
+    the unkeyed sha256 of deny-list rows and log entries written before keyed hashes (see `legacy_hash`).
+    Kinds: user, item, image, interaction, interaction_user."""
+    if secret is None:
+        return legacy_hash(kind, key)
+    mac = _keyed(secret).copy()
+    mac.update(f"{kind}:{key}".encode())
+    return KEYED_PREFIX + mac.hexdigest()
+
+
+def legacy_hash(kind: str, key: str) -> str:
+    """The unkeyed sha256 of "<kind>:<key>" that older workspaces' deny-lists hold (no prefix); still honoured by
+    ingest, never written any more."""
     return hashlib.sha256(f"{kind}:{key}".encode()).hexdigest()
 
 
 # Hashed keys of forgotten users and items: re-ingesting a source that still holds them quarantines the rows
-# without storing the key itself (see stores/erasure.py).
+# without storing the key itself (see stores/erasure/). `key_hash` is keyed ("hmac:..."); rows without the prefix
+# are unkeyed sha256 from before keyed hashes.
 DENY_LIST = TableSpec(
     "deny_list",
     pa.schema(

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from stores.schema import INTERACTIONS, key_hash
+from stores.erasure.log import DenyList
+from stores.schema import INTERACTIONS
 from stores.workspace import UpsertResult, Workspace
 
 BATCH_BYTES = 16 << 20
@@ -166,13 +167,13 @@ def _floats(v: pa.Array) -> pa.Array:
         return pc.cast(pc.if_else(ok, v, pa.scalar(None, pa.string())), pa.float64())
 
 
-def _denied_mask(ids: pa.Array, kind: str, denied: set[str]) -> pa.Array:
+def _denied_mask(ids: pa.Array, kind: str, denied: DenyList) -> pa.Array:
     uniques = pc.unique(ids).drop_null().to_pylist()
-    hit = [x for x in uniques if key_hash(kind, x) in denied]
+    hit = [x for x in uniques if denied.has(kind, x)]
     return pc.fill_null(pc.is_in(ids, value_set=pa.array(hit, pa.string())), False)
 
 
-def _denied_pairs(u: pa.Array, i: pa.Array, denied: set[str]) -> pa.Array:
+def _denied_pairs(u: pa.Array, i: pa.Array, denied: DenyList) -> pa.Array:
     """Rows whose (user, item) pair was forgotten; only rows of users with a forgotten pair are hashed."""
     candidates = np.flatnonzero(np.asarray(_denied_mask(u, "interaction_user", denied)))
     mask = np.zeros(len(u), bool)
@@ -180,12 +181,11 @@ def _denied_pairs(u: pa.Array, i: pa.Array, denied: set[str]) -> pa.Array:
         users, items = u.take(candidates).to_pylist(), i.take(candidates).to_pylist()
         for pos, user, item in zip(candidates, users, items, strict=True):
             if item is not None:
-                pair = f"{key_hash('user', user)}:{key_hash('item', item)}"
-                mask[pos] = key_hash("interaction", pair) in denied
+                mask[pos] = denied.has_pair(user, item)
     return pa.array(mask)
 
 
-def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: str, denied: set[str],
+def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: str, denied: DenyList,
               known_items: pa.Array | None, known_users: pa.Array | None) -> pa.Table:
     """Arrow-native validation of one batch: typed columns, a reason code per bad row (first rule wins) and a
     64-bit hash of the (user, item, time, event) key."""
@@ -259,7 +259,7 @@ class _Seen:
         return seq
 
 
-def ingest_interactions(ws: Workspace, src, q, denied: set[str]) -> tuple[UpsertResult, set[str], set[str]]:
+def ingest_interactions(ws: Workspace, src, q, denied: DenyList) -> tuple[UpsertResult, set[str], set[str]]:
     """Stream `src.interactions` into the interactions table; returns the upsert result and the clean ids."""
     table = ws.ensure(INTERACTIONS)
     result = UpsertResult("interactions")

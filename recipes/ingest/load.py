@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from extractors.images import ImageError, inspect_image, resolve_inside
 from stores.lease import write_lease
-from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS, key_hash
+from stores.erasure.log import DenyList, deny_list
+from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS
 from stores.workspace import UpsertResult, Workspace, conform
 
 
@@ -136,7 +137,7 @@ def _content_hash(*parts: str | None) -> str:
     return h.hexdigest()
 
 
-def _validate_items(src: RawSource, q: _Quarantine, denied: set[str]) -> tuple[list[dict], list[tuple[str, str, str, int]]]:
+def _validate_items(src: RawSource, q: _Quarantine, denied: DenyList) -> tuple[list[dict], list[tuple[str, str, str, int]]]:
     """Items → clean rows; also returns (item_id, image path, file, line) for every item that names an image."""
     rows: dict[str, dict] = {}
     images: list[tuple[str, str, str, int]] = []
@@ -155,7 +156,7 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: set[str]) -> tuple[l
         if not item_id:
             q.add(file, line, None, "empty_id", "item_id is empty; every item needs a non-empty string id", _excerpt(raw))
             continue
-        if denied and key_hash("item", item_id) in denied:
+        if denied and denied.has("item", item_id):
             q.add(file, line, None, "forgotten", "item was erased by a forget request; not re-ingested", None)
             continue
         rights = _decode(raw.get("rights"), "utf-8")
@@ -193,7 +194,7 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: set[str]) -> tuple[l
 
 
 def _validate_images(
-    src: RawSource, refs: list[tuple[str, str, str, int]], q: _Quarantine, denied: set[str]
+    src: RawSource, refs: list[tuple[str, str, str, int]], q: _Quarantine, denied: DenyList
 ) -> list[dict]:
     rows = []
     root = src.image_root
@@ -201,7 +202,7 @@ def _validate_images(
     now = _now()
     for item_id, rel, _file, _line in tqdm(refs, desc="images", unit="img", disable=len(refs) < 500):
         q.tally(label).read += 1
-        if denied and key_hash("image", item_id) in denied:  # a modality forget: the item stays, its image not
+        if denied and denied.has("image", item_id):  # a modality forget: the item stays, its image not
             q.add(label, "-", None, "forgotten", "image was erased by a forget request; not re-ingested", None)
             continue
         try:
@@ -229,7 +230,7 @@ def _validate_images(
     return rows
 
 
-def _validate_users(src: RawSource, q: _Quarantine, denied: set[str]) -> list[dict]:
+def _validate_users(src: RawSource, q: _Quarantine, denied: DenyList) -> list[dict]:
     rows: dict[str, dict] = {}
     now = _now()
     for raw in src.users.to_pylist():
@@ -244,7 +245,7 @@ def _validate_users(src: RawSource, q: _Quarantine, denied: set[str]) -> list[di
         if not user_id:
             q.add(file, line, None, "empty_id", "user_id is empty", _excerpt(raw))
             continue
-        if denied and key_hash("user", user_id) in denied:
+        if denied and denied.has("user", user_id):
             q.add(file, line, None, "forgotten", "user was erased by a forget request; not re-ingested", None)
             continue
         if user_id in rows:
@@ -270,7 +271,7 @@ def ingest(ws: Workspace, src: RawSource) -> IngestReport:
 def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
     q = _Quarantine(src)
     tables: dict[str, UpsertResult] = {}
-    denied = set(ws.read("deny_list", columns=["key_hash"])["key_hash"].to_pylist())
+    denied = deny_list(ws)
 
     if src.items is not None:
         items, image_refs = _validate_items(src, q, denied)

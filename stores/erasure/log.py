@@ -1,18 +1,33 @@
-"""Erasure bookkeeping: the `forget_requests` log, deny-list entries and the snapshots a request affected.
+"""Erasure bookkeeping: the `forget_requests` log, the workspace secret and deny-list entries, recorded exports
+and the snapshots a request affected.
 
-The log holds, per request id, the request's non-identifying parameters, its `Targets` (hashes only) and the
-receipt `forget` returned, so that `verify` can be re-run at any time and a repeated request id is served from it.
+The log is written ahead: a request's row (its `Targets`, hashes only, and its deny-list keys) is written before
+anything is deleted, with no receipt (pending); each phase appends its results to the row's params, and the receipt
+closes it. A crash leaves a pending row that `pending_requests` finds and `forget` resumes; `verify` re-runs from
+the stored hashes at any time, and a repeated request id is served from the receipt.
+
+Keys are hashed with HMAC-SHA256 under a per-workspace secret (`workspace_secret`: `.mmfeat/secret`, mode 0600
+locally, an object on s3), created by the first forget, under the write lease. Deny-list rows and log entries from
+before keyed hashes hold unkeyed sha256: ingest still honours those rows (`DenyList`), and `verify` re-runs such a
+request with the unkeyed hashes it was recorded with (no migration: the ids behind them are not known). Losing
+the secret makes the keyed deny-list unusable, so ingest refuses to run without it once keyed rows exist.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from stores.schema import DENY_LIST, TIMESTAMP, TableSpec, key_hash
+from stores.erasure.files import read_file, write_file
+from stores.schema import DENY_LIST, KEYED_PREFIX, TIMESTAMP, TableSpec, key_hash, legacy_hash
 from stores.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -29,12 +44,15 @@ FORGET_REQUESTS = TableSpec(
             pa.field("created_at", TIMESTAMP),
             # JSON: the request's non-identifying parameters and its `Targets` (hashes only).
             pa.field("params", pa.string()),
-            # JSON: the receipt `forget` returned.
+            # JSON: the receipt `forget` returned; null while the request is pending (written ahead, not done).
             pa.field("receipt", pa.string()),
         ]
     ),
     key=("request_id",),
+    compare=("params", "receipt"),
 )
+KEY_SCHEME = "hmac-sha256"
+SECRET_PATH = ".mmfeat/secret"
 # tables erasure never deletes rows from: they hold hashes and manifests, not the data itself
 BOOKKEEPING = {DENY_LIST.name, FORGET_REQUESTS.name, "artifacts"}
 
@@ -46,22 +64,212 @@ def logged(ws: Workspace, request_id: str) -> dict | None:
     rows = ws.read(FORGET_REQUESTS.name, where=f"request_id = '{request_id.replace(chr(39), chr(39) * 2)}'")
     if not rows.num_rows:
         return None
-    row = rows.to_pylist()[0]
-    return row | {"params": json.loads(row["params"]), "receipt": json.loads(row["receipt"])}
+    return _decoded(rows.to_pylist()[0])
 
 
-def deny_rows(scope: ForgetScope, request_id: str) -> list[dict]:
+def _decoded(row: dict) -> dict:
+    receipt = json.loads(row["receipt"]) if row["receipt"] is not None else None
+    status = "done" if receipt is not None else "pending"
+    return row | {"params": json.loads(row["params"]), "receipt": receipt, "status": status}
+
+
+def pending_requests(ws: Workspace) -> list[dict]:
+    """Log rows of requests written ahead but never finished (a crash or a kill mid-erasure), oldest first."""
+    if not ws.exists(FORGET_REQUESTS.name):
+        return []
+    rows = ws.read(FORGET_REQUESTS.name, where="receipt IS NULL").to_pylist()
+    return sorted((_decoded(r) for r in rows), key=lambda r: (r["created_at"], r["request_id"]))
+
+
+def open_request(ws: Workspace, request: ForgetRequest, params: dict) -> None:
+    """Write a request ahead of any deletion: its row with `params` (hashes only) and no receipt (pending)."""
+    _write(
+        ws,
+        request.request_id,
+        request.kind,
+        request.reason,
+        request.requester,
+        request.created_at,
+        params,
+        None,
+    )
+
+
+def update_request(ws: Workspace, row: dict, params: dict, receipt: dict | None = None) -> None:
+    """Rewrite a logged request's params (phase results appended) and, to close it, its receipt."""
+    _write(
+        ws,
+        row["request_id"],
+        row["kind"],
+        row["reason"],
+        row["requester"],
+        row["created_at"],
+        params,
+        receipt,
+    )
+
+
+def _write(ws, request_id, kind, reason, requester, created_at, params: dict, receipt: dict | None) -> None:
+    row = {
+        "request_id": request_id,
+        "kind": kind,
+        "reason": reason,
+        "requester": requester,
+        "created_at": created_at,
+        "params": json.dumps(params, sort_keys=True, default=str),
+        "receipt": json.dumps(receipt, sort_keys=True, default=str) if receipt is not None else None,
+    }
+    ws.upsert(FORGET_REQUESTS, pa.Table.from_pylist([row], schema=FORGET_REQUESTS.schema))
+
+
+# ---- the workspace secret and the deny-list -------------------------------------------------------------------
+
+
+def workspace_secret(ws: Workspace, create: bool = False) -> bytes | None:
+    """The workspace's key for `key_hash` (32 random bytes, hex in `.mmfeat/secret`); None when there is none yet
+    and `create` is False. Created once, by a forget holding the write lease, with mode 0600 locally."""
+    raw = read_file(ws, SECRET_PATH)
+    if raw is None and create:
+        fresh = secrets.token_hex(32).encode()
+        if ws.is_local:
+            path = Path(ws.uri, SECRET_PATH)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_name(f"secret.{os.getpid()}.new")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(fresh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # never replace a secret another process created first
+                os.link(tmp, path)
+            tmp.unlink()
+        else:
+            write_file(ws, SECRET_PATH, fresh)
+        raw = read_file(ws, SECRET_PATH)
+    if raw is None:
+        return None
+    text = raw.decode("ascii", "replace").strip()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(
+            f"workspace secret {ws.uri}/{SECRET_PATH} is damaged ({len(raw)} bytes, expected 64 hex characters); "
+            f"restore it from a backup: the deny-list cannot be checked without it"
+        )
+    return bytes.fromhex(text)
+
+
+@dataclass(frozen=True)
+class DenyList:
+    """The deny-list as ingest checks it: keyed hashes under the workspace secret, plus the unkeyed sha256 rows
+    of older workspaces. Falsy when empty, so `if denied and denied.has(...)` costs nothing on a clean workspace."""
+
+    hashes: frozenset[str]
+    secret: bytes | None
+
+    def __bool__(self) -> bool:
+        return bool(self.hashes)
+
+    @property
+    def legacy(self) -> bool:
+        return any(not h.startswith(KEYED_PREFIX) for h in self.hashes)
+
+    def has(self, kind: str, key: str) -> bool:
+        """Whether `key` (a user, item or image id, or an interaction_user id) is denied as `kind`."""
+        if self.secret is not None and key_hash(self.secret, kind, key) in self.hashes:
+            return True
+        return self._legacy and legacy_hash(kind, key) in self.hashes
+
+    def has_pair(self, user: str, item: str) -> bool:
+        """Whether the interactions of (`user`, `item`) are denied."""
+        keys = ([self.secret] if self.secret is not None else []) + ([None] if self._legacy else [])
+        for secret in keys:
+            pair = f"{key_hash(secret, 'user', user)}:{key_hash(secret, 'item', item)}"
+            if key_hash(secret, "interaction", pair) in self.hashes:
+                return True
+        return False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_legacy", self.legacy)
+
+
+def deny_list(ws: Workspace) -> DenyList:
+    """The workspace's deny-list, ready for ingest's checks; raises when keyed rows exist but the secret is gone."""
+    if not ws.exists(DENY_LIST.name):
+        return DenyList(frozenset(), None)
+    hashes = frozenset(ws.read(DENY_LIST.name, columns=["key_hash"])["key_hash"].to_pylist())
+    secret = workspace_secret(ws)
+    if secret is None and any(h.startswith(KEYED_PREFIX) for h in hashes):
+        raise RuntimeError(
+            f"workspace {ws.uri}: the deny-list holds keyed entries but {SECRET_PATH} is missing; restore it from a "
+            f"backup before ingesting (without it forgotten users and items would come back)"
+        )
+    return DenyList(hashes, secret)
+
+
+def deny_rows(scope: ForgetScope, request_id: str, secret: bytes) -> list[dict]:
+    """The deny-list rows of a scope (keyed hashes): users, items, images, interactions, interaction users."""
     now = datetime.now(UTC)
-    keys = [("user", key_hash("user", u)) for u in scope.users]
-    keys += [("item", key_hash("item", i)) for i in scope.items]
-    keys += [("image", key_hash("image", i)) for i in scope.image_items]
+    keys = [("user", key_hash(secret, "user", u)) for u in scope.users]
+    keys += [("item", key_hash(secret, "item", i)) for i in scope.items]
+    keys += [("image", key_hash(secret, "image", i)) for i in scope.image_items]
     keys += [
-        ("interaction", key_hash("interaction", f"{key_hash('user', u)}:{key_hash('item', i)}"))
+        (
+            "interaction",
+            key_hash(secret, "interaction", f"{key_hash(secret, 'user', u)}:{key_hash(secret, 'item', i)}"),
+        )
         for u, i in scope.pairs
     ]
     # lets ingest test only the rows of users with a forgotten pair (see recipes/ingest/interactions.py)
-    keys += [("interaction_user", key_hash("interaction_user", u)) for u in {u for u, _ in scope.pairs}]
+    keys += [
+        ("interaction_user", key_hash(secret, "interaction_user", u)) for u in {u for u, _ in scope.pairs}
+    ]
     return [{"key_hash": h, "kind": k, "request_id": request_id, "created_at": now} for k, h in keys]
+
+
+# ---- exports ----------------------------------------------------------------------------------------------------
+
+EXPORT_KIND = "export"
+
+
+def record_export(
+    ws: Workspace, path: str | Path, fmt: str, split: str, split_table: str | None = None
+) -> dict:
+    """Record that mmfeat wrote an export of `split` to `path` (outside the workspace): forget lists it in its
+    receipt under `outside_guarantee`, since erasure cannot reach files it does not own."""
+    from stores import artifacts
+
+    where = str(Path(path).resolve()) if "://" not in str(path) else str(path)
+    table = split_table or f"split_{split}"
+    version = ws.version(table) if ws.exists(table) else -1
+    return artifacts.record_artifact(
+        ws,
+        EXPORT_KIND,
+        f"{fmt}:{where}",
+        table,
+        version if version is not None else -1,
+        {"path": where, "format": fmt, "split": split, "written_at": datetime.now(UTC).isoformat()},
+    )
+
+
+def exports_holding(ws: Workspace, tables: set[str]) -> list[dict]:
+    """Recorded exports built from one of `tables` (split tables that held forgotten data), for the receipt."""
+    from stores import artifacts
+
+    if not ws.exists("artifacts"):
+        return []
+    out = []
+    for info in artifacts.list_artifacts(ws, EXPORT_KIND):
+        if info.get("table") in tables:
+            out.append(
+                {
+                    "path": info["path"],
+                    "format": info["format"],
+                    "split": info["split"],
+                    "written_at": info["written_at"],
+                    "why": "written outside the workspace from a split that held forgotten rows; erasure does not "
+                    "touch it: delete it or export again",
+                }
+            )
+    return out
 
 
 def affected_snapshots(ws: Workspace, held: dict[str, set[int]]) -> list[dict]:
@@ -90,17 +298,3 @@ def invalidate_snapshots(ws: Workspace, snapshots: list[dict], request_id: str) 
         except Exception as exc:  # a snapshot module error must not lose the receipt
             snap["flagged"] = f"not flagged: {type(exc).__name__}: {exc}"
     return any(s.get("flagged") is True for s in snapshots)
-
-
-def record(ws: Workspace, request: ForgetRequest, params: dict, receipt: dict) -> None:
-    """Append a carried-out request to the log: its parameters (hashes only) and its receipt, as JSON."""
-    row = {
-        "request_id": request.request_id,
-        "kind": request.kind,
-        "reason": request.reason,
-        "requester": request.requester,
-        "created_at": request.created_at,
-        "params": json.dumps(params, sort_keys=True),
-        "receipt": json.dumps(receipt, sort_keys=True, default=str),
-    }
-    ws.upsert(FORGET_REQUESTS, pa.Table.from_pylist([row], schema=FORGET_REQUESTS.schema))

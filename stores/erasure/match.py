@@ -21,16 +21,23 @@ _JSON_ID = re.compile(r'"(user_id|item_id)":\s*"((?:[^"\\]|\\.)*)"')
 
 
 def hash_mask(
-    values: pa.ChunkedArray | pa.Array, kind: str, hashes: set[str], clear: set[str] | None = None
+    values: pa.ChunkedArray | pa.Array,
+    kind: str,
+    hashes: set[str],
+    clear: set[str] | None = None,
+    secret: bytes | None = None,
 ) -> np.ndarray:
-    """Rows whose id hashes (as `kind`) into `hashes`; `clear` (the ids themselves, when known) skips hashing."""
+    """Rows whose id hashes (as `kind`, keyed with `secret`) into `hashes`; `clear` (the ids themselves, when
+    known) skips hashing."""
     n = len(values)
     if not hashes or n == 0:
         return np.zeros(n, dtype=bool)
     if clear is not None:
         hit = sorted(clear)
     else:
-        hit = [v for v in pc.unique(values).drop_null().to_pylist() if key_hash(kind, str(v)) in hashes]
+        hit = [
+            v for v in pc.unique(values).drop_null().to_pylist() if key_hash(secret, kind, str(v)) in hashes
+        ]
     if not hit:
         return np.zeros(n, dtype=bool)
     return pc.fill_null(pc.is_in(values, pa.array(hit, values.type)), False).to_numpy(zero_copy_only=False)
@@ -84,13 +91,13 @@ def mentions(t: pa.Table, cls: TableClass, targets: Targets) -> np.ndarray:
     m = np.zeros(t.num_rows, dtype=bool)
     if t.num_rows == 0:
         return m
-    c = targets.clear
+    c, key = targets.clear, targets.secret
     if "user_id" in cols:
-        m |= hash_mask(t["user_id"], "user", targets.users, c.get("users"))
+        m |= hash_mask(t["user_id"], "user", targets.users, c.get("users"), key)
     if "item_id" in cols:
-        m |= hash_mask(t["item_id"], "item", targets.items, c.get("items"))
+        m |= hash_mask(t["item_id"], "item", targets.items, c.get("items"), key)
         if targets.image_items:
-            img = hash_mask(t["item_id"], "item", targets.image_items, c.get("image_items"))
+            img = hash_mask(t["item_id"], "item", targets.image_items, c.get("image_items"), key)
             if cls.image_derived:
                 m |= img
             elif "feature" in cols:
@@ -101,10 +108,13 @@ def mentions(t: pa.Table, cls: TableClass, targets: Targets) -> np.ndarray:
         keys = pc.binary_join_element_wise(t["user_id"], t["item_id"], "\x1f")
         m |= pc.fill_null(pc.is_in(keys, pa.array(sorted(c["pairs"]))), False).to_numpy(zero_copy_only=False)
     elif targets.pairs and {"user_id", "item_id"} <= cols:
-        pu = hash_mask(t["user_id"], "user", {p[0] for p in targets.pairs})
-        pi = hash_mask(t["item_id"], "item", {p[1] for p in targets.pairs})
+        pu = hash_mask(t["user_id"], "user", {p[0] for p in targets.pairs}, secret=key)
+        pi = hash_mask(t["item_id"], "item", {p[1] for p in targets.pairs}, secret=key)
         for row in np.flatnonzero(pu & pi):
-            pair = (key_hash("user", t["user_id"][row].as_py()), key_hash("item", t["item_id"][row].as_py()))
+            pair = (
+                key_hash(key, "user", t["user_id"][row].as_py()),
+                key_hash(key, "item", t["item_id"][row].as_py()),
+            )
             m[row] |= pair in targets.pairs
     if targets.before is not None and {"user_id", "item_id", "timestamp"} <= cols:
         from stores.ids import seconds
@@ -114,25 +124,28 @@ def mentions(t: pa.Table, cls: TableClass, targets: Targets) -> np.ndarray:
         if side not in cols:
             continue
         kinds = t[f"{side}_kind"] if f"{side}_kind" in cols else None
-        for kind, hashes, key in (("user", targets.users, "users"), ("item", targets.items, "items")):
-            hit = hash_mask(t[side], kind, hashes, c.get(key))
+        for kind, hashes, known in (("user", targets.users, "users"), ("item", targets.items, "items")):
+            hit = hash_mask(t[side], kind, hashes, c.get(known), key)
             m |= hit & _eq(kinds, kind) if kinds is not None else hit
         if targets.image_items and cls.image_derived:
-            hit = hash_mask(t[side], "item", targets.image_items, c.get("image_items"))
+            hit = hash_mask(t[side], "item", targets.image_items, c.get("image_items"), key)
             m |= hit & _eq(kinds, "item") if kinds is not None else hit
     if "record_key" in cols and (targets.users or targets.items):
-        for row, key in enumerate(t["record_key"].to_pylist()):
-            if key is None:
+        for row, record in enumerate(t["record_key"].to_pylist()):
+            if record is None:
                 continue
-            for part in str(key).split("|"):
-                if key_hash("user", part) in targets.users or key_hash("item", part) in targets.items:
+            for part in str(record).split("|"):
+                if (
+                    key_hash(key, "user", part) in targets.users
+                    or key_hash(key, "item", part) in targets.items
+                ):
                     m[row] = True
     for name in ("raw_excerpt", "detail"):
         if name in cols and (targets.users or targets.items):
             for row, text in enumerate(t[name].to_pylist()):
                 for field_name, value in _JSON_ID.findall(text or ""):
                     kind = "user" if field_name == "user_id" else "item"
-                    if key_hash(kind, value) in (targets.users if kind == "user" else targets.items):
+                    if key_hash(key, kind, value) in (targets.users if kind == "user" else targets.items):
                         m[row] = True
     for f in t.schema:
         col = t[f.name]

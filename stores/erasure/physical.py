@@ -2,19 +2,22 @@
 
 Deletes commit `_rowid IN (...)` predicates (a table losing more than 200k rows is rewritten instead), so no
 transaction ever names a forgotten key. Compaction rewrites every fragment holding a deleted row and rebuilds the
-indexes; purging drops tags on old versions, every old version and any file no version references. This assumes
-erasure is the only writer of the tables it erases while it runs (it deletes files no version references).
+indexes; purging drops tags on old versions, every old version and any file (object, on s3) no version
+references. Erasure holds the workspace's write lease while it runs (recipes/unlearning/forget.py), so no other
+writer can be committing the files it deletes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 
+from stores.erasure.files import delete_file, list_files
 from stores.erasure.log import BOOKKEEPING
 from stores.erasure.match import mentions, needed_columns
 from stores.erasure.targets import TableClass, Targets
@@ -167,8 +170,8 @@ def purge_versions(ws: Workspace, name: str) -> dict:
     present = set(ds.all_files().read_all()["path"].to_pylist())
     stray = sorted(present - tracked - {"_versions/latest_version_hint.json"})
     for path in stray:
-        if ws.is_local:
-            Path(ds.uri, path).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            delete_file(ws, f"{name}.lance/{path}")
     left = [v["version"] for v in ws.dataset(name).versions()]
     return {
         "versions_removed": stats.old_versions,
@@ -180,18 +183,19 @@ def purge_versions(ws: Workspace, name: str) -> dict:
 
 
 def remove_temp_files(ws: Workspace) -> list[str]:
-    """Delete scratch files of the workspace root: *.tmp files and tmp/cache folders outside the tables."""
-    if not ws.is_local:
-        return []
+    """Delete scratch files of the workspace root (local or s3): *.tmp files and tmp/cache folders outside the
+    tables."""
     removed = []
-    root = Path(ws.uri)
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if rel.parts and rel.parts[0].endswith(".lance"):
+    for rel in list_files(ws):
+        parts = PurePosixPath(rel).parts
+        if parts and parts[0].endswith(".lance"):
             continue
-        if path.is_file() and (path.suffix == ".tmp" or any(p in _TEMP_DIRS for p in rel.parts[:-1])):
-            path.unlink()
-            removed.append(str(rel))
+        if rel.endswith(".tmp") or any(p in _TEMP_DIRS for p in parts[:-1]):
+            try:
+                delete_file(ws, rel)
+            except FileNotFoundError:
+                continue
+            removed.append(rel)
     return removed
 
 

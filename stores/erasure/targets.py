@@ -1,7 +1,7 @@
 """Erasure targets: what a forget request makes the workspace forget, as hashes, and how each table is read.
 
-`capture` fingerprints a `ForgetScope` before anything is deleted (`Targets`: sha256 key hashes of users and items
-as the deny-list names them, digests of vectors, sha256 of captions and image bytes, and anchored slices of the
+`capture` fingerprints a `ForgetScope` before anything is deleted (`Targets`: keyed hashes of users and items as
+the deny-list names them (`stores.schema.key_hash`), digests of vectors, sha256 of captions and image bytes, and anchored slices of the
 image bytes for the raw scan); `classify` says which tables are image-derived. Nothing here is stored in clear.
 """
 
@@ -88,6 +88,8 @@ class Targets:
     # The clear keys behind `users`, `items` and `image_items` while a request runs (never stored): a direct
     # lookup instead of hashing every distinct id of a column.
     clear: dict[str, set[str]] = field(default_factory=dict, repr=False, compare=False)
+    # The workspace secret the key hashes were made with (None: unkeyed sha256 of an older log entry); never stored.
+    secret: bytes | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {
@@ -101,11 +103,17 @@ class Targets:
             "blobs": sorted(self.blobs),
             "slices": self.slices,
             "shared": self.shared,
-        }
+        } | ({"key_scheme": "hmac-sha256"} if self.secret is not None else {})
 
     @classmethod
-    def from_json(cls, data: dict) -> Targets:
+    def from_json(cls, data: dict, secret: bytes | None = None) -> Targets:
+        """Targets from the log; `secret` is required when they were stored as keyed hashes."""
+        if data.get("key_scheme") and secret is None:
+            raise ValueError(
+                "these targets were hashed with the workspace secret (.mmfeat/secret), which is missing; restore it"
+            )
         return cls(
+            secret=secret if data.get("key_scheme") else None,
             users=set(data["users"]),
             items=set(data["items"]),
             image_items=set(data["image_items"]),
@@ -119,7 +127,11 @@ class Targets:
         )
 
     def summary(self) -> dict[str, Any]:
-        return {k: (len(v) if isinstance(v, set | list) else v) for k, v in self.to_json().items()}
+        return {
+            k: (len(v) if isinstance(v, set | list) else v)
+            for k, v in self.to_json().items()
+            if k != "key_scheme"
+        }
 
 
 # ---- table classes -------------------------------------------------------------------------------------------
@@ -187,23 +199,19 @@ def is_blob(t: pa.DataType) -> bool:
 # ---- capture -------------------------------------------------------------------------------------------------
 
 
-def capture(ws: Workspace, scope: ForgetScope) -> Targets:
+def capture(ws: Workspace, scope: ForgetScope, secret: bytes) -> Targets:
     """Fingerprint a scope before anything is deleted: key hashes plus digests of the vectors, captions and
     image bytes of its items (all feature tables for whole items; image-derived ones for `image_items`).
     Content that a retained row of the same table also holds (a duplicate poster, a zero vector) is left out:
     it is checked through the keys only, since finding it again would prove nothing."""
     t = Targets(
-        users={key_hash("user", u) for u in scope.users},
-        items={key_hash("item", i) for i in scope.items},
-        image_items={key_hash("item", i) for i in scope.image_items},
-        pairs={(key_hash("user", u), key_hash("item", i)) for u, i in scope.pairs},
+        users={key_hash(secret, "user", u) for u in scope.users},
+        items={key_hash(secret, "item", i) for i in scope.items},
+        image_items={key_hash(secret, "item", i) for i in scope.image_items},
+        pairs={(key_hash(secret, "user", u), key_hash(secret, "item", i)) for u, i in scope.pairs},
         before=scope.before,
-        clear={
-            "users": set(scope.users),
-            "items": set(scope.items),
-            "image_items": set(scope.image_items),
-            "pairs": {f"{u}\x1f{i}" for u, i in scope.pairs},
-        },
+        secret=secret,
+        clear=clear_keys(scope),
     )
     whole, image = sorted(scope.items), sorted(scope.items | scope.image_items)
     if not image:
@@ -269,3 +277,48 @@ def _add_slice(t: Targets, piece: bytes) -> None:
     entry = {"anchor": anchor(piece), "size": len(piece), "sha256": hashlib.sha256(piece).hexdigest()}
     if entry not in t.slices:
         t.slices.append(entry)
+
+
+def recover_scope(ws: Workspace, targets: Targets) -> ForgetScope:
+    """The scope behind logged `Targets`, re-derived from the ids still in the workspace: every distinct value of
+    the id columns (user_id, item_id, src, dst) whose keyed hash is a target. What a resumed request needs, since
+    the log never holds ids; ids no table holds any more have nothing left to erase."""
+    from stores.erasure.requests import ForgetScope
+
+    user_hashes = targets.users | {u for u, _ in targets.pairs}
+    item_hashes = targets.items | targets.image_items | {i for _, i in targets.pairs}
+    users: dict[str, str] = {}
+    items: dict[str, str] = {}
+    for name in ws.table_names():
+        ds = ws.dataset(name)
+        for column in ("user_id", "item_id", "src", "dst"):
+            if column not in ds.schema.names or not pa.types.is_string(ds.schema.field(column).type):
+                continue
+            for value in pc.unique(ds.to_table(columns=[column])[column]).drop_null().to_pylist():
+                if column != "item_id" and value not in users:
+                    h = key_hash(targets.secret, "user", value)
+                    if h in user_hashes:
+                        users[value] = h
+                if column != "user_id" and value not in items:
+                    h = key_hash(targets.secret, "item", value)
+                    if h in item_hashes:
+                        items[value] = h
+    return ForgetScope(
+        users=frozenset(u for u, h in users.items() if h in targets.users),
+        items=frozenset(i for i, h in items.items() if h in targets.items),
+        image_items=frozenset(i for i, h in items.items() if h in targets.image_items),
+        pairs=frozenset(
+            (u, i) for u, uh in users.items() for i, ih in items.items() if (uh, ih) in targets.pairs
+        ),
+        before=targets.before,
+    )
+
+
+def clear_keys(scope: ForgetScope) -> dict[str, set[str]]:
+    """`Targets.clear` for a scope: the ids themselves, for direct lookups while a request runs."""
+    return {
+        "users": set(scope.users),
+        "items": set(scope.items),
+        "image_items": set(scope.image_items),
+        "pairs": {f"{u}\x1f{i}" for u, i in scope.pairs},
+    }
