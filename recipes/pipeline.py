@@ -177,6 +177,10 @@ def export(ws: Workspace, split_name: str, fmt: str, out: str | Path, features: 
         matrix, mask, _ = artifacts.feature_matrix(ws, feature, items)
         feats[out_name] = (items[mask], matrix[mask])
     name = name or split_name
+    if fmt in ("mmrec", "recbole", "pyg"):  # recorded before writing: forget lists it even if this stops half-way
+        from stores.erasure.log import record_export
+
+        record_export(ws, Path(out) / f"{name}.pt" if fmt == "pyg" else out, fmt, split_name)
     if fmt == "mmrec":
         user_graph = cooccur.user_cooccurrence(split, k=user_graph_k) if user_graph_k else None
         return exports.export_mmrec(split, feats, out, name, feature_files={k: k for k in feats},
