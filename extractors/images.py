@@ -1,12 +1,14 @@
 """Safe image handling: format allow-list, decompression-bomb limits, truncation checks, EXIF orientation, RGB.
 
-Ingest calls `inspect_image` to validate bytes before storing them unchanged; extractors call `decode_image` to get
-an upright RGB picture. Both raise `ImageError` with a reason code that lands in the quarantine table.
+Ingest calls `read_image_file` (size checked with `stat` before any read) and `inspect_image` to validate bytes
+before storing them unchanged; extractors call `decode_image` to get an upright RGB picture. All raise `ImageError`
+with a reason code that lands in the quarantine table.
 """
 
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 MAX_PIXELS = 50_000_000
 MAX_SIDE = 20_000
 MAX_BYTES = 50 * 1024 * 1024
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
 
 
 class ImageError(ValueError):
@@ -93,13 +96,48 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def resolve_inside(root: str | Path, relative: str) -> Path:
-    """Resolve `relative` under `root`, following symlinks, and refuse anything that ends up outside `root`."""
+    """Resolve `relative` under `root`, following symlinks, and refuse anything that ends up outside `root`.
+
+    Every failure is an `ImageError` (a quarantine reason), never an OS error: NUL bytes, names over the
+    file system's limit, symlink loops and non-files included."""
     root_path = Path(root).resolve()
     if not relative or not str(relative).strip():
         raise ImageError("missing_image", "empty image path")
-    candidate = (root_path / relative).resolve()
+    if "\x00" in relative:
+        raise ImageError("bad_path", "image path holds a NUL byte; fix the path in the source")
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in Path(relative).parts):
+        raise ImageError("bad_path", f"a name in the image path is over {NAME_MAX} bytes; shorten it in the source")
+    try:
+        candidate = (root_path / relative).resolve()
+    except RuntimeError:  # Python 3.11 reports a symlink loop this way
+        raise ImageError("bad_path", f"{relative!r} is a symlink loop; fix the link under {root_path}") from None
+    except (OSError, ValueError) as exc:
+        raise ImageError("bad_path", f"{relative!r} cannot be resolved ({exc}); fix the path in the source") from None
     if not candidate.is_relative_to(root_path):
         raise ImageError("path_outside_root", f"{relative!r} resolves outside the image root {root_path}")
-    if not candidate.is_file():
-        raise ImageError("missing_image", f"{relative!r} does not exist under {root_path}")
     return candidate
+
+
+def read_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of the image `relative` under `root`: size checked with `stat` before anything is read, and
+    never more than `max_bytes` read even if the file grows meanwhile. Failures raise `ImageError`."""
+    path = resolve_inside(root, relative)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageError("missing_image", f"{relative!r} does not exist under {root}") from None
+    except OSError as exc:  # ELOOP, ENAMETOOLONG, EACCES on a parent folder...
+        raise ImageError("unreadable_image", f"{relative!r}: {exc.strerror or exc}; fix the file or its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ImageError("missing_image", f"{relative!r} is {kind}, not an image file")
+    if st.st_size > max_bytes:
+        raise ImageError("image_too_large", f"{st.st_size} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageError("unreadable_image", f"{relative!r}: {exc.strerror or exc}; fix the file or its permissions") from None
+    if len(data) > max_bytes:
+        raise ImageError("image_too_large", f"{relative!r} grew past the {max_bytes}-byte limit while being read")
+    return data

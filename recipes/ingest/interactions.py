@@ -6,14 +6,25 @@ rows, clean rows stream straight into the Lance table. Two 64-bit hashes per row
 replace a global join: `seq` (the occurrence number of an identical user/item/time/event, so same-day repeat
 purchases stay distinct) comes from the key hashes seen so far, and a re-ingest compares against the hashes of
 the rows already stored, so unchanged rows are skipped and changed values are merged.
+
+Bad rows are quarantined, never fatal: a row with the wrong number of fields is `malformed_row` (pyarrow's
+`invalid_row_handler`), a value that is not a finite number is `bad_value`, and a timestamp is `bad_timestamp`
+unless it lands between 1970-01-01 and one year from now. A number too large to be seconds in that window is read
+as milliseconds, microseconds or nanoseconds, the first of those that lands between 2000-01-01 and one year from now
+(1700000000000 is 2023-11-14 in milliseconds); anything else is `bad_timestamp`, so a value such as 2^63-1 never
+reaches the table. Gzipped files are read (detected by their magic bytes, whatever their name); a file that cannot
+be read at all (empty, duplicate or non-UTF-8 header, corrupt compression) raises `SourceError` before any write.
 """
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import queue
 import threading
+import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from recipes.ingest.load import SourceError
 from stores.erasure.log import DenyList
 from stores.schema import INTERACTIONS
 from stores.workspace import UpsertResult, Workspace
@@ -31,10 +43,15 @@ from stores.workspace import UpsertResult, Workspace
 BATCH_BYTES = 16 << 20
 FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
 
+MIN_SECONDS = 0  # 1970-01-01: no interaction log predates the unix epoch
+MIN_SCALED_SECONDS = 946_684_800  # 2000-01-01: the earliest a millisecond/micro/nano epoch is taken to mean
+FUTURE_SLACK_SECONDS = 366 * 86_400  # clocks and time zones drift; a year ahead does not
+
 DETAILS = {
     "empty_id": "user_id or item_id is empty",
-    "bad_timestamp": "timestamp is neither unix seconds nor an ISO date/time",
-    "bad_value": "value is not a number",
+    "bad_timestamp": "timestamp is not unix seconds (or ms/us/ns) or an ISO date/time between 1970 and a year from now",
+    "bad_value": "value is not a finite number",
+    "malformed_row": "row has the wrong number of fields; fix the quoting or the delimiter",
     "forgotten": "user or item was erased by a forget request; not re-ingested",
     "unknown_item": "item_id is not among the source's or the workspace's items; ingest the item first",
     "unknown_user": "user_id is not among the source's or the workspace's users; ingest the user first",
@@ -51,30 +68,41 @@ class CsvStream:
     mapping: dict[str, str] = field(default_factory=dict)
     column_names: list[str] | None = None  # for files without a header row (ML-100K's u.data)
 
+    malformed: list[str] = field(default_factory=list)  # ragged rows skipped by the reader, drained per batch
+
     @property
     def file(self) -> str:
         return self.path.name
 
     @property
     def header(self) -> list[str]:
+        """The column names; raises `SourceError` for an empty file or a non-UTF-8 or duplicate header."""
+        first = first_line(self.path)
         if self.column_names is not None:
             return list(self.column_names)
-        with open(self.path, "rb") as fh:
-            first = fh.readline()
-        options = pacsv.ParseOptions(delimiter=self.delimiter)
-        return pacsv.read_csv(pa.py_buffer(first), parse_options=options).column_names
+        return parse_header(first, self.path, self.delimiter)
 
     @property
     def fields(self) -> list[str]:
         return [self.mapping.get(c, c) for c in self.header]
+
+    def drain_malformed(self) -> Iterator[str]:
+        """The ragged rows skipped so far (the reader may append from its read-ahead thread meanwhile)."""
+        while self.malformed:
+            yield self.malformed.pop(0)
 
     def batches(self) -> Iterator[pa.Table]:
         names = self.header
         read = pacsv.ReadOptions(block_size=BATCH_BYTES, column_names=self.column_names,
                                  autogenerate_column_names=False)
         convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False)
-        reader = pacsv.open_csv(self.path, read_options=read, convert_options=convert,
-                                parse_options=pacsv.ParseOptions(delimiter=self.delimiter))
+
+        def skip(row: pacsv.InvalidRow) -> str:
+            self.malformed.append(row.text)
+            return "skip"
+
+        parse = pacsv.ParseOptions(delimiter=self.delimiter, invalid_row_handler=skip)
+        reader = pacsv.open_csv(open_input(self.path), read_options=read, convert_options=convert, parse_options=parse)
         line = 1
         for batch in reader:
             table = pa.Table.from_batches([batch])
@@ -83,6 +111,72 @@ class CsvStream:
             table = table.append_column("__line", pa.array(np.arange(line, line + n, dtype=np.int64)))
             line += n
             yield table
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def open_input(path: Path) -> pa.NativeFile:
+    """A byte stream over `path`, decompressed when the file is gzip (by its magic bytes, whatever its name)."""
+    return pa.input_stream(str(path), compression="gzip" if is_gzip(path) else None)
+
+
+def first_line(path: Path) -> bytes:
+    """The first line of a (possibly gzipped) file; `SourceError` when the file is empty or unreadable."""
+    try:
+        with (gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")) as fh:
+            first = fh.readline()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SourceError(f"cannot read {path}: {exc}; check that the file (or its compression) is intact") from None
+    if not first.strip():
+        raise SourceError(f"{path} is empty or has no header row; add a header naming the columns")
+    return first
+
+
+def parse_header(first: bytes, path: Path, delimiter: str) -> list[str]:
+    """Column names from a header line: BOM stripped, UTF-8 required, no name twice."""
+    try:
+        first.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"the header of {path} is not UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
+    try:
+        names = pacsv.read_csv(pa.py_buffer(first), parse_options=pacsv.ParseOptions(delimiter=delimiter)).column_names
+    except pa.ArrowInvalid as exc:
+        raise SourceError(f"cannot parse the header of {path}: {exc}; fix the header row") from None
+    check_unique(names, path)
+    return names
+
+
+def check_unique(names: list[str], path: Path | str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise SourceError(f"column {name!r} appears twice in the header of {path}; rename or drop one of them "
+                              "(or fix the --map that maps two columns onto it)")
+        seen.add(name)
+
+
+def check_readable(interactions: pa.Table | CsvStream) -> None:
+    """What must hold before anything is written: a header without duplicates (after --map), the key columns
+    present, and, for a gzipped file, compression that decodes to its end."""
+    if isinstance(interactions, CsvStream):
+        fields, name = interactions.fields, interactions.path
+        if is_gzip(interactions.path):
+            try:
+                with gzip.open(interactions.path, "rb") as fh:
+                    while fh.read(16 << 20):
+                        pass
+            except (OSError, EOFError, zlib.error) as exc:
+                raise SourceError(f"{name} is a damaged gzip file ({exc}); re-compress or unpack it") from None
+    else:
+        fields = interactions.column_names
+        name = interactions["__file"][0].as_py() if interactions.num_rows else "interactions"
+    check_unique(fields, name)
+    missing = [c for c in ("user_id", "item_id", "timestamp") if c not in fields]
+    if missing:
+        raise SourceError(f"{name} has no {', '.join(missing)} column; map one with --map COLUMN=FIELD")
 
 
 def iter_batches(interactions: pa.Table | CsvStream) -> Iterator[pa.Table]:
@@ -140,7 +234,7 @@ def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
         return pc.cast(ts, pa.int64())
     except pa.ArrowInvalid:
         pass
-    is_int = pc.fill_null(pc.match_substring_regex(ts, r"^-?[0-9]+$"), False)
+    is_int = pc.fill_null(pc.match_substring_regex(ts, r"^-?[0-9]{1,18}$"), False)  # longer ones overflow int64
     ints = pc.cast(pc.if_else(is_int, ts, pa.scalar(None, pa.string())), pa.int64())
     rest = pc.and_(pc.invert(is_int), pc.is_valid(ts))
     if not pc.any(rest).as_py():
@@ -156,6 +250,22 @@ def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
     out[fill] = np.nan_to_num(parsed.to_numpy(zero_copy_only=False)).astype(np.int64)
     valid[fill] = np.asarray(parsed.is_valid())
     return pa.array(out, pa.int64(), mask=~valid)
+
+
+def _plausible(t: pa.Array, now: float | None = None) -> pa.Array:
+    """Seconds inside [1970, now + 1 year]; larger values rescaled from ms/us/ns when that lands in
+    [2000, now + 1 year]; everything else null (then quarantined as bad_timestamp)."""
+    latest = int(now if now is not None else time.time()) + FUTURE_SLACK_SECONDS
+    valid = np.asarray(t.is_valid())
+    values = pc.fill_null(t, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = values.copy()
+    ok = valid & (values >= MIN_SECONDS) & (values <= latest)
+    for scale in (1_000, 1_000_000, 1_000_000_000):
+        scaled = values // scale
+        fits = valid & ~ok & (values > latest) & (scaled >= MIN_SCALED_SECONDS) & (scaled <= latest)
+        out[fits] = scaled[fits]
+        ok |= fits
+    return pa.array(out, pa.int64(), mask=~ok)
 
 
 def _floats(v: pa.Array) -> pa.Array:
@@ -193,11 +303,11 @@ def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: st
     u, i = _strings(batch, "user_id", n), _strings(batch, "item_id", n)
     ts, v = _strings(batch, "timestamp", n), _strings(batch, "value", n)
     e = pc.fill_null(_strings(batch, "event", n), default_event)
-    t, val = _seconds(con, ts), _floats(v)
+    t, val = _plausible(_seconds(con, ts)), _floats(v)
     rules = [
         ("empty_id", pc.or_(pc.is_null(u), pc.is_null(i))),
         ("bad_timestamp", pc.is_null(t)),
-        ("bad_value", pc.and_(pc.is_valid(v), pc.is_null(val))),
+        ("bad_value", pc.and_(pc.is_valid(v), pc.invert(pc.fill_null(pc.is_finite(val), False)))),
     ]
     if denied:
         rules.append(("forgotten", pc.or_(_denied_mask(u, "user", denied), _denied_mask(i, "item", denied))))
@@ -259,23 +369,54 @@ class _Seen:
         return seq
 
 
-def ingest_interactions(ws: Workspace, src, q, denied: DenyList) -> tuple[UpsertResult, set[str], set[str]]:
-    """Stream `src.interactions` into the interactions table; returns the upsert result and the clean ids."""
+def _known(ws: Workspace, name: str, column: str, extra: list[str] | None) -> pa.Array:
+    ids = ws.read(name, columns=[column])[column].combine_chunks()
+    return pa.concat_arrays([ids, pa.array(extra or [], pa.string())]) if extra else ids
+
+
+def ingest_interactions(ws: Workspace, src, q, denied: DenyList, new_items: list[str] | None = None,
+                        new_users: list[str] | None = None) -> tuple[UpsertResult, set[str], set[str]]:
+    """Stream `src.interactions` into the interactions table in one commit; returns the upsert result and the
+    clean ids. `new_items`/`new_users` are ids of this source not yet written, known alongside the workspace's."""
     table = ws.ensure(INTERACTIONS)
     result = UpsertResult("interactions")
     existing = _existing_hashes(table) if table.count_rows() else None
     con = duckdb.connect(config={"threads": 2})
-    known_items = None if src.derive_items else ws.read("items", columns=["item_id"])["item_id"].combine_chunks()
-    known_users = None if src.derive_users else ws.read("users", columns=["user_id"])["user_id"].combine_chunks()
+    known_items = None if src.derive_items else _known(ws, "items", "item_id", new_items)
+    known_users = None if src.derive_users else _known(ws, "users", "user_id", new_users)
     seen = _Seen()
     items: set[str] = set()
     users: set[str] = set()
     updates: list[pa.Table] = []
     file = src.interactions.file if isinstance(src.interactions, CsvStream) else None
 
+    failure: list[SourceError] = []
+
+    def read_batches() -> Iterator[pa.Table]:
+        """The source's batches; a read error mid-file becomes a `SourceError` (raised before the one commit)."""
+        try:
+            yield from iter_batches(src.interactions)
+        except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            fix = ("re-encode the file as UTF-8 (a row with the wrong number of fields also holds non-UTF-8 bytes)"
+                   if "parse error" in text.lower() else "check the file's format and compression")
+            failure.append(SourceError(f"cannot read {file or 'interactions'}: {text[:200]}; {fix}"))
+            raise failure[-1] from None
+
+    malformed = 0
+
+    def quarantine_malformed(name: str) -> None:
+        nonlocal malformed
+        for text in src.interactions.drain_malformed():
+            malformed += 1
+            q.tally(name).read += 1
+            q.add(name, f"malformed-{malformed}", None, "malformed_row", DETAILS["malformed_row"], text[:300])
+
     def clean_batches() -> Iterator[pa.RecordBatch]:
-        for raw in iter_batches(src.interactions):
+        for raw in read_batches():
             name = file or raw["__file"][0].as_py()
+            if isinstance(src.interactions, CsvStream):
+                quarantine_malformed(name)
             selected = raw.select([c for c in raw.column_names if c in FIELDS or c == "__line"])
             raw, bad_utf8 = _utf8(selected)
             tally = q.tally(name)
@@ -288,7 +429,7 @@ def ingest_interactions(ws: Workspace, src, q, denied: DenyList) -> tuple[Upsert
                 q.add(name, line, None, "non_utf8", DETAILS["non_utf8"], excerpt)
             for col in ("user_id", "item_id", "timestamp"):
                 if col not in raw.column_names:
-                    raise ValueError(f"{name} has no {col} column; map one with --map COLUMN={col}")
+                    raise SourceError(f"{name} has no {col} column; map one with --map COLUMN={col}")
             out = _classify(con, raw, src.default_event, denied, known_items, known_users)
             reason = out["reason"]
             bad = out.filter(pc.is_valid(reason))
@@ -329,9 +470,16 @@ def ingest_interactions(ws: Workspace, src, q, denied: DenyList) -> tuple[Upsert
             yield from rows.to_batches()
 
     stream = _prefetch(clean_batches())
-    first = next(stream, None)  # nothing to insert: no write, no new version
-    if first is not None:
-        table.add(pa.RecordBatchReader.from_batches(INTERACTIONS.schema, itertools.chain([first], stream)))
+    try:
+        first = next(stream, None)  # nothing to insert: no write, no new version
+        if first is not None:
+            table.add(pa.RecordBatchReader.from_batches(INTERACTIONS.schema, itertools.chain([first], stream)))
+    except Exception:
+        if failure:  # Lance wraps errors raised inside its reader: surface ours, one line
+            raise failure[-1] from None
+        raise
+    if isinstance(src.interactions, CsvStream):  # ragged rows the last batch left, or a file of only those
+        quarantine_malformed(src.interactions.file)
     if updates:
         changed = pa.concat_tables(updates)
         table.merge_insert(list(INTERACTIONS.key)).when_matched_update_all().when_not_matched_insert_all().execute(

@@ -4,6 +4,12 @@ Adapters (recipes/sources.py) turn a source's files into `RawSource`: string col
 every row can be traced. `ingest` validates items, images, users and interactions, writes the good rows through
 keyed upserts and every bad row into `quarantine` with a reason code, and returns a report in which, per source
 file, rows read = rows stored + rows merged (identical duplicates) + rows quarantined.
+
+Bad input is data or one error, never a traceback and never a half-written source: a row that cannot be used is
+quarantined with a reason code (malformed_row, non_utf8, empty_id, bad_value, bad_timestamp, duplicate_conflict,
+an image reason...) and the job goes on; a file that cannot be read at all raises `SourceError` (one line naming the
+file and the fix) before anything is written. Items, images and users are validated in full before the first write,
+and interactions are checked (header, columns, compression) before it too; their rows then stream into one commit.
 """
 
 from __future__ import annotations
@@ -18,11 +24,16 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from extractors.images import ImageError, inspect_image, resolve_inside
-from stores.lease import write_lease
+from extractors.images import ImageError, inspect_image, read_image_file
 from stores.erasure.log import DenyList, deny_list
+from stores.lease import write_lease
 from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS
 from stores.workspace import UpsertResult, Workspace, conform
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing or empty file, duplicate or non-UTF-8 header, corrupt
+    compression): one line naming the file and the fix. Raised before anything is written."""
 
 
 @dataclass
@@ -55,6 +66,11 @@ class RawSource:
     default_event: str = "interaction"
     tallies: dict[str, FileTally] = field(default_factory=dict)
     quarantine: list[dict] = field(default_factory=list)
+
+    def reject(self, file: str, line: int | str, reason: str, detail: str, raw: str | None) -> None:
+        """Quarantine a row the adapter could not even parse (it counts as read and quarantined)."""
+        self.tallies.setdefault(file, FileTally()).read += 1
+        _Quarantine(self).add(file, line, None, reason, detail, raw, into=self.quarantine)
 
 
 @dataclass
@@ -102,9 +118,10 @@ class _Quarantine:
             tally = self.source.tallies[file] = FileTally()
         return tally
 
-    def add(self, file: str, line: int | str, key: str | None, reason: str, detail: str, raw: str | None) -> None:
+    def add(self, file: str, line: int | str, key: str | None, reason: str, detail: str, raw: str | None,
+            into: list[dict] | None = None) -> None:
         qid = hashlib.sha256(f"{self.source.name}|{file}|{line}|{reason}".encode()).hexdigest()[:32]
-        self.rows.append(
+        (self.rows if into is None else into).append(
             {
                 "quarantine_id": qid,
                 "source": self.source.name,
@@ -150,6 +167,8 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: DenyList) -> tuple[l
             title = _decode(raw.get("title"), src.text_encoding)
             text = _decode(raw.get("text"), src.text_encoding)
             attributes = _decode(raw.get("attributes"), src.text_encoding)
+            rights = _decode(raw.get("rights"), "utf-8")
+            image = _decode(raw.get("image"), "utf-8")
         except UnicodeDecodeError as exc:
             q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", _excerpt(raw))
             continue
@@ -159,7 +178,6 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: DenyList) -> tuple[l
         if denied and denied.has("item", item_id):
             q.add(file, line, None, "forgotten", "item was erased by a forget request; not re-ingested", None)
             continue
-        rights = _decode(raw.get("rights"), "utf-8")
         digest = _content_hash(title, text, attributes, rights)
         if item_id in rows:
             if rows[item_id]["content_hash"] == digest:
@@ -187,7 +205,6 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: DenyList) -> tuple[l
             "updated_at": now,
         }
         q.tally(file).stored += 1
-        image = _decode(raw.get("image"), "utf-8")
         if image is not None and image.strip():
             images.append((item_id, image.strip(), file, line))
     return list(rows.values()), images
@@ -208,8 +225,7 @@ def _validate_images(
         try:
             if root is None:
                 raise ImageError("missing_image", "the source names images but no image root was given (--images DIR)")
-            path = resolve_inside(root, rel)
-            data = path.read_bytes()
+            data = read_image_file(root, rel)
             info = inspect_image(data)
         except ImageError as exc:
             q.add(label, rel, item_id, exc.code, exc.detail, json.dumps({"item_id": item_id, "image": rel}))
@@ -273,20 +289,33 @@ def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
     tables: dict[str, UpsertResult] = {}
     denied = deny_list(ws)
 
+    from recipes.ingest.interactions import check_readable, ingest_interactions
+
+    # Everything that can stop the job is checked before the first write: no source is committed half-way.
+    items = image_refs = images = users = None
     if src.items is not None:
         items, image_refs = _validate_items(src, q, denied)
-        tables["items"] = ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
-        if image_refs:
-            images = _validate_images(src, image_refs, q, denied)
-            tables["item_images"] = ws.upsert(ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema))
+        images = _validate_images(src, image_refs, q, denied) if image_refs else None
     if src.users is not None:
         users = _validate_users(src, q, denied)
+    if src.interactions is not None:
+        check_readable(src.interactions)
+        # Interactions stream first, in one commit: a file that turns out unreadable half-way (a ragged non-UTF-8
+        # row) then stops the job before anything at all is written.
+        result, seen_items, seen_users = ingest_interactions(
+            ws, src, q, denied,
+            new_items=[r["item_id"] for r in items or []], new_users=[r["user_id"] for r in users or []],
+        )
+
+    if items is not None:
+        tables["items"] = ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
+    if images is not None:
+        tables["item_images"] = ws.upsert(ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema))
+    if users is not None:
         tables["users"] = ws.upsert(USERS, pa.Table.from_pylist(users, schema=USERS.schema))
 
     if src.interactions is not None:
-        from recipes.ingest.interactions import ingest_interactions
-
-        result, items, users = ingest_interactions(ws, src, q, denied)
+        items, users = seen_items, seen_users
         now = _now()
         if src.derive_items:  # only ids the workspace lacks: never overwrite a real item with a bare one
             items -= set(ws.read("items", columns=["item_id"])["item_id"].to_pylist())

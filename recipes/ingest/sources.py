@@ -2,23 +2,26 @@
 
 Supported layouts: MovieLens-100K (+ a TMDB-style items CSV and a posters folder), MMRec (`<name>.inter` TSV),
 RecBole atomic files (`.inter/.item/.user` with `field:type` headers) and generic tables (CSV, Parquet, JSONL).
-Ids are read as strings, never inferred as numbers, so leading zeros survive.
+Ids are read as strings, never inferred as numbers, so leading zeros survive (a UTF-8 BOM is stripped, never
+allowed to hide the id column's name). Files may be gzipped (detected by magic bytes). A row that cannot be parsed
+is quarantined (`malformed_row`; `bad_value` for a JSON object or array where a scalar field belongs); a file that
+cannot be read at all is a `SourceError`: an empty file (0 bytes, or no header) is an error, a header-only file is
+zero rows, and a duplicate or non-UTF-8 header is an error naming the column and the file.
 """
 
 from __future__ import annotations
 
-import csv
+import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from recipes.ingest.interactions import CsvStream
-from recipes.ingest.load import FileTally, RawSource, _content_hash
+from recipes.ingest.interactions import CsvStream, check_unique, first_line, is_gzip, open_input, parse_header
+from recipes.ingest.load import FileTally, RawSource, SourceError, _content_hash
 
 ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
 USER_FIELDS = ("user_id",)
@@ -26,58 +29,190 @@ INTERACTION_FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy", "FilmNoir", "Horror", "Musical", "Mystery", "Romance", "SciFi", "Thriller", "War", "Western"]
 
 
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing file, unreadable format): names the file and the fix."""
+Reject = tuple[int | str, str, str, str]
+"""A row an adapter could not parse: (line, reason, detail, raw excerpt)."""
 
 
 def _require(path: Path, what: str, fix: str) -> Path:
-    if not path.exists():
+    try:
+        found = path.exists()
+    except (OSError, ValueError) as exc:  # a NUL byte or an over-long name in the path itself
+        raise SourceError(f"{what} path {str(path)[:200]!r} is not usable ({exc}). {fix}") from None
+    if not found:
         raise SourceError(f"{what} not found: {path}. {fix}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SourceError(f"{path} is empty (0 bytes); give a file with a header row, or leave the option out")
     return path
 
 
 def _with_lineage(table: pa.Table, file: str) -> pa.Table:
+    """Add `__file` and, unless the reader set true line numbers, `__line` (the row's 1-based position)."""
     n = table.num_rows
     files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([file]))
+    if "__line" in table.column_names:
+        lines = table["__line"]
+        table = table.drop_columns(["__line"])
+    else:
+        lines = pa.array(np.arange(1, n + 1, dtype=np.int64))
     table = table.append_column("__file", files)
-    return table.append_column("__line", pa.array(np.arange(1, n + 1, dtype=np.int64)))
+    return table.append_column("__line", lines)
 
 
-def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None = None) -> pa.Table:
-    """CSV/TSV/Parquet/JSONL → Arrow with every column as string (or binary, to check the encoding per row)."""
+def _format(path: Path) -> str:
+    """`parquet`, `json` or `csv` from the name, ignoring a trailing `.gz`."""
+    suffixes = [x.lower() for x in path.suffixes if x.lower() != ".gz"] or [""]
+    if suffixes[-1] in (".parquet", ".pq"):
+        return "parquet"
+    return "json" if suffixes[-1] in (".jsonl", ".ndjson", ".json") else "csv"
+
+
+def _delimiter(path: Path) -> str:
+    suffixes = [x.lower() for x in path.suffixes if x.lower() != ".gz"] or [""]
+    return "\t" if suffixes[-1] in (".tsv", ".inter", ".item", ".user") else ","
+
+
+def _cell(value: object) -> str | None:
+    """A JSON value as the string the platform stores (objects and arrays as JSON text)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _read_jsonl(path: Path, scalar: set[str], rejects: list[Reject]) -> pa.Table:
+    """JSON lines (or one JSON array of objects) → string columns with true `__line`s. A line that is not a JSON
+    object is `malformed_row`; an object or array where a scalar field belongs is `bad_value`."""
+    with gzip.open(path, "rb") if is_gzip(path) else open(path, "rb") as fh:
+        data = fh.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    if data.lstrip()[:1] == b"[":  # a .json file holding one array of objects; otherwise read line by line
+        try:
+            parsed = json.loads(data)
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, list):
+            lines = [json.dumps(x, ensure_ascii=False).encode() for x in parsed]
+    rows: list[dict] = []
+    names: dict[str, None] = {}  # every key seen, rejected lines included: a file of only bad rows keeps its columns
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        excerpt = line[:300].decode("utf-8", "backslashreplace")
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            rejects.append((number, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", excerpt))
+            continue
+        except (ValueError, RecursionError) as exc:
+            rejects.append((number, "malformed_row", f"not a JSON object ({exc}); fix the line", excerpt))
+            continue
+        if not isinstance(obj, dict):
+            rejects.append((number, "malformed_row", "line is JSON but not an object; write one object per line", excerpt))
+            continue
+        names.update(dict.fromkeys(obj))
+        nested = sorted(k for k, v in obj.items() if k in scalar and isinstance(v, dict | list))
+        if nested:
+            rejects.append((number, "bad_value", f"{nested[0]} holds a JSON object or array; it must be a single value",
+                            excerpt))
+            continue
+        rows.append({k: _cell(v) for k, v in obj.items()} | {"__line": number})
+    columns = {n: pa.array([row.get(n) for row in rows], pa.string()) for n in names if n != "__line"}
+    return pa.table(columns | {"__line": pa.array([row["__line"] for row in rows], pa.int64())})
+
+
+def _read_parquet(path: Path, scalar: set[str], rejects: list[Reject]) -> pa.Table:
+    """Parquet → string columns; a nested value where a scalar field belongs is `bad_value`."""
+    table = pq.read_table(path)
+    check_unique(table.column_names, path)
+    n = table.num_rows
+    bad = np.zeros(n, bool)
+    columns = {}
+    for f in table.schema:
+        col = table[f.name]
+        if pa.types.is_nested(f.type):
+            if f.name in scalar:
+                bad |= np.asarray(col.is_valid())
+            col = pa.array([_cell(v) for v in col.to_pylist()], pa.string())
+        elif not pa.types.is_string(f.type):
+            col = col.cast(pa.string(), safe=False)
+        columns[f.name] = col
+    columns["__line"] = pa.array(np.arange(1, n + 1, dtype=np.int64))
+    out = pa.table(columns)
+    for number in np.flatnonzero(bad):
+        rejects.append((int(number) + 1, "bad_value", "a JSON-like object or list where a single value belongs", None))
+    return out.filter(pa.array(~bad)) if bad.any() else out
+
+
+def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None = None,
+                    rejects: list[Reject] | None = None, scalar: set[str] | None = None) -> pa.Table:
+    """CSV/TSV/Parquet/JSONL (optionally gzipped) → Arrow with every column as string (or binary for CSV, to check
+    the encoding per row). Unparseable rows go to `rejects`; without a list, the first one is a `SourceError`."""
     path = _require(Path(path), "source file", "check the path")
-    suffix = path.suffix.lower()
+    found: list[Reject] = []
+    scalar = scalar or set()
     try:
-        if suffix in (".parquet", ".pq"):
-            table = pq.read_table(path)
-        elif suffix in (".jsonl", ".ndjson", ".json"):
-            table = pajson.read_json(path)
+        if _format(path) == "parquet":
+            table = _read_parquet(path, scalar, found)
+        elif _format(path) == "json":
+            table = _read_jsonl(path, scalar, found)
         else:
-            sep = delimiter or ("\t" if suffix in (".tsv", ".inter", ".item", ".user") else ",")
-            with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-                header = next(csv.reader(fh, delimiter=sep), None)
-            if not header:
-                raise SourceError(f"{path} is empty or has no header row; add a header naming the columns")
+            sep = delimiter or _delimiter(path)
+            header = parse_header(first_line(path), path, sep)
             kind = pa.binary() if as_binary else pa.string()
+
+            def skip(row: pacsv.InvalidRow) -> str:
+                found.append((f"malformed-{len(found) + 1}", "malformed_row",
+                              f"expected {row.expected_columns} fields, got {row.actual_columns}; fix the quoting "
+                              "or the delimiter", row.text[:300]))
+                return "skip"
+
             table = pacsv.read_csv(
-                path,
-                parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True),
+                open_input(path),
+                parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=skip),
                 convert_options=pacsv.ConvertOptions(
                     column_types={name: kind for name in header}, strings_can_be_null=False, quoted_strings_can_be_null=False
                 ),
             )
-            return table
     except SourceError:
         raise
-    except (pa.ArrowInvalid, OSError) as exc:
-        if not as_binary and "UTF8" in str(exc).upper():
-            raise UnicodeError(str(exc)) from None
-        raise SourceError(f"cannot read {path}: {exc}. Check the file's format (CSV with a header, Parquet, JSONL).") from None
-    return table.cast(pa.schema([pa.field(f.name, pa.string()) for f in table.schema]), safe=False) if not as_binary else table
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        text = str(exc).splitlines()[0][:200]
+        if "parse error" in text.lower():
+            raise SourceError(f"cannot read {path}: {text}; a row with the wrong number of fields also holds "
+                              "non-UTF-8 bytes: re-encode the file as UTF-8") from None
+        if "UTF8" in text.upper():
+            raise SourceError(f"{path} is not UTF-8 ({text}); re-encode the file as UTF-8") from None
+        raise SourceError(f"cannot read {path}: {text}. Check the file's format (CSV with a header, Parquet, JSONL).") from None
+    if found:
+        if rejects is None:
+            line, _, detail, _ = found[0]
+            raise SourceError(f"{path} line {line}: {detail}")
+        rejects.extend(found)
+    if _format(path) == "csv" or as_binary:
+        return table
+    return table.cast(pa.schema([pa.field(f.name, pa.int64() if f.name == "__line" else pa.string())
+                                 for f in table.schema]), safe=False)
 
 
-def _rename(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
-    return table.rename_columns([mapping.get(name, name) for name in table.column_names])
+def _record(src: RawSource, file: str, rejects: list[Reject]) -> None:
+    for line, reason, detail, raw in rejects:
+        src.reject(file, line, reason, detail, raw)
+
+
+def _scalar_columns(fields: tuple[str, ...], mapping: dict[str, str]) -> set[str]:
+    """Source column names that must hold a single value: the platform's fields, under their mapped names."""
+    return set(fields) | {column for column, target in mapping.items() if target in fields}
+
+
+def _rename(table: pa.Table, mapping: dict[str, str], path: Path | str = "the source") -> pa.Table:
+    names = [mapping.get(name, name) for name in table.column_names]
+    check_unique(names, path)
+    return table.rename_columns(names)
 
 
 def _pack_attributes(table: pa.Table, keep: tuple[str, ...]) -> pa.Table:
@@ -95,17 +230,17 @@ def _pack_attributes(table: pa.Table, keep: tuple[str, ...]) -> pa.Table:
     return table.append_column("attributes", pa.array(attrs, pa.string()))
 
 
-def _interactions(path: Path, mapping: dict[str, str]) -> pa.Table | CsvStream:
+def _interactions(path: Path, mapping: dict[str, str], src: RawSource) -> pa.Table | CsvStream:
     """Interactions, lazily: delimited files stream in batches (UTF-8 checked per row at ingest); Parquet and
-    JSONL are read whole."""
+    JSONL are read whole (their unparseable rows quarantined into `src`)."""
     path = _require(Path(path), "interactions file", "check the path")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq", ".jsonl", ".ndjson", ".json"):
-        return _with_lineage(_rename(read_table_file(path), mapping), path.name)
-    sep = "\t" if suffix in (".tsv", ".inter") else ","
-    stream = CsvStream(path, sep, mapping)
-    if not stream.header:
-        raise SourceError(f"{path} is empty or has no header row; add a header naming the columns")
+    if _format(path) != "csv":
+        rejects: list[Reject] = []
+        table = read_table_file(path, rejects=rejects, scalar=_scalar_columns(INTERACTION_FIELDS, mapping))
+        _record(src, path.name, rejects)
+        return _with_lineage(_rename(table, mapping, path), path.name)
+    stream = CsvStream(path, _delimiter(path), mapping)
+    check_unique(stream.fields, path)  # reads the header: empty, non-UTF-8 or duplicate is a SourceError here
     return stream
 
 
@@ -185,7 +320,9 @@ def _tmdb(path: Path, src: RawSource, known: set[str]) -> dict[str, dict]:
     """The TMDB items CSV, de-duplicated on `movie_id` (identical rows merged, conflicting ones quarantined)."""
     from recipes.ingest.load import _Quarantine
 
-    table = read_table_file(path)
+    rejects: list[Reject] = []
+    table = read_table_file(path, rejects=rejects)
+    _record(src, path.name, rejects)
     tally = src.tallies.setdefault(path.name, FileTally())
     q = _Quarantine(src)
     out: dict[str, dict] = {}
@@ -227,7 +364,7 @@ def mmrec(directory: str | Path) -> RawSource:
         raise SourceError(f"no <name>.inter file in {root}; MMRec datasets keep their interactions in <name>.inter")
     mapping = {"userID": "user_id", "itemID": "item_id", "rating": "value"}
     src = RawSource(name=f"mmrec:{inter[0].stem}", derive_items=True, derive_users=True, default_event="rating")
-    src.interactions = _interactions(inter[0], mapping)
+    src.interactions = _interactions(inter[0], mapping, src)
     return src
 
 
@@ -251,13 +388,17 @@ def recbole(directory: str | Path) -> RawSource:
     src.interactions = stream
     item_path, user_path = root / f"{name}.item", root / f"{name}.user"
     if item_path.exists():
-        items = _strip_types(read_table_file(item_path, as_binary=True))
-        items = _rename(items, {"movie_title": "title", "title": "title", "description": "text"})
+        rejects: list[Reject] = []
+        items = _strip_types(read_table_file(item_path, as_binary=True, rejects=rejects))
+        _record(src, item_path.name, rejects)
+        items = _rename(items, {"movie_title": "title", "title": "title", "description": "text"}, item_path)
         src.items = _with_lineage(_pack_attributes(items, ITEM_FIELDS), item_path.name)
     else:
         src.derive_items = True
     if user_path.exists():
-        users = _strip_types(read_table_file(user_path, as_binary=True))
+        rejects = []
+        users = _strip_types(read_table_file(user_path, as_binary=True, rejects=rejects))
+        _record(src, user_path.name, rejects)
         src.users = _with_lineage(_pack_attributes(users, USER_FIELDS), user_path.name)
     else:
         src.derive_users = True
@@ -291,7 +432,10 @@ def table(
     mapping = mapping or {}
     items_path = Path(items)
     src = RawSource(name=name or f"table:{items_path.stem}", image_root=Path(images) if images else None)
-    item_table = _rename(read_table_file(items_path, as_binary=True), mapping)
+    rejects: list[Reject] = []
+    item_table = read_table_file(items_path, as_binary=True, rejects=rejects, scalar=_scalar_columns(ITEM_FIELDS, mapping))
+    _record(src, items_path.name, rejects)
+    item_table = _rename(item_table, mapping, items_path)
     if "item_id" not in item_table.column_names:
         raise SourceError(
             f"{items_path} has no item_id column (columns: {item_table.column_names}); pass --map COLUMN=item_id"
@@ -299,7 +443,11 @@ def table(
     src.items = _with_lineage(_pack_attributes(item_table, ITEM_FIELDS), items_path.name)
     if users:
         users_path = Path(users)
-        user_table = _rename(read_table_file(users_path, as_binary=True), mapping)
+        rejects = []
+        user_table = read_table_file(users_path, as_binary=True, rejects=rejects,
+                                     scalar=_scalar_columns(USER_FIELDS, mapping))
+        _record(src, users_path.name, rejects)
+        user_table = _rename(user_table, mapping, users_path)
         if "user_id" not in user_table.column_names:
             raise SourceError(f"{users_path} has no user_id column; pass --map COLUMN=user_id")
         src.users = _with_lineage(_pack_attributes(user_table, USER_FIELDS), users_path.name)
@@ -307,7 +455,7 @@ def table(
         src.derive_users = True
     if interactions:
         inter_path = Path(interactions)
-        inter = _interactions(inter_path, mapping)
+        inter = _interactions(inter_path, mapping, src)
         missing = {"user_id", "item_id", "timestamp"} - set(_fields(inter))
         if missing:
             raise SourceError(f"{inter_path} lacks columns {sorted(missing)}; pass --map COLUMN=FIELD for each")
