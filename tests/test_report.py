@@ -439,3 +439,30 @@ def test_report_data_defaults_render():
     """A ReportData with nothing in it is a valid report (the CLI's worst case)."""
     page = render_report(ReportData(source="memory://"))
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+
+
+def test_hostile_values_are_escaped_everywhere_they_show():
+    """Every value taken from the data (item title, text, caption, graph name, workspace path, notes) is escaped by
+    the templates' autoescaping: a `<script>` in any of them reaches the page only as text."""
+    items = pa.table(
+        {
+            "item_id": ["i1", "i2"],
+            "title": [HOSTILE, "ok"],
+            "text": ["plain", HOSTILE],
+            "attributes": [None, None],
+        }
+    )
+    captions = pa.table({"item_id": ["i2"], "caption": [HOSTILE]})
+    data = ReportData(
+        source=f"/ws/{HOSTILE}",
+        items=items,
+        sample_ids=["i1", "i2"],
+        captions=captions,
+        notes=[HOSTILE],
+        other_graphs=[{"name": HOSTILE, "type": "user-item", "node_kind": "user", "nodes": 2, "edges": 1}],
+    )
+    page = render_report(data)
+    assert HOSTILE not in page
+    assert page.count(html.escape(HOSTILE)) >= 6, page.count(html.escape(HOSTILE))
+    gallery = sections(page)["captions"]
+    assert f"<b>{html.escape(HOSTILE)}</b>" in gallery and "could not build" not in gallery

@@ -12,26 +12,24 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import html
 import io
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jinja2
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pyarrow as pa
 import pyarrow.compute as pc
+from markupsafe import Markup, escape
 
 from recipes.report import charts
 from recipes.report.charts import Graph
 from stores.ids import seconds, sorted_codes
-
-if TYPE_CHECKING:
-    pass
 
 SECTIONS: dict[str, str] = {
     "card": "Dataset card",
@@ -131,62 +129,66 @@ pre{white-space:pre-wrap;font-size:12px;margin:4px 0}.muted{color:#777}
 """
 
 
-# The commands that produce each section's tables, named in the notes shown where they are absent.
-_INGEST = "run <code>mmfeat ingest movielens|mmrec|recbole|table ...</code>"
-_ENCODE = "run <code>mmfeat encode image|text|caption</code>"
-_GRAPH = "<code>mmfeat graph knn --split NAME --feature FEATURE</code>"
-_FORGET = "<code>mmfeat forget user|item|interactions|modality|before|attribute ...</code>"
+# The commands that produce each section's tables, named in the notes shown where they are absent (trusted markup).
+_INGEST = Markup("run <code>mmfeat ingest movielens|mmrec|recbole|table ...</code>")
+_ENCODE = Markup("run <code>mmfeat encode image|text|caption</code>")
+_CAPTION = Markup("run <code>mmfeat caption</code>")
+_GRAPH = Markup("<code>mmfeat graph knn --split NAME --feature FEATURE</code>")
+_FORGET = Markup("<code>mmfeat forget user|item|interactions|modality|before|attribute ...</code>")
 
-
-def _esc(value: object) -> str:
-    return html.escape("" if value is None else str(value))
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("recipes.report", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined,
+)
+# The macros of parts.html.j2 (note, muted, kv, table, items, details, gallery, grid), callable from Python.
+_PARTS = _ENV.get_template("parts.html.j2").module
 
 
 def _when(value: object) -> object:
     return f"{value:%Y-%m-%d %H:%M:%S %Z}".strip() if isinstance(value, datetime) else value
 
 
-def _note(text: str) -> str:
-    return f'<p class="note">{text}</p>'
+def _note(text: str | Markup, hint: Markup | None = None) -> Markup:
+    """A note box; `text` is escaped, `hint` (a command in <code>) is trusted markup."""
+    return _PARTS.note(Markup("{}: {}").format(text, hint) if hint is not None else text)
 
 
-def _kv(rows: list[tuple[str, object]]) -> str:
-    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
-    return f'<table class="kv">{body}</table>'
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="kv"><tr>{head}</tr>{body}</table>'
-
-
-def _chart(fig: go.Figure) -> str:
-    return fig.to_html(
-        full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True}
+def _chart(fig: go.Figure) -> Markup:
+    """A plotly figure's own HTML: trusted output of plotly, which escapes the data it embeds."""
+    return Markup(
+        fig.to_html(
+            full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True}
+        )
     )
 
 
-def _safe(build: Callable[[], str], name: str) -> str:
+def _join(*parts: Markup | str) -> Markup:
+    return Markup("").join(parts)
+
+
+def _safe(build: Callable[[], Markup], name: str) -> Markup:
     """A section that fails to build shows the error instead of sinking the whole report."""
     try:
         return build()
     except Exception as exc:  # the report is diagnostic: one bad table must not hide the others
-        return _note(f"could not build the {_esc(name)} section: {_esc(type(exc).__name__)}: {_esc(exc)}")
+        return _note(f"could not build the {name} section: {type(exc).__name__}: {exc}")
 
 
 def _codes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return sorted_codes(table["user_id"])[0], sorted_codes(table["item_id"])[0]
 
 
-def section_card(d: ReportData, cfg: ReportConfig) -> str:
+def section_card(d: ReportData, cfg: ReportConfig) -> Markup:
     n_items = d.items.num_rows if d.items is not None else 0
     rows: list[tuple[str, object]] = [
         ("items (items table)", f"{n_items:,}"),
         ("users (users table)", f"{d.n_users:,}"),
     ]
     if d.interactions is None or d.interactions.num_rows == 0:
-        return _kv(rows) + _note(f"no interactions yet: {_INGEST}")
+        return _join(_PARTS.kv(rows), _note("no interactions yet", _INGEST))
     inter = d.interactions
     if d.split is not None:
         raw, core = charts.counts_summary(*_codes(inter)), charts.counts_summary(*_codes(d.split))
@@ -211,18 +213,18 @@ def section_card(d: ReportData, cfg: ReportConfig) -> str:
         ),
         ("quarantined rows", f"{d.quarantined:,}"),
     ]
-    return _kv(rows) + _chart(charts.fig_card(raw, core, core_label, d.split))
+    return _join(_PARTS.kv(rows), _chart(charts.fig_card(raw, core, core_label, d.split)))
 
 
-def section_degrees(d: ReportData, cfg: ReportConfig) -> str:
+def section_degrees(d: ReportData, cfg: ReportConfig) -> Markup:
     if d.interactions is None or d.interactions.num_rows == 0:
-        return _note(f"no interactions yet: {_INGEST}")
+        return _note("no interactions yet", _INGEST)
     return _chart(charts.fig_degrees(*_codes(d.interactions)))
 
 
-def section_time(d: ReportData, cfg: ReportConfig) -> str:
+def section_time(d: ReportData, cfg: ReportConfig) -> Markup:
     if d.interactions is None or d.interactions.num_rows == 0:
-        return _note(f"no interactions yet: {_INGEST}")
+        return _note("no interactions yet", _INGEST)
     return _chart(charts.fig_time(seconds(d.interactions["timestamp"]), d.split))
 
 
@@ -254,13 +256,13 @@ def coverage_counts(d: ReportData) -> dict[str, tuple[int, int]]:
     return out
 
 
-def section_coverage(d: ReportData, cfg: ReportConfig) -> str:
+def section_coverage(d: ReportData, cfg: ReportConfig) -> Markup:
     if d.items is None or d.items.num_rows == 0:
-        return _note(f"no items yet: {_INGEST}")
-    notes = [] if d.captions is not None else ["no captions yet: run <code>mmfeat caption</code>"]
+        return _note("no items yet", _INGEST)
+    notes = [] if d.captions is not None else [_note("no captions yet", _CAPTION)]
     if not d.features:
-        notes.append(f"no feature tables (feat_*) yet: {_ENCODE}")
-    return "".join(_note(n) for n in notes) + _chart(charts.fig_coverage(coverage_counts(d)))
+        notes.append(_note("no feature tables (feat_*) yet", _ENCODE))
+    return _join(*notes, _chart(charts.fig_coverage(coverage_counts(d))))
 
 
 def thumbnail(data: bytes, size: int = 160) -> str | None:
@@ -277,9 +279,9 @@ def thumbnail(data: bytes, size: int = 160) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _gallery(d: ReportData, cfg: ReportConfig) -> str:
+def _gallery(d: ReportData, cfg: ReportConfig) -> Markup:
     if d.items is None or not d.sample_ids:
-        return ""
+        return Markup("")
     caption_of: dict[str, str] = {}
     if d.captions is not None:
         for item, text in zip(
@@ -287,40 +289,36 @@ def _gallery(d: ReportData, cfg: ReportConfig) -> str:
         ):
             caption_of.setdefault(item, text)
     pos = pc.index_in(pa.array(d.sample_ids, pa.string()), value_set=d.items["item_id"].combine_chunks())
-    rows = d.items.take(pos.drop_null()).to_pylist()
-    cells = ['<div class="hd">image</div><div class="hd">title and text</div><div class="hd">caption</div>']
-    for row in rows:
+    rows = []
+    for row in d.items.take(pos.drop_null()).to_pylist():
         data = d.images.get(row["item_id"])
-        uri = thumbnail(data) if data else None
-        img = (
-            f'<img src="{uri}" alt="item {_esc(row["item_id"])}">'
-            if uri
-            else '<div class="noimg">no image</div>'
-        )
         text = row.get("text") or ""
-        text = text if len(text) <= 400 else text[:400] + "…"
-        caption = caption_of.get(row["item_id"])
-        cells.append(
-            f"<div>{img}</div><div><b>{_esc(row.get('title') or row['item_id'])}</b> "
-            f'<span class="muted">({_esc(row["item_id"])})</span><br>{_esc(text)}</div>'
-            f"<div>{_esc(caption) if caption else '<span class=muted>no caption</span>'}</div>"
+        rows.append(
+            {
+                "item_id": row["item_id"],
+                "uri": thumbnail(data) if data else None,
+                "title": row.get("title") or row["item_id"],
+                "text": text if len(text) <= 400 else text[:400] + "…",
+                "caption": caption_of.get(row["item_id"]),
+            }
         )
-    return f'<h3>Sample items</h3><div class="gallery">{"".join(cells)}</div>'
+    return _PARTS.gallery(rows)
 
 
-def section_captions(d: ReportData, cfg: ReportConfig) -> str:
+def section_captions(d: ReportData, cfg: ReportConfig) -> Markup:
     head = (
-        _note("no captions yet: run <code>mmfeat caption</code>")
+        _note("no captions yet", _CAPTION)
         if d.captions is None or d.captions.num_rows == 0
         else _chart(charts.fig_captions(d.captions))
     )
-    return head + _gallery(d, cfg)
+    return _join(head, _gallery(d, cfg))
 
 
 def _item_lookup(d: ReportData, ids: np.ndarray) -> tuple[list[str | None], list[str]]:
-    """Category and hover text of each id (from the items table; unknown ids get none)."""
+    """Category and hover text of each id (from the items table; unknown ids get none). Plotly shows hover text
+    as HTML, so the data in it is escaped."""
     if d.items is None or d.items.num_rows == 0:
-        return [None] * len(ids), [html.escape(str(i)) for i in ids]
+        return [None] * len(ids), [str(escape(str(i))) for i in ids]
     pos = pc.index_in(pa.array(ids, pa.string()), value_set=d.items["item_id"].combine_chunks())
     sub = d.items.take(pc.fill_null(pos, 0))
     valid = pc.is_valid(pos).to_pylist()
@@ -330,15 +328,15 @@ def _item_lookup(d: ReportData, ids: np.ndarray) -> tuple[list[str | None], list
     ]
     titles = sub["title"].to_pylist()
     hover = [
-        html.escape(f"{t if ok and t else i}") + (f"<br>{html.escape(c)}" if c else "")
+        str(escape(f"{t if ok and t else i}") + (Markup("<br>{}").format(c) if c else ""))
         for i, t, c, ok in zip(ids, titles, cats, valid, strict=True)
     ]
     return cats, hover
 
 
-def section_projections(d: ReportData, cfg: ReportConfig) -> str:
+def section_projections(d: ReportData, cfg: ReportConfig) -> Markup:
     if not d.features:
-        return _note(f"no feature tables (feat_*) yet: {_ENCODE}")
+        return _note("no feature tables (feat_*) yet", _ENCODE)
     figs = []
     for name, feat in d.features.items():
         take = np.sort(charts.hash_rank(feat.ids)[: cfg.max_points])
@@ -346,8 +344,8 @@ def section_projections(d: ReportData, cfg: ReportConfig) -> str:
         coords, ratio = charts.pca_2d(vectors)
         cats, hover = _item_lookup(d, ids)
         fig = charts.fig_projection(name, coords, ratio, cats, hover, cfg.max_categories, len(feat.all_ids))
-        figs.append(f"<div>{_chart(fig)}</div>")
-    return f'<div class="grid2">{"".join(figs)}</div>'
+        figs.append(_chart(fig))
+    return _PARTS.grid(figs)
 
 
 def knn_graphs(d: ReportData, cfg: ReportConfig) -> list[Graph]:
@@ -368,23 +366,23 @@ def knn_graphs(d: ReportData, cfg: ReportConfig) -> list[Graph]:
     return stored + computed
 
 
-def _other_graphs(d: ReportData) -> str:
+def _other_graphs(d: ReportData) -> Markup:
     if not d.other_graphs:
-        return ""
+        return Markup("")
     rows = [
-        [_esc(g.get("name")), _esc(g.get("type")), _esc(g.get("node_kind"))]
+        [g.get("name"), g.get("type"), g.get("node_kind")]
         + [f"{g.get(k) or 0:,}" for k in ("nodes", "edges")]
-        + [_esc(g.get("split"))]
+        + [g.get("split")]
         for g in d.other_graphs
     ]
     header = ["graph", "type", "nodes are", "nodes", "edges", "split"]
-    return "<h3>Other stored graphs</h3>" + _table(header, rows)
+    return _join(Markup("<h3>Other stored graphs</h3>"), _PARTS.table(header, rows))
 
 
-def section_knn(d: ReportData, cfg: ReportConfig) -> str:
+def section_knn(d: ReportData, cfg: ReportConfig) -> Markup:
     if not d.features and not d.graphs:
-        note = f"no feature tables (feat_*) or stored kNN graphs yet: {_ENCODE}, then {_GRAPH}"
-        return _note(note) + _other_graphs(d)
+        hint = Markup("{}, then {}").format(_ENCODE, _GRAPH)
+        return _join(_note("no feature tables (feat_*) or stored kNN graphs yet", hint), _other_graphs(d))
     graphs = knn_graphs(d, cfg)
     stats = [charts.graph_stats(g) for g in graphs]
     overlaps = {
@@ -394,38 +392,39 @@ def section_knn(d: ReportData, cfg: ReportConfig) -> str:
     header = ["graph", "source", "nodes", "edges", "mean out-degree"]
     header += ["max in-degree", "never a neighbour", "reciprocity"]
     rows = [
-        [_esc(g.name), _esc(g.origin), f"{s['nodes']:,}", f"{s['edges']:,}", f"{s['mean_out']:.1f}"]
+        [g.name, g.origin, f"{s['nodes']:,}", f"{s['edges']:,}", f"{s['mean_out']:.1f}"]
         + [f"{s['max_in']:,}", f"{s['no_in']:.1%}", f"{s['reciprocity']:.1%}"]
         for g, s in zip(graphs, stats, strict=True)
     ]
-    summary = "".join(
-        f"<li>{_esc(p)}: on average {s.mean():.2f} shared neighbours per item "
-        f"({len(s):,} items compared)</li>"
+    summary = [
+        f"{p}: on average {s.mean():.2f} shared neighbours per item ({len(s):,} items compared)"
         for p, s in overlaps.items()
-    )
+    ]
     hints = []
     computed = [g.name for g in graphs if g.group == "sample"]
     if computed:
         hints.append(
-            f"no stored kNN graph of {_esc(', '.join(computed))}: computed here; store one with {_GRAPH}"
+            Markup("no stored kNN graph of {}: computed here; store one with {}").format(
+                ", ".join(computed), _GRAPH
+            )
         )
     if not overlaps:
         hints.append(
             "image-vs-text neighbour overlap needs a kNN graph of an image feature and one of a text feature, "
             "both stored on the same split or both computed here"
         )
-    return (
-        _table(header, rows)
-        + (f"<ul>{summary}</ul>" if summary else "")
-        + "".join(f'<p class="muted">{h}</p>' for h in hints)
-        + _chart(charts.fig_knn(graphs, stats, overlaps))
-        + _other_graphs(d)
+    return _join(
+        _PARTS.table(header, rows),
+        _PARTS.items(summary),
+        *(_PARTS.muted(h) for h in hints),
+        _chart(charts.fig_knn(graphs, stats, overlaps)),
+        _other_graphs(d),
     )
 
 
-def section_forget(d: ReportData, cfg: ReportConfig) -> str:
+def section_forget(d: ReportData, cfg: ReportConfig) -> Markup:
     if d.forget is None or d.forget.num_rows == 0:
-        return _note(f"no forget requests: submit one with {_FORGET}")
+        return _PARTS.note(Markup("no forget requests: submit one with {}").format(_FORGET))
     forget = (
         d.forget.sort_by([("created_at", "descending")])
         if "created_at" in d.forget.column_names
@@ -438,26 +437,22 @@ def section_forget(d: ReportData, cfg: ReportConfig) -> str:
             pretty = json.dumps(json.loads(receipt), indent=1, default=str) if receipt else None
         except ValueError:
             pretty = receipt
-        detail = (
-            f"<details><summary>{_esc(charts.forget_status(receipt))}</summary><pre>{_esc(pretty)}</pre></details>"
-            if pretty
-            else "pending"
-        )
+        detail = _PARTS.details(charts.forget_status(receipt), pretty) if pretty else "pending"
         rows.append(
             [
-                _esc(_when(r.get("created_at"))),
-                _esc(r.get("request_id")),
-                _esc(r.get("kind")),
-                _esc(r.get("requester")),
-                _esc(r.get("reason")),
+                _when(r.get("created_at")),
+                r.get("request_id"),
+                r.get("kind"),
+                r.get("requester"),
+                r.get("reason"),
                 detail,
             ]
         )
-    table = _table(["created", "request", "kind", "requester", "reason", "receipt"], rows)
-    return _chart(charts.fig_forget(forget)) + table
+    table = _PARTS.table(["created", "request", "kind", "requester", "reason", "receipt"], rows)
+    return _join(_chart(charts.fig_forget(forget)), table)
 
 
-_BUILDERS: dict[str, Callable[[ReportData, ReportConfig], str]] = {
+_BUILDERS: dict[str, Callable[[ReportData, ReportConfig], Markup]] = {
     "card": section_card,
     "degrees": section_degrees,
     "time": section_time,
@@ -470,24 +465,22 @@ _BUILDERS: dict[str, Callable[[ReportData, ReportConfig], str]] = {
 
 
 def render_report(d: ReportData, cfg: ReportConfig = ReportConfig()) -> str:
-    """The whole report as one HTML string: plotly.js inlined once, every section present (chart or note)."""
+    """The whole report as one HTML string (templates/report.html.j2, autoescaped): plotly.js inlined once,
+    every section present (chart or note)."""
     from plotly.offline import get_plotlyjs
 
-    body = "".join(
-        f'<section id="{key}" data-section="{key}"><h2>{_esc(title)}</h2>'
-        f"{_safe(lambda b=_BUILDERS[key]: b(d, cfg), title)}</section>"
+    sections = [
+        {"key": key, "title": title, "body": _safe(lambda b=_BUILDERS[key]: b(d, cfg), title)}
         for key, title in SECTIONS.items()
-    )
-    nav = "".join(f'<a href="#{k}">{_esc(t)}</a>' for k, t in SECTIONS.items())
-    pinned = ", ".join(f"{k}@{v}" for k, v in sorted(d.versions.items()))
-    subtitle = f"snapshot {_esc(d.snapshot)} · " if d.snapshot else ""
-    split = f" · split {_esc(d.split_name)}" if d.split_name else ""
-    notes = "".join(f"<p>{_esc(n)}</p>" for n in d.notes)
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>mmfeat report: {_esc(d.source)}</title><style>{_CSS}</style>"
-        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
-        f"<header><h1>mmfeat dataset report</h1><p>{subtitle}workspace {_esc(d.source)}{split} · generated "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}</p><p>tables read: {_esc(pinned) or 'none'}</p>{notes}</header>"
-        f"<nav>{nav}</nav><main>{body}</main></body></html>"
+    ]
+    return _ENV.get_template("report.html.j2").render(
+        source=d.source,
+        snapshot=d.snapshot,
+        split=d.split_name,
+        generated=f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
+        pinned=", ".join(f"{k}@{v}" for k, v in sorted(d.versions.items())),
+        notes=d.notes,
+        sections=sections,
+        css=Markup(_CSS),
+        plotly_js=Markup(get_plotlyjs()),
     )
