@@ -38,8 +38,17 @@ _BATCH_ROWS = 8192
 TEMP_DIR = "_tmp"
 """Scratch folder in a local workspace root; `stores.erasure.physical.remove_temp_files` clears leftovers."""
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class SqlRefused(ValueError):
@@ -97,7 +106,10 @@ def check_read_only(query: str) -> None:
 
 
 def connect(
-    ws: Workspace, versions: dict[str, int] | None = None, limits: SqlLimits | None = None, temp_dir: str | None = None
+    ws: Workspace,
+    versions: dict[str, int] | None = None,
+    limits: SqlLimits | None = None,
+    temp_dir: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """A locked-down DuckDB connection with every workspace table registered (pinned where `versions` says),
     DuckDB's memory and spill limited by `limits` and its spill files kept in `temp_dir`."""

@@ -62,7 +62,9 @@ def test_select_and_version_pinning(filled):
     """SELECT sees every table; a version pin reads the table as it was."""
     v1 = filled.version("items")
     ws = filled
-    ws.upsert(ITEMS, conform(pa.table({"item_id": ["03"], "title": ["c"], "content_hash": ["h3"]}), ITEMS.schema))
+    ws.upsert(
+        ITEMS, conform(pa.table({"item_id": ["03"], "title": ["c"], "content_hash": ["h3"]}), ITEMS.schema)
+    )
     assert run_sql(ws, "select count(*) n from items")["n"].to_pylist() == [3]
     assert run_sql(ws, "select count(*) n from items", versions={"items": v1})["n"].to_pylist() == [2]
 
