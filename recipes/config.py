@@ -12,12 +12,13 @@ replaced from the environment, and relative input paths resolve against the conf
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 import types
 import typing
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo
@@ -34,6 +35,7 @@ from pydantic import (
 )
 
 from recipes.splits import SplitConfig
+from recipes.strict import strict_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _NAME = r"^[a-z][a-z0-9_\-]{0,62}$"
@@ -173,38 +175,15 @@ class ExtractorConfig(_Strict):
 # ---- splits, graphs, exports -------------------------------------------------------------------------------------
 
 
-class SplitSpec(_Strict):
-    """A named split; the fields are those of recipes.splits.SplitConfig (cutoff dates as ISO dates)."""
+@strict_config
+class SplitSpec(SplitConfig):
+    """A named split: `name` plus the fields of recipes.splits.SplitConfig (cutoff dates as ISO dates, UTC)."""
 
-    name: Name
-    scheme: Literal["random", "temporal", "loo", "cutoff"] = "random"
-    kcore: int | tuple[int, int] = 0
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    cutoff: tuple[date, date] | None = None
-    cutoff_quantiles: tuple[float, float] | None = None
-    dedup: Literal["first", "last", "all"] = "first"
-    min_ratio_inters: int = Field(10, ge=0)
-
-    @model_validator(mode="after")
-    def _valid(self) -> SplitSpec:
-        self.to_split_config()  # SplitConfig's own checks, reported under this split's key
-        return self
+    name: Name = dataclasses.field(kw_only=True)
 
     def to_split_config(self) -> SplitConfig:
-        cut = None
-        if self.cutoff is not None:
-            cut = tuple(datetime(d.year, d.month, d.day, tzinfo=UTC) for d in self.cutoff)
-        return SplitConfig(
-            scheme=self.scheme,
-            kcore=self.kcore,
-            ratios=self.ratios,
-            seed=self.seed,
-            cutoff=cut,
-            cutoff_quantiles=self.cutoff_quantiles,
-            dedup=self.dedup,
-            min_ratio_inters=self.min_ratio_inters,
-        )
+        """The split's recipe config without its name (what the step fingerprints, so renaming rebuilds nothing)."""
+        return SplitConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SplitConfig)})
 
 
 class UserItemGraph(_Strict):
@@ -601,9 +580,9 @@ def explain(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         model, key = _walk(err["loc"])
         kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
-        if kind == "extra_forbidden":
+        if kind in ("extra_forbidden", "unexpected_keyword_argument"):  # models, dataclasses
             field = str(err["loc"][-1])
-            valid = sorted(model.model_fields) if model else []
+            valid = sorted(_fields(model)) if model else []
             hint = difflib.get_close_matches(field, valid, n=1)
             lines.append(
                 f"{key}: unknown key"
@@ -639,11 +618,11 @@ def explain(exc: ValidationError) -> list[str]:
     return lines
 
 
-def _walk(loc: tuple) -> tuple[type[BaseModel] | None, str]:
+def _walk(loc: tuple) -> tuple[type | None, str]:
     """Follow an error location through the models: the model that holds the last key, and the key as
     `graphs[1].features` (discriminator tags dropped)."""
     ann: Any = PipelineConfig
-    model: type[BaseModel] | None = PipelineConfig
+    model: type | None = PipelineConfig
     key = ""
     for i, part in enumerate(loc):
         ann = _unwrap(ann)
@@ -659,13 +638,21 @@ def _walk(loc: tuple) -> tuple[type[BaseModel] | None, str]:
             ann = args[0] if args else Any
             continue
         key += ("." if key else "") + str(part)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if isinstance(ann, type) and (issubclass(ann, BaseModel) or dataclasses.is_dataclass(ann)):
             model = ann
-            if i < len(loc) - 1 and part in ann.model_fields:
-                ann = ann.model_fields[part].annotation
+            fields = _fields(ann)
+            if i < len(loc) - 1 and part in fields:
+                ann = fields[part]
         elif typing.get_origin(ann) is dict:
             ann = typing.get_args(ann)[1]
     return model, key or "(top level)"
+
+
+def _fields(model: type) -> dict[str, Any]:
+    """Field name -> annotation of a pydantic model or of a recipe's dataclass config (SplitSpec)."""
+    if issubclass(model, BaseModel):
+        return {name: f.annotation for name, f in model.model_fields.items()}
+    return typing.get_type_hints(model)
 
 
 def _unwrap(ann: Any) -> Any:

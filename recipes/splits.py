@@ -10,17 +10,16 @@ A split is the interactions (after de-duplication and k-core) plus an int8 `labe
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, date, datetime
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import field_validator
 
 from recipes.kcore import DEDUP_POLICIES, DedupPolicy, check_interactions, dedup_mask, kcore_mask, pair_order
+from recipes.strict import strict_config
 from stores.ids import id_maps, seconds, sorted_codes
 
 Scheme = Literal["random", "temporal", "loo", "cutoff"]
@@ -30,7 +29,7 @@ TRAIN, VALID, TEST = 0, 1, 2
 __all__ = ["SplitConfig", "holdout_counts", "make_split", "split_counts"]
 
 
-@dataclass(frozen=True)
+@strict_config
 class SplitConfig:
     """How to split. Fields:
 
@@ -40,7 +39,8 @@ class SplitConfig:
         (k_user, k_item); 0 or 1 = no filter.
     ratios: (train, valid, test), summing to 1; used by "random" and "temporal" (see `holdout_counts`).
     seed: seed of numpy's PCG64 Generator (`np.random.default_rng(seed)`), used by "random" only.
-    cutoff: (valid_start, test_start) as timezone-aware datetimes, for "cutoff".
+    cutoff: (valid_start, test_start) as timezone-aware datetimes, for "cutoff"; a date (or an ISO date string)
+        means midnight UTC.
     cutoff_quantiles: (q_valid, q_test) quantiles of all timestamps, for "cutoff" when `cutoff` is unset.
     dedup: "first" | "last" | "all": which row to keep for a repeated (user, item) pair, by timestamp.
         "first" is the default because a repeated pair split across train and test is a leak, and MMRec's
@@ -57,6 +57,13 @@ class SplitConfig:
     cutoff_quantiles: tuple[float, float] | None = None
     dedup: DedupPolicy = "first"
     min_ratio_inters: int = 10
+
+    @field_validator("cutoff", mode="before")
+    @classmethod
+    def _dates_are_utc_midnight(cls, value):
+        if value is None:
+            return None
+        return tuple(_utc_midnight(v) for v in value)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -89,24 +96,15 @@ class SplitConfig:
         if self.min_ratio_inters < 0:
             raise ValueError(f"min_ratio_inters={self.min_ratio_inters}; expected >= 0")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SplitConfig:
-        """Build from a YAML/JSON mapping; an unknown key is an error naming it and the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown SplitConfig key(s) {unknown}; valid keys are {names}")
-        values = dict(data)
-        for key in ("ratios", "cutoff_quantiles"):
-            if values.get(key) is not None:
-                values[key] = tuple(float(v) for v in values[key])
-        if isinstance(values.get("kcore"), list):
-            values["kcore"] = tuple(values["kcore"])
-        if values.get("cutoff") is not None:
-            values["cutoff"] = tuple(
-                v if isinstance(v, datetime) else datetime.fromisoformat(str(v)) for v in values["cutoff"]
-            )
-        return cls(**values)
+
+
+def _utc_midnight(value):
+    """A date (or a date-only ISO string, as YAML configs write them) as midnight UTC; anything else unchanged."""
+    if isinstance(value, str) and len(value) == 10:
+        value = date.fromisoformat(value)
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return value
 
 
 def holdout_counts(

@@ -14,12 +14,9 @@ figures come from the epoch with the best validation recall@20.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,13 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from recipes.graphs.user_item import bipartite, sym_normalize
+from recipes.strict import strict_config
 from stores.reader import BprDataset, FeatureReader, UserBatches, pair_keys
 
 KS = (10, 20)
 MODELS = ("popularity", "mf_bpr", "freedom")
 
 
-@dataclass(frozen=True)
+@strict_config
 class TrainConfig:
     """Hyper-parameters of the example run: FREEDOM's published values, except the learning rates, which are the
     best of the ML-100K runs recorded in BENCHMARKS.md for each model."""
@@ -68,15 +66,6 @@ class TrainConfig:
         if self.epochs < 1 or self.eval_every < 1:
             raise ValueError(f"epochs={self.epochs}, eval_every={self.eval_every}; both must be >= 1")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; an unknown key is an error naming it and the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys are {names}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------

@@ -193,12 +193,12 @@ def test_split_applies_dedup_and_kcore_and_keeps_columns():
 def test_split_config_is_strict():
     """Unknown keys and bad values fail with a message naming the key and the valid choices."""
     with pytest.raises(ValueError, match=r"unknown SplitConfig key\(s\) \['ratio'\]"):
-        SplitConfig.from_dict({"scheme": "random", "ratio": [0.8, 0.1, 0.1]})
+        SplitConfig(**{"scheme": "random", "ratio": [0.8, 0.1, 0.1]})
     with pytest.raises(ValueError, match="scheme="):
         SplitConfig(scheme="chrono")
     with pytest.raises(ValueError, match="ratios="):
         SplitConfig(ratios=(0.8, 0.1, 0.2))
-    cfg = SplitConfig.from_dict({"scheme": "temporal", "kcore": [5, 3], "ratios": [0.7, 0.1, 0.2]})
+    cfg = SplitConfig(**{"scheme": "temporal", "kcore": [5, 3], "ratios": [0.7, 0.1, 0.2]})
     assert cfg.kcore == (5, 3) and cfg.ratios == (0.7, 0.1, 0.2)
     with pytest.raises(ValueError, match="exactly one"):
         SplitConfig(scheme="cutoff")

@@ -22,7 +22,7 @@ from flows.report_cli import report
 from recipes.report.charts import Graph, graph_stats, knn_topk, neighbour_overlap, time_bins
 from recipes.report.data import feature_modality, load_report_data
 from recipes.report.render import SECTIONS, ReportConfig, ReportData, ReportError, render_report
-from stores.artifacts import write_split
+from stores.artifacts import save_split
 from stores.erasure.log import FORGET_REQUESTS
 from stores.features import CAPTIONS, feature_spec
 from stores.schema import INTERACTIONS, ITEMS, TIMESTAMP
@@ -107,7 +107,7 @@ def add_side_tables(ws) -> None:
     )
 
     split = make_split(ws.read("interactions"), SplitConfig(scheme="temporal", kcore=5))
-    write_split(ws, "temporal", split)
+    save_split(ws, "temporal", split, {})
     receipt = {"status": "done", "rows_deleted": {"interactions": 20, "users": 1}, "tables_rewritten": 3}
     request = {
         "request_id": "fr-0001",

@@ -316,7 +316,7 @@ def test_request_validation_names_the_problem():
     with pytest.raises(ValueError, match="not allowed"):
         ForgetRequest("it's", "user", users=("1",))
     with pytest.raises(ValueError, match="unknown ScenarioConfig"):
-        ScenarioConfig.from_dict({"scenario": "cure4rec", "pct": 5})
+        ScenarioConfig(**{"scenario": "cure4rec", "pct": 5})
 
 
 def test_forget_user_reaches_every_table_and_version(sws):

@@ -22,23 +22,22 @@ Zero feature rows: MMRec divides by a zero norm and gets NaN; here they stay zer
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
 from recipes.graphs.user_item import edges_table
+from recipes.strict import strict_config
 
 KnnNorm = Literal["freedom", "lattice", "none"]
 NORMS: tuple[str, ...] = ("freedom", "lattice", "none")
 
 
-@dataclass(frozen=True)
+@strict_config
 class KnnConfig:
     """k: neighbours per item. norm: "freedom", "lattice" or "none" (raw cosine weights).
     symmetric: add the reverse of every edge (union, cosine weight). self_loops: False picks k neighbours
@@ -62,14 +61,6 @@ class KnnConfig:
                 f"block_rows={self.block_rows}, max_tile={self.max_tile}; need 1 <= block_rows <= max_tile"
             )
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> KnnConfig:
-        """Build from a mapping; an unknown key is an error naming it and the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown KnnConfig key(s) {unknown}; valid keys are {names}")
-        return cls(**data)
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:

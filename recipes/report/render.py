@@ -11,10 +11,9 @@ workspace into a `ReportData`; every section renders a note naming the command t
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +28,7 @@ from markupsafe import Markup, escape
 
 from recipes.report import charts
 from recipes.report.charts import Graph
+from recipes.strict import strict_config
 from stores.ids import seconds, sorted_codes
 
 SECTIONS: dict[str, str] = {
@@ -47,7 +47,7 @@ class ReportError(ValueError):
     """The report cannot be built as asked (unknown split, snapshots unavailable): says what to pass instead."""
 
 
-@dataclass(frozen=True)
+@strict_config
 class ReportConfig:
     """kcore: k of the on-the-fly core shown when no split is given. k: neighbours per item in the kNN graphs.
     max_points: items per projection scatter. knn_max_items: items per computed kNN graph (a hash-ranked
@@ -65,15 +65,6 @@ class ReportConfig:
         for name in ("kcore", "k", "max_points", "knn_max_items", "sample_items", "max_categories"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ReportConfig:
-        """Build from a mapping; an unknown key is an error naming it and the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown ReportConfig key(s) {unknown}; valid keys are {names}")
-        return cls(**data)
 
 
 @dataclass

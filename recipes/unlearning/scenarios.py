@@ -10,18 +10,17 @@ forget rows following its published rules (see recipes/unlearning.py for each: C
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from recipes.splits import TEST, TRAIN, VALID
+from recipes.strict import strict_config
 from stores.erasure.requests import attribute_items, id_mask
 from stores.ids import id_maps, seconds, sorted_codes
 
@@ -74,7 +73,7 @@ SCENARIOS: tuple[str, ...] = ("cure4rec", "l2unrank_interaction", "l2unrank_item
 CURE_MODES: tuple[str, ...] = ("random", "most_active", "least_active")
 
 
-@dataclass(frozen=True)
+@strict_config
 class ScenarioConfig:
     """A benchmark forget set. scenario: cure4rec | l2unrank_interaction | l2unrank_item | erase_sensitive.
     percent: share of users (items for l2unrank_item; eligible users for erase_sensitive), in percent.
@@ -115,14 +114,6 @@ class ScenarioConfig:
     def effective_parts(self) -> Parts:
         return self.parts or ("all" if self.scenario == "cure4rec" else "train")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ScenarioConfig:
-        """Build from a mapping; an unknown key is an error naming it and the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown ScenarioConfig key(s) {unknown}; valid keys are {names}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
