@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from flows.report_cli import report
-from recipes.report.charts import Graph, graph_stats, knn_topk, neighbour_overlap, time_bins
+from recipes.report.charts import Graph, graph_stats, knn_to_graph, neighbour_overlap, time_bins
 from recipes.report.data import feature_modality, load_report_data
 from recipes.report.render import SECTIONS, ReportConfig, ReportData, ReportError, render_report
 from stores.artifacts import save_split
@@ -399,17 +399,20 @@ def test_unknown_split_and_missing_snapshots_are_clear_errors(ws, tmp_path):
             load_report_data(ws, snapshot="v1")
 
 
-def test_knn_topk_matches_brute_force_and_excludes_self():
-    """The blocked top-k equals a full sort of cosine similarities, and an item is never its own neighbour."""
+def test_computed_knn_graph_matches_brute_force_and_excludes_self():
+    """The report's computed kNN graph (through recipes.graphs.knn's top-k) equals a full sort of cosine
+    similarities, an item is never its own neighbour, and k is capped at n - 1."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 8)).astype(np.float32)
-    got = knn_topk(x, 5, block=7)
+    g = knn_to_graph("f", np.arange(50).astype(str), x, 5, "computed")
+    got = g.dst.reshape(50, 5)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     sim = xn @ xn.T
     np.fill_diagonal(sim, -np.inf)
     want = np.argsort(-sim, axis=1)[:, :5]
-    assert all(set(g) == set(w) for g, w in zip(got, want, strict=True))
+    assert all(set(a) == set(w) for a, w in zip(got, want, strict=True))
     assert not (got == np.arange(50)[:, None]).any()
+    assert len(knn_to_graph("f", np.array(["a", "b", "c"]), x[:3], 5, "computed").dst) == 3 * 2
 
 
 def test_graph_stats_and_overlap_on_a_hand_built_graph():

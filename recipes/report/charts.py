@@ -1,16 +1,14 @@
 """The report's statistics and plotly figures: pure functions from Arrow/NumPy to numbers and `go.Figure`s.
 
-recipes/report.py lays them out as HTML; nothing here reads a workspace.
+recipes/report/render.py lays them out as HTML; nothing here reads a workspace.
 
-    >>> g = knn_to_graph("text", ids, knn_topk(vectors, 10), "computed top-10 cosine", modality="text")
+    >>> g = knn_to_graph("text", ids, vectors, 10, "computed top-10 cosine", modality="text")
     >>> graph_stats(g)["reciprocity"]
 """
 
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
-from threadpoolctl import threadpool_limits
 
+from recipes.graphs.knn import knn_topk
 from recipes.kcore import dedup_mask, kcore_mask
 from stores.ids import seconds, sorted_codes
 
@@ -105,37 +103,18 @@ def time_bins(ts: np.ndarray) -> tuple[np.ndarray, int, str]:
     return np.arange(start, hi + width + 1, width), width, unit
 
 
-def knn_topk(vectors: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Exact cosine top-k neighbours of every row (itself excluded), [n, k] positions; blocks of `block` rows
-    are scored in threads (NumPy releases the GIL), so memory stays O(block x n)."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    n = len(x)
+def knn_to_graph(
+    name: str, ids: np.ndarray, vectors: np.ndarray, k: int, origin: str, modality: str | None = None
+) -> Graph:
+    """The exact cosine top-k graph of `vectors` (rows aligned to `ids`; an item is never its own neighbour, k is
+    capped at n - 1), in the group of graphs computed here. The top-k is the graph recipes' own."""
+    n = len(vectors)
     k = min(k, n - 1)
     if k < 1:
-        return np.zeros((n, 0), dtype=np.int64)
-
-    def top(start: int) -> np.ndarray:
-        sim = x[start : start + block] @ x.T
-        rows = np.arange(len(sim))
-        sim[rows, start + rows] = -np.inf
-        return np.argpartition(sim, n - k, axis=1)[:, n - k :]
-
-    # One BLAS thread per worker: BLAS's own threads on top of ours would oversubscribe the cores.
-    with (
-        threadpool_limits(1, user_api="blas"),
-        ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
-    ):
-        return np.concatenate(list(pool.map(top, range(0, n, block)))).astype(np.int64)
-
-
-def knn_to_graph(
-    name: str, ids: np.ndarray, neighbours: np.ndarray, origin: str, modality: str | None = None
-) -> Graph:
-    """The graph of a top-k table ([n, k] positions into `ids`), in the group of graphs computed here."""
-    n, k = neighbours.shape
-    src, dst = np.repeat(np.arange(n), k), neighbours.ravel()
+        neighbours = np.zeros((n, 0), dtype=np.int64)
+    else:
+        neighbours, _ = knn_topk(vectors, k, exclude_self=True)
+    src, dst = np.repeat(np.arange(n), neighbours.shape[1]), neighbours.ravel()
     return Graph(name, origin, src, dst, ids, n, modality, group="sample", features=(name,))
 
 

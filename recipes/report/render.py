@@ -352,7 +352,7 @@ def knn_graphs(d: ReportData, cfg: ReportConfig) -> list[Graph]:
         where = f"on {n:,} of {total:,} items" if n < total else f"on all {n:,} items"
         origin = f"computed top-{cfg.k} cosine {where}"
         computed.append(
-            charts.knn_to_graph(name, feat.ids, charts.knn_topk(feat.vectors, cfg.k), origin, feat.modality)
+            charts.knn_to_graph(name, feat.ids, feat.vectors, cfg.k, origin, feat.modality)
         )
     return stored + computed
 
