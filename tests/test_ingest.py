@@ -230,3 +230,33 @@ def test_derived_items_never_overwrite_real_ones(ws, tmp_path):
     rows = {r["item_id"]: r for r in ws.read("items").to_pylist()}
     assert rows["5"]["title"] == "Heat" and rows["5"]["text"] == "a heist"
     assert "6" in rows and rows["6"]["title"] is None
+
+
+def test_oversized_image_is_refused_by_stat_without_reading(tmp_path):
+    """`image_too_large` comes from the file's size alone: a 200 MB (sparse) file allocates nothing on the way."""
+    import tracemalloc
+
+    from extractors.images import MAX_BYTES, ImageError, read_image_file
+
+    with open(tmp_path / "huge.jpg", "wb") as fh:
+        fh.truncate(4 * MAX_BYTES)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError) as info:
+            read_image_file(tmp_path, "huge.jpg")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == "image_too_large"
+    assert peak < 1 << 20, f"{peak} bytes allocated while refusing an oversized image"
+
+
+def test_plausible_timestamps_window():
+    """Seconds outside 1970..now+1y are rejected; ms/us/ns epochs are rescaled only into 2000..now+1y."""
+    from recipes.ingest.interactions import plausible_seconds
+
+    now = 1_750_000_000
+    t = pa.array([0, 1_700_000_000, -1, 1_700_000_000_123, 1_700_000_000_000_000, 10**18, 2**63 - 1, 30_000_000_000,
+                  None], pa.int64())
+    assert plausible_seconds(t, now=now).to_pylist() == [0, 1_700_000_000, None, 1_700_000_000, 1_700_000_000,
+                                                  1_000_000_000, None, None, None]

@@ -18,12 +18,15 @@ be read at all (empty, duplicate or non-UTF-8 header, corrupt compression) raise
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
 import queue
+import sys
 import threading
 import time
+import traceback
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -102,15 +105,36 @@ class CsvStream:
             return "skip"
 
         parse = pacsv.ParseOptions(delimiter=self.delimiter, invalid_row_handler=skip)
-        reader = pacsv.open_csv(open_input(self.path), read_options=read, convert_options=convert, parse_options=parse)
-        line = 1
-        for batch in reader:
-            table = pa.Table.from_batches([batch])
-            table = table.rename_columns([self.mapping.get(c, c) for c in table.column_names])
-            n = table.num_rows
-            table = table.append_column("__line", pa.array(np.arange(line, line + n, dtype=np.int64)))
-            line += n
-            yield table
+        with quiet_invalid_row_decoding():
+            reader = pacsv.open_csv(open_input(self.path), read_options=read, convert_options=convert,
+                                    parse_options=parse)
+            line = 1
+            for batch in reader:
+                table = pa.Table.from_batches([batch])
+                table = table.rename_columns([self.mapping.get(c, c) for c in table.column_names])
+                n = table.num_rows
+                table = table.append_column("__line", pa.array(np.arange(line, line + n, dtype=np.int64)))
+                line += n
+                yield table
+
+
+@contextlib.contextmanager
+def quiet_invalid_row_decoding() -> Iterator[None]:
+    """pyarrow decodes a ragged row as UTF-8 before calling `invalid_row_handler`; when that fails it prints an
+    "Exception ignored" traceback and then fails the read, which the caller reports as one `SourceError`. Keep
+    that traceback off the user's terminal; every other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(info) -> None:
+        if not (isinstance(info.exc_value, UnicodeDecodeError) and "invalid_row" in repr(info.object)
+                + "".join(traceback.format_tb(info.exc_traceback))):
+            previous(info)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def is_gzip(path: Path) -> bool:
@@ -252,7 +276,7 @@ def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
     return pa.array(out, pa.int64(), mask=~valid)
 
 
-def _plausible(t: pa.Array, now: float | None = None) -> pa.Array:
+def plausible_seconds(t: pa.Array, now: float | None = None) -> pa.Array:
     """Seconds inside [1970, now + 1 year]; larger values rescaled from ms/us/ns when that lands in
     [2000, now + 1 year]; everything else null (then quarantined as bad_timestamp)."""
     latest = int(now if now is not None else time.time()) + FUTURE_SLACK_SECONDS
@@ -303,7 +327,7 @@ def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: st
     u, i = _strings(batch, "user_id", n), _strings(batch, "item_id", n)
     ts, v = _strings(batch, "timestamp", n), _strings(batch, "value", n)
     e = pc.fill_null(_strings(batch, "event", n), default_event)
-    t, val = _plausible(_seconds(con, ts)), _floats(v)
+    t, val = plausible_seconds(_seconds(con, ts)), _floats(v)
     rules = [
         ("empty_id", pc.or_(pc.is_null(u), pc.is_null(i))),
         ("bad_timestamp", pc.is_null(t)),

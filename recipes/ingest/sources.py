@@ -20,7 +20,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from recipes.ingest.interactions import CsvStream, check_unique, first_line, is_gzip, open_input, parse_header
+from recipes.ingest.interactions import (
+    CsvStream,
+    check_unique,
+    first_line,
+    is_gzip,
+    open_input,
+    parse_header,
+    quiet_invalid_row_decoding,
+)
 from recipes.ingest.load import FileTally, RawSource, SourceError, _content_hash
 
 ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
@@ -171,13 +179,13 @@ def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None =
                               "or the delimiter", row.text[:300]))
                 return "skip"
 
-            table = pacsv.read_csv(
-                open_input(path),
-                parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=skip),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={name: kind for name in header}, strings_can_be_null=False, quoted_strings_can_be_null=False
-                ),
-            )
+            with quiet_invalid_row_decoding():
+                table = pacsv.read_csv(
+                    open_input(path),
+                    parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=skip),
+                    convert_options=pacsv.ConvertOptions(column_types={name: kind for name in header},
+                                                         strings_can_be_null=False, quoted_strings_can_be_null=False),
+                )
     except SourceError:
         raise
     except (pa.ArrowInvalid, OSError, EOFError) as exc:
