@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from flows.cli_context import print_table
 from flows.cli_context import workspace_of as _ws
 
 LAZY_COMMANDS = {
@@ -58,14 +59,14 @@ class LazyGroup(click.Group):
 
 def print_ingest_report(report) -> None:
     click.echo(f"source {report.source}")
-    click.echo(f"  {'file':<28}{'read':>10}{'stored':>10}{'merged':>9}{'quarant.':>10}  reasons")
+    files = []
     for name, t in report.files.items():
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(t.reasons.items()))
         mark = "" if t.balanced else "  (UNBALANCED)"
-        click.echo(f"  {name[-28:]:<28}{t.read:>10}{t.stored:>10}{t.merged:>9}{t.quarantined:>10}  {reasons}{mark}")
-    click.echo(f"  {'table':<28}{'inserted':>10}{'updated':>10}{'unchanged':>10}{'version':>9}")
-    for name, r in report.tables.items():
-        click.echo(f"  {name:<28}{r.inserted:>10}{r.updated:>10}{r.unchanged:>10}{r.version!s:>9}")
+        files.append((name[-28:], t.read, t.stored, t.merged, t.quarantined, reasons + mark))
+    print_table(("file", "read", "stored", "merged", "quarant.", "reasons"), files, indent=2)
+    tables = [(name, r.inserted, r.updated, r.unchanged, r.version) for name, r in report.tables.items()]
+    print_table(("table", "inserted", "updated", "unchanged", "version"), tables, indent=2)
 
 
 @click.group(cls=LazyGroup, lazy=LAZY_COMMANDS)
@@ -297,30 +298,13 @@ def _print_head(reader, fmt: str, max_rows: int) -> None:
     elif fmt == "json":
         click.echo(json.dumps(head.to_pylist(), default=str, indent=1))
     else:
-        click.echo(_format_table(head))
+        print_table(head.column_names, (row.values() for row in head.to_pylist()))
     if cut:
         click.echo(
             f"output cut at {max_rows} rows (--max-rows); add a LIMIT, raise --max-rows, or write everything "
             "with --out FILE",
             err=True,
         )
-
-
-def _format_table(result) -> str:
-    rows = result.to_pylist()
-    names = result.column_names
-    cells = [[_cell(r[n]) for n in names] for r in rows]
-    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
-    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import json
 import click
 
 from flows.cli_context import cli_errors as _errors
+from flows.cli_context import print_table
 from flows.cli_context import workspace_of as _ws
 
 # The offline test models' names (extractors.clip.TINY_CLIP, extractors.captioner.TINY_CAPTIONER), spelled out
@@ -223,6 +224,4 @@ def features(ctx, as_json):
         )
         for i in infos
     ]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    for r in [header, *rows]:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    print_table(header, rows)

@@ -7,6 +7,7 @@ import json
 import click
 
 from flows.cli_context import cli_errors as _errors
+from flows.cli_context import print_table
 from flows.cli_context import workspace_of as _ws
 
 
@@ -54,12 +55,11 @@ def list_(ctx, as_json):
             "no snapshots (create one with `mmfeat snapshot create NAME --split S --feature F --graph G`)"
         )
         return
-    click.echo(f"{'name':<24}{'status':<13}{'split':<12}{'created':<27}features / graphs")
-    for r in rows:
-        click.echo(
-            f"{r['name']:<24}{r['status']:<13}{r['split']:<12}{r['created_at']!s:<27}"
-            f"{','.join(r['features']) or '-'} / {','.join(r['graphs']) or '-'}"
-        )
+    pins = [f"{','.join(r['features']) or '-'} / {','.join(r['graphs']) or '-'}" for r in rows]
+    table = [
+        (r["name"], r["status"], r["split"], r["created_at"], p) for r, p in zip(rows, pins, strict=True)
+    ]
+    print_table(("name", "status", "split", "created", "features / graphs"), table)
 
 
 @snapshot.command("show")
@@ -162,16 +162,16 @@ def train_example(
             click.echo(json.dumps(results, indent=2, default=str))
             return
         click.echo(f"forget {results['counts']['forget']} interactions, retain {results['counts']['retain']}")
-        click.echo(f"{'model':<22}{'set':<8}{'recall@10':>11}{'recall@20':>11}{'ndcg@10':>10}{'ndcg@20':>10}")
-        for name, r in results.items():
-            if name == "counts":
-                continue
-            for part in ("forget", "retain", "test"):
-                m = r[part]
-                click.echo(
-                    f"{name:<22}{part:<8}{m['recall@10']:>11.4f}{m['recall@20']:>11.4f}"
-                    f"{m['ndcg@10']:>10.4f}{m['ndcg@20']:>10.4f}"
-                )
+        metrics = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+        print_table(
+            ("model", "set", *metrics),
+            [
+                (name, part, *(f"{r[part][m]:.4f}" for m in metrics))
+                for name, r in results.items()
+                if name != "counts"
+                for part in ("forget", "retain", "test")
+            ],
+        )
         return
     results = compare(reader, cfg, log=log)
     if as_json:
