@@ -166,7 +166,7 @@ def denied_keys(ws: Workspace, kind: str, keys: Iterable[str]) -> set[str]:
     keys = set(keys)
     if not keys or not ws.exists(DENY_LIST.name):
         return set()
-    from stores.erasure.log import deny_list  # keyed hashes: the same reader as ingest's
+    from stores.erasure.keys import deny_list  # keyed hashes: the same reader as ingest's
 
     denied = deny_list(ws)
     return {k for k in keys if denied.has(kind, k)}

@@ -25,7 +25,8 @@ from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained
 from recipes.unlearning.scenarios import ScenarioConfig, forget_retain, select, train_degrees
 from recipes.unlearning.split import build_unlearning_split
 from stores import artifacts
-from stores.erasure.log import FORGET_REQUESTS, logged, workspace_secret
+from stores.erasure.keys import workspace_secret
+from stores.erasure.log import FORGET_REQUESTS, logged
 from stores.erasure.requests import ForgetRequest, interaction_mask, resolve
 from stores.erasure.targets import image_slices
 from stores.erasure.verify import verify
@@ -511,7 +512,7 @@ def test_reingest_is_refused_and_stores_nothing(sws):
     """Re-ingesting a source that still holds a forgotten user and item quarantines those rows as `forgotten`
     without the key or an excerpt, and the verification stays clean."""
     from recipes.ingest.load import RawSource, ingest
-    from stores.erasure.log import deny_list
+    from stores.erasure.keys import deny_list
 
     forget(sws, ForgetRequest("f-u", "user", users=("u02",)))
     assert deny_list(sws).has("user", "u02")  # one deny-list naming on both sides
@@ -780,3 +781,66 @@ def test_reingest_after_modality_and_pair_forgets_brings_neither_back(sws, tmp_p
     assert sws.count("interactions", f"user_id = '{u}' AND item_id = '{other}'") >= 1
     q = sws.read("quarantine", where="reason = 'forgotten'")
     assert q.num_rows == 2 and set(q["record_key"].to_pylist()) == {None}
+
+
+# ---- fail-closed verification, exports, keyed deny-list -----------------------------------------------------------
+
+
+def test_truncated_data_file_fails_verification_naming_it(sws):
+    """A data file the verifier cannot decode is a problem naming that file, never zero hits: with a forgotten
+    user written back and the file holding it truncated, verify says verified: false and names the file."""
+    forget(sws, ForgetRequest("t1", "user", users=("u05",)))
+    assert verify(sws, "t1")["verified"]
+    row = {"user_id": "u05", "attributes": None, "source": "back", "created_at": NOW}
+    sws.upsert(USERS, pa.Table.from_pylist([row], schema=USERS.schema))
+    ds = sws.dataset("users")
+    holding = [
+        f.data_files()[0].path
+        for f in ds.get_fragments()
+        if "u05" in f.to_table(columns=["user_id"])["user_id"].to_pylist()
+    ]
+    [name] = holding
+    path = Path(ds.uri, "data", name)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = verify(sws, "t1")
+    assert not result["verified"]
+    assert any(name in p and "cannot be read" in p for p in result["problems"]), result["problems"]
+    assert any(name in u for u in result["unverified"])
+
+
+def test_exports_are_listed_outside_the_guarantee(sws, tmp_path):
+    """An export mmfeat wrote from a split that held the forgotten user is recorded with its path and appears
+    in the receipt under `outside_guarantee`; erasure does not claim files outside the workspace."""
+    from recipes.pipeline import export
+
+    out = tmp_path / "exported"
+    export(sws, "main", "recbole", out)
+    receipt = forget(sws, ForgetRequest("x1", "user", users=("u04",)))
+    [entry] = receipt["outside_guarantee"]
+    assert entry["path"] == str(out.resolve()) and entry["format"] == "recbole" and entry["split"] == "main"
+    assert receipt["verification"]["verified"]
+
+
+def test_deny_list_keys_are_keyed_with_a_private_workspace_secret(sws, tmp_path):
+    """Deny-list and log hashes are HMACs under a per-workspace secret (mode 0600): hashing a candidate id
+    without the secret finds nothing, two workspaces name the same id differently, and an unkeyed row of an
+    older workspace is still honoured by ingest's check."""
+    from stores.erasure.keys import SECRET_PATH, deny_list
+    from stores.schema import legacy_hash
+
+    forget(sws, ForgetRequest("k1", "user", users=("u00",)))
+    secret_file = Path(sws.uri, SECRET_PATH)
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    listed = sws.read("deny_list")["key_hash"].to_pylist()
+    log = sws.read(FORGET_REQUESTS.name).to_pylist()[0]
+    unkeyed = legacy_hash("user", "u00")
+    assert unkeyed not in listed and unkeyed not in log["params"] + log["receipt"]
+    other = Workspace(tmp_path / "other")
+    forget(other, ForgetRequest("k1", "user", users=("u00",)))
+    assert other.read("deny_list")["key_hash"].to_pylist() != listed
+    row = {"key_hash": legacy_hash("user", "u07"), "kind": "user", "request_id": "old", "created_at": NOW}
+    from stores.schema import DENY_LIST
+
+    sws.upsert(DENY_LIST, pa.Table.from_pylist([row], schema=DENY_LIST.schema))
+    denied = deny_list(sws)
+    assert denied.has("user", "u07") and denied.has("user", "u00") and not denied.has("user", "u01")

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from recipes.ingest.load import SourceError
-from stores.erasure.log import DenyList
+from stores.erasure.keys import DenyList
 from stores.schema import INTERACTIONS
 from stores.workspace import UpsertResult, Workspace
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, inspect_image, read_image_file
-from stores.erasure.log import DenyList, deny_list
+from stores.erasure.keys import DenyList, deny_list
 from stores.lease import write_lease
 from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS
 from stores.workspace import UpsertResult, Workspace, conform

@@ -20,8 +20,9 @@ under `outside_guarantee`.
 
 The steps live in stores/erasure/, by role: targets.py (what to forget, as hashes: `capture`, `classify`,
 `recover_scope`), match.py (which rows mention it), verify.py (`scan`, `verify`), physical.py (`delete_rows`,
-`compact`, `purge_versions`), files.py (workspace files, local or s3) and log.py (the `forget_requests` log, the
-workspace secret, deny-list rows, recorded exports, affected snapshots).
+`compact`, `purge_versions`), files.py (workspace files, local or s3) and log.py (the `forget_requests` log,
+deny-list rows, recorded exports, affected snapshots) and keys.py (the workspace secret, the deny-list as ingest
+checks it).
 
     >>> receipt = forget(ws, ForgetRequest("gdpr-0042", "user", users=("1",), reason="art. 17"))
     >>> receipt["verification"]["verified"], verify(ws, "gdpr-0042")["verified"]
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
+from stores.erasure.keys import workspace_secret
 from stores.erasure.log import (
     affected_snapshots,
     deny_rows,
@@ -44,7 +46,6 @@ from stores.erasure.log import (
     open_request,
     pending_requests,
     update_request,
-    workspace_secret,
 )
 from stores.erasure.physical import (
     compact,
@@ -178,7 +179,9 @@ def _carry_out(ws: Workspace, row: dict, scope: ForgetScope | None = None) -> di
 
     # 3. delete the rows (graphs that can be re-derived are skipped: step 5 re-derives them)
     refreshable = {g["table"] for g in art.list_artifacts(ws, "graph")} if ws.exists("artifacts") else set()
-    removed = delete_rows(ws, targets, classes, skip=refreshable)
+    removed = delete_rows(
+        ws, targets, classes, skip=refreshable, planned=lambda counts: phase("delete_plan", {"rows": counts})
+    )
     phase("delete", {"removed": removed})
     removed_ever = set(removed).union(*(a["phases"].get("delete", {}).get("removed", {}) for a in earlier))
 
@@ -244,11 +247,12 @@ def _receipt(ws, row, params, refreshed, check, timings, cpu) -> dict:
     physical: dict[str, dict] = {}
     erased: set[str] = set()
     held: dict[str, set[int]] = {}
-    for a in attempts:
+    for k, a in enumerate(attempts):
         p = a["phases"]
-        for counts in (p.get("delete", {}).get("removed", {}), p.get("artifacts", {}).get("removed", {})):
-            for name, n in counts.items():
-                removed[name] = removed.get(name, 0) + n
+        for name, n in _deleted(p, attempts[k + 1 :]).items():
+            removed[name] = removed.get(name, 0) + n
+        for name, n in p.get("artifacts", {}).get("removed", {}).items():
+            removed[name] = removed.get(name, 0) + n
         for name, v in p.get("scan_before", {}).get("held", {}).items():
             held.setdefault(name, set()).update(v)
         for source in ("compact", "physical"):
@@ -314,6 +318,18 @@ def _receipt(ws, row, params, refreshed, check, timings, cpu) -> dict:
         "cpu_s": cpu,
         "duplicate": False,
     }
+
+
+def _deleted(phases: dict, later: list[dict]) -> dict[str, int]:
+    """What one attempt's delete phase removed: its logged result, or, when it was killed between its plan and
+    that result, the planned rows the next attempt's plan no longer found."""
+    if "delete" in phases:
+        return phases["delete"]["removed"]
+    plan = phases.get("delete_plan", {}).get("rows", {})
+    after = next((a["phases"]["delete_plan"]["rows"] for a in later if "delete_plan" in a["phases"]), None)
+    if after is None:
+        return {}
+    return {name: n - after.get(name, 0) for name, n in plan.items() if n > after.get(name, 0)}
 
 
 def _now() -> str:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import PurePosixPath
 
+import lance
+import numpy as np
 import pyarrow as pa
 
 from stores.erasure.files import delete_file, list_files
@@ -34,10 +37,13 @@ def delete_rows(
     classes: dict[str, TableClass],
     skip: set[str] = frozenset(),
     only: set[str] | None = None,
+    planned: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[str, int]:
     """Delete the rows that mention the targets from every table (or those in `only`) but `skip` and the
-    bookkeeping tables. Small deletions commit `_rowid IN (...)`; large ones rewrite the table without them."""
-    removed = {}
+    bookkeeping tables. Small deletions commit `_rowid IN (...)`; large ones rewrite the table without them.
+    `planned` is called with the counts about to be deleted before the first delete (what a crash mid-way
+    leaves in the request log)."""
+    plan: dict[str, tuple[lance.LanceDataset, np.ndarray, list[int]]] = {}
     for name in ws.table_names():
         if name in skip or name in BOOKKEEPING or (only is not None and name not in only):
             continue
@@ -47,10 +53,13 @@ def delete_rows(
             continue
         rows = ds.to_table(columns=columns, with_row_id=True)
         mask = mentions(rows, classes.get(name, TableClass()), targets)
-        if not mask.any():
-            continue
+        if mask.any():
+            plan[name] = (ds, mask, rows["_rowid"].filter(pa.array(mask)).to_pylist())
+    if planned is not None:
+        planned({name: len(ids) for name, (_, _, ids) in plan.items()})
+    removed = {}
+    for name, (ds, mask, ids) in plan.items():
         table = ws.open(name)
-        ids = rows["_rowid"].filter(pa.array(mask)).to_pylist()
         if len(ids) <= _ROWID_DELETE_MAX:
             for start in range(0, len(ids), _CHUNK):
                 table.delete(f"_rowid IN ({', '.join(str(i) for i in ids[start : start + _CHUNK])})")

@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from stores.erasure.files import list_files, read_blocks
-from stores.erasure.log import FORGET_REQUESTS, logged, workspace_secret
+from stores.erasure.keys import workspace_secret
+from stores.erasure.log import FORGET_REQUESTS, logged
 from stores.erasure.match import hash_mask, mentions, needed_columns
 from stores.erasure.physical import parallel
 from stores.erasure.targets import TableClass, Targets, anchor_digests, classify
