@@ -100,9 +100,10 @@ def write_lease(
     deadline = time.monotonic() + timeout
     # Threads of one process queue here first; the backend then arbitrates between processes.
     if not process_lock.acquire(timeout=max(timeout, 0.0)):
+        holder = _HELD.get(ws.uri)
         raise LeaseTimeout(
-            f"workspace {ws.uri} is being written by another thread of this process; waited {timeout:g}s "
-            f"(raise MMFEAT_LEASE_TIMEOUT to wait longer)"
+            f"workspace {ws.uri} is being written by {holder.lease.holder if holder else 'a writer'!r} in another "
+            f"thread of this process; waited {timeout:g}s (raise MMFEAT_LEASE_TIMEOUT to wait longer)"
         )
     try:
         backend = _LocalLock(ws) if ws.is_local else _ObjectLock(ws, DEFAULT_TTL_S if ttl is None else ttl)
