@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from recipes.ingest.load import SourceError
+from recipes.ingest.load import SourceError, file_label
 from stores.erasure.keys import DenyList
 from stores.schema import INTERACTIONS
 from stores.workspace import UpsertResult, Workspace
@@ -75,7 +75,7 @@ class CsvStream:
 
     @property
     def file(self) -> str:
-        return self.path.name
+        return file_label(self.path.name)
 
     @property
     def header(self) -> list[str]:
@@ -144,7 +144,13 @@ def is_gzip(path: Path) -> bool:
 
 def open_input(path: Path) -> pa.NativeFile:
     """A byte stream over `path`, decompressed when the file is gzip (by its magic bytes, whatever its name)."""
-    return pa.input_stream(str(path), compression="gzip" if is_gzip(path) else None)
+    compression = "gzip" if is_gzip(path) else None
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 file name: Arrow takes only UTF-8 paths, Python's open takes any
+        raw = pa.PythonFile(open(path, "rb"), mode="r")  # noqa: SIM115 - closed with the stream
+        return pa.CompressedInputStream(raw, compression) if compression else raw
+    return pa.input_stream(str(path), compression=compression)
 
 
 def first_line(path: Path) -> bytes:

@@ -36,6 +36,11 @@ class SourceError(ValueError):
     compression): one line naming the file and the fix. Raised before anything is written."""
 
 
+def file_label(name: str | Path) -> str:
+    """A file name as text that can be stored: undecodable bytes of a non-UTF-8 name shown as escapes (\\xff)."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class FileTally:
     """Per source file: rows read, and where each one went."""
@@ -215,7 +220,7 @@ def _validate_images(
 ) -> list[dict]:
     rows = []
     root = src.image_root
-    label = str(root) if root else "images"
+    label = file_label(root) if root else "images"
     now = _now()
     for item_id, rel, _file, _line in tqdm(refs, desc="images", unit="img", disable=len(refs) < 500):
         q.tally(label).read += 1

@@ -29,7 +29,7 @@ from recipes.ingest.interactions import (
     parse_header,
     quiet_invalid_row_decoding,
 )
-from recipes.ingest.load import FileTally, RawSource, SourceError, _content_hash
+from recipes.ingest.load import FileTally, RawSource, SourceError, _content_hash, file_label
 
 ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
 USER_FIELDS = ("user_id",)
@@ -56,7 +56,7 @@ def _require(path: Path, what: str, fix: str) -> Path:
 def _with_lineage(table: pa.Table, file: str) -> pa.Table:
     """Add `__file` and, unless the reader set true line numbers, `__line` (the row's 1-based position)."""
     n = table.num_rows
-    files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([file]))
+    files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([file_label(file)]))
     if "__line" in table.column_names:
         lines = table["__line"]
         table = table.drop_columns(["__line"])
@@ -209,7 +209,7 @@ def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None =
 
 def _record(src: RawSource, file: str, rejects: list[Reject]) -> None:
     for line, reason, detail, raw in rejects:
-        src.reject(file, line, reason, detail, raw)
+        src.reject(file_label(file), line, reason, detail, raw)
 
 
 def _scalar_columns(fields: tuple[str, ...], mapping: dict[str, str]) -> set[str]:
@@ -439,7 +439,7 @@ def table(
     attributes; `image` is a path under `images`). Interactions: `user_id, item_id, timestamp` (+ `event, value`)."""
     mapping = mapping or {}
     items_path = Path(items)
-    src = RawSource(name=name or f"table:{items_path.stem}", image_root=Path(images) if images else None)
+    src = RawSource(name=name or f"table:{file_label(items_path.stem)}", image_root=Path(images) if images else None)
     rejects: list[Reject] = []
     item_table = read_table_file(items_path, as_binary=True, rejects=rejects, scalar=_scalar_columns(ITEM_FIELDS, mapping))
     _record(src, items_path.name, rejects)
