@@ -34,7 +34,7 @@ from recipes.ingest import ingest
 from recipes import pipeline as rp
 from recipes.report import ReportConfig, load_report_data, render_report
 from extractors.runner import run_extraction
-from flows.pipeline import extractor_spec
+from extractors.registry import config_spec
 from stores.erasure import forget
 from stores.snapshots import create_snapshot
 from stores.workspace import Workspace
@@ -45,7 +45,7 @@ for r in cfg.forget:
     forget(ws, r.to_request())
 calls = 0
 for e in cfg.extract:
-    calls += run_extraction(ws, e.feature, extractor_spec(e), source=e.source, fields=tuple(e.fields),
+    calls += run_extraction(ws, e.feature, config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens), source=e.source, fields=tuple(e.fields),
                             chunk_rows=e.chunk_rows, batch_size=e.batch_size, engine=engine, progress=False).model_calls
 for s in cfg.splits:
     rp.build_split(ws, s.name, s.to_split_config())

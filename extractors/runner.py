@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, decode_image
+from stores.errors import MmfeatError, TerminalError
 from stores.features import (
     CAPTION_FEATURE,
     CAPTIONS,
@@ -61,7 +62,20 @@ class ExtractorSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def build(self, **overrides: Any) -> Any:
-        return self.cls(**(self.kwargs | overrides))
+        """The extractor, built where it runs. Loading a model is the model boundary: a failure here is the
+        configuration's (weights missing offline, a bad id), so it is a TerminalError naming the fix."""
+        kwargs = self.kwargs | overrides
+        try:
+            return self.cls(**kwargs)
+        except MmfeatError:
+            raise
+        except Exception as exc:
+            model = kwargs.get("model")
+            raise TerminalError(
+                f"cannot load {self.cls.__name__} model {model!r}: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; pass --model tiny-test (untrained, "
+                "for tests) or a local path, or download the weights while online"
+            ) from exc
 
     def takes(self, name: str) -> bool:
         return name in inspect.signature(self.cls).parameters

@@ -14,12 +14,10 @@ from flows.cli_context import cli_errors as _errors
 from flows.cli_context import print_table
 from flows.cli_context import workspace_of as _ws
 
-# The offline test models' names (extractors.clip.TINY_CLIP, extractors.captioner.TINY_CAPTIONER), spelled out
-# here so that importing the CLI does not import torch.
-TINY_CLIP = "test:tiny-clip"
-TINY_CAPTIONER = "test:tiny-captioner"
+# Models are chosen by extractors/registry.py (imported inside the commands, so the CLI does not import torch);
+# these names select CLIP's text tower for `encode text|caption`.
 CLIP_PREFIX = "clip:"
-
+CLIP_TEST_NAMES = ("tiny-test", "test:tiny-clip")
 
 
 def _run_options(fn):
@@ -54,21 +52,28 @@ def _run_options(fn):
     return fn
 
 
-
 def _run(ctx, feature, spec, source, fields, opts, index_min_rows=None, overwrite=False):
+    from extractors.ray_session import ray_errors
+    from extractors.registry import preflight
     from extractors.runner import run_extraction
+    from stores.errors import MmfeatError
 
     as_json = opts.pop("as_json")
-    summary = run_extraction(
-        _ws(ctx),
-        feature,
-        spec,
-        source=source,
-        fields=fields,
-        index_min_rows=index_min_rows,
-        overwrite=overwrite,
-        **opts,
-    )
+    try:
+        preflight(spec)
+        with ray_errors(f"extract {feature}"):
+            summary = run_extraction(
+                _ws(ctx),
+                feature,
+                spec,
+                source=source,
+                fields=fields,
+                index_min_rows=index_min_rows,
+                overwrite=overwrite,
+                **opts,
+            )
+    except MmfeatError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
     else:
@@ -108,9 +113,8 @@ def print_summary(s) -> None:
 @click.command()
 @click.option(
     "--model",
-    default=TINY_CAPTIONER,
-    show_default=True,
-    help="Hugging Face VLM / BLIP id or local folder (test:tiny-captioner is an untrained toy).",
+    help="Hugging Face VLM / BLIP id or local folder (default Salesforce/blip-image-captioning-large; "
+    "tiny-test: an untrained toy for tests).",
 )
 @click.option("--prompt", help="Instruction for chat VLMs, or the caption's prefix for BLIP.")
 @click.option("--max-new-tokens", default=40, show_default=True)
@@ -120,11 +124,10 @@ def print_summary(s) -> None:
 def caption(ctx, model, prompt, max_new_tokens, **opts):
     """Caption every item image into the `captions` table (one caption per item; a new model or prompt
     replaces the old caption, and each row records which model and prompt made it)."""
-    from extractors.captioner import Captioner
-    from extractors.runner import ExtractorSpec
+    from extractors.registry import caption_spec
     from stores.features import CAPTION_FEATURE
 
-    spec = ExtractorSpec(Captioner, {"model": model, "prompt": prompt, "max_new_tokens": max_new_tokens})
+    spec = caption_spec(model, prompt, max_new_tokens)
     _run(ctx, CAPTION_FEATURE, spec, "image", ("title", "text"), opts)
 
 
@@ -135,9 +138,9 @@ def caption(ctx, model, prompt, max_new_tokens, **opts):
 @click.argument("source", type=click.Choice(["image", "text", "caption"]))
 @click.option(
     "--model",
-    help="image: open_clip architecture (default test:tiny-clip); text and caption: a "
-    "sentence-transformers id or folder (default: the packaged all-MiniLM-L6-v2), or clip:ARCH for "
-    "CLIP's text tower.",
+    help="image: open_clip architecture (default ViT-B-32 with laion2b_s34b_b79k weights; tiny-test: an "
+    "untrained toy for tests); text and caption: a sentence-transformers id or folder (default: the packaged "
+    "all-MiniLM-L6-v2), or clip:ARCH for CLIP's text tower.",
 )
 @click.option("--pretrained", help="open_clip weights tag or checkpoint file (CLIP models only).")
 @click.option("--clip-text", is_flag=True, help="Encode text with CLIP's text tower (titles by default).")
@@ -159,28 +162,24 @@ def encode(ctx, source, model, pretrained, clip_text, fields, feature, index_min
     mmfeat encode text --fields text             -> feat_text (MiniLM on overviews)
     mmfeat encode caption                        -> feat_caption_text
     """
-    from extractors.runner import ExtractorSpec
+    from extractors import registry
 
-    use_clip = source == "image" or clip_text or (model or "").startswith(CLIP_PREFIX) or model == TINY_CLIP
+    use_clip = (
+        source == "image" or clip_text or (model or "").startswith(CLIP_PREFIX) or model in CLIP_TEST_NAMES
+    )
     name = (model or "").removeprefix(CLIP_PREFIX) or None
     if source == "image":
-        from extractors.clip import ClipImageEncoder
-
-        spec = ExtractorSpec(ClipImageEncoder, {"model": name or TINY_CLIP, "pretrained": pretrained})
+        spec = registry.image_spec(name, pretrained)
         default_feature = "clip_image"
     elif use_clip:
-        from extractors.clip import ClipTextEncoder
-
-        spec = ExtractorSpec(ClipTextEncoder, {"model": name or TINY_CLIP, "pretrained": pretrained})
+        spec = registry.clip_text_spec(name, pretrained)
         default_feature = "clip_caption" if source == "caption" else None
     else:
         if pretrained:
             raise click.ClickException(
                 "--pretrained applies to CLIP models; pass the sentence-transformers id as --model"
             )
-        from extractors.text import TextEncoder
-
-        spec = ExtractorSpec(TextEncoder, {"model": name})
+        spec = registry.text_spec(name)
         default_feature = "caption_text" if source == "caption" else "text"
     field_list = (
         tuple(f.strip() for f in fields.split(",") if f.strip())

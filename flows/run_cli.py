@@ -4,17 +4,25 @@
 Registered in flows/cli.py with `cli.add_command(...)` for `run`, `serve` and `demo`. Prefect is imported inside the
 commands (so `mmfeat --help` stays fast) after PREFECT_HOME defaults to a folder beside the workspace: each
 workspace gets its own Prefect database unless PREFECT_HOME or PREFECT_API_URL (a Prefect server) is set.
+
+Errors: a failed run prints one line (a `TerminalError`'s message names the fix, the same text the direct command
+prints); `--debug` shows Prefect's logs with tracebacks and re-raises the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+
+# Prefect's temporary server gets this long to start (its default, 20 s, is too short on a loaded 2-core machine).
+EPHEMERAL_STARTUP_TIMEOUT_S = "120"
 
 
 def workspace_for(ctx: click.Context, cfg) -> str:
@@ -28,7 +36,9 @@ def workspace_for(ctx: click.Context, cfg) -> str:
 
 
 def prefect_home(workspace_uri: str) -> None:
-    """Default PREFECT_HOME to `<workspace>-prefect` (outside the workspace, which erasure scans byte by byte)."""
+    """Default PREFECT_HOME to `<workspace>-prefect` (outside the workspace, which erasure scans byte by byte),
+    and give a temporary Prefect server time to start."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
     if os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL"):
         return
     base = workspace_uri if "://" not in workspace_uri else str(Path.cwd() / "mmfeat")
@@ -42,6 +52,46 @@ def _load(config: str):
         return load_config(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+class _OneLineErrors(logging.Filter):
+    """Without --debug: Prefect's own failure records are dropped (the command prints the error once) and no
+    record carries a traceback; progress and retry notices stay, one line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("prefect") and record.levelno >= logging.ERROR:
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def run_errors(debug: bool) -> Iterator[None]:
+    """Run a flow from a command: a failure becomes one CLI error line (the classified error's message, or the
+    error with a hint to pass --debug); with `debug` the logs keep their tracebacks and the error propagates."""
+    from prefect.logging.configuration import setup_logging
+
+    from stores.errors import MmfeatError, one_line
+
+    setup_logging()  # Prefect's console handler exists from here on: filter it
+    quiet = _OneLineErrors()
+    handlers = [] if debug else list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        from stores.errors import classified
+
+        hint = "" if isinstance(classified(exc), MmfeatError) else " (run with --debug for the traceback)"
+        raise click.ClickException(one_line(exc) + hint) from None
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
 
 
 def format_summary(result: dict) -> list[str]:
@@ -163,17 +213,19 @@ def _flow_run_states(since: Any) -> dict[str, int]:
 @click.option("--force", is_flag=True, help="Re-run every step even where its inputs are unchanged.")
 @click.option("--no-forget", is_flag=True, help="Do not serve the config's forget requests in this run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's result as JSON.")
+@click.option("--debug", is_flag=True, help="Show Prefect's logs with tracebacks and re-raise errors.")
 @click.pass_context
-def run(ctx, config, force, no_forget, as_json):
+def run(ctx, config, force, no_forget, as_json, debug):
     """Run CONFIG's refresh once through Prefect: ingest what is new, serve forget requests, extract what
     changed, rebuild the splits and graphs whose inputs changed, publish a snapshot. CONFIG is a YAML path or a
     shipped config name (demo, ml100k, hm_fashion, amazon_mmrec)."""
     cfg = _load(config)
     ws = workspace_for(ctx, cfg)
     prefect_home(ws)
-    from flows.pipeline import refresh_flow
+    with run_errors(debug):
+        from flows.pipeline import refresh_flow
 
-    result = refresh_flow(str(cfg.file), ws, force=force, serve_forget=not no_forget)
+        result = refresh_flow(str(cfg.file), ws, force=force, serve_forget=not no_forget)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -229,12 +281,14 @@ def serve(ctx, config):
 @click.option(
     "--config", default="demo", show_default=True, help="Config to run (a YAML path or a shipped name)."
 )
+@click.option("--debug", is_flag=True, help="Show Prefect's logs with tracebacks and re-raise errors.")
 @click.pass_context
-def demo(ctx, config):
+def demo(ctx, config, debug):
     """The offline demo end to end through Prefect and Ray: synthetic ingest, captions, image and text vectors,
     split, graphs, export, snapshot, a forget request (erased and verified), the HTML report, and where to look
     next."""
     cfg = _load(config)
     ws = workspace_for(ctx, cfg)
     prefect_home(ws)
-    demo_main(ws, str(cfg.file), echo=click.echo)
+    with run_errors(debug):
+        demo_main(ws, str(cfg.file), echo=click.echo)

@@ -246,7 +246,10 @@ class ExportSpec(_Strict):
 
 class SnapshotSpec(_Strict):
     """The snapshot `refresh` publishes when anything it pins changed. `name` is a template over {config},
-    {date} (UTC datetime, e.g. {date:%Y%m%d}) and {n} (this config's snapshot count + 1)."""
+    {date} (UTC datetime, e.g. {date:%Y%m%d}) and {n} (this config's snapshot count + 1). The name is rendered
+    once, before the run does any work; when a snapshot already has it (a second publishing run on the same day
+    under a dated template) the run publishes as `<name>-2`, `-3`, ...: snapshots are never overwritten, and a
+    run whose pins did not change publishes nothing and reports the last snapshot."""
 
     name: str = "{config}-{date:%Y%m%d-%H%M%S}"
     split: Name

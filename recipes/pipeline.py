@@ -1,6 +1,7 @@
 """The recipe steps with their store I/O at the edges: read pinned inputs, call the pure recipe, save a versioned
-artifact with its manifest. Each step skips its work when an artifact of the same name was already built from the
-same input versions, feature content and parameters (what `refresh` relies on).
+artifact with its manifest. Each step goes through the step runner (stores/steps.py `run_step`), which skips the
+work when an artifact of the same name was already built from the same input versions, feature content and
+parameters (what `refresh` relies on).
 
     >>> build_split(ws, "main", SplitConfig(scheme="random", kcore=5, seed=42))
     >>> build_knn_graph(ws, "main", ["clip_image", "text"], k=10, norm="freedom", weights=[0.1, 0.9])
@@ -9,11 +10,11 @@ same input versions, feature content and parameters (what `refresh` relies on).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import scipy.sparse as sp
 
 from recipes import splits
 from recipes.graphs import cooccur, hypergraph
@@ -21,63 +22,60 @@ from recipes.graphs import knn as knn_graph
 from recipes.graphs import user_item as ui_graph
 from recipes.graphs.user_item import edges_to_csr
 from stores import artifacts
+from stores.features import feature_table
 from stores.ids import id_maps
+from stores.steps import Step, run_step
 from stores.workspace import Workspace
 
 
-def _fingerprint(inputs: dict, params: dict) -> str:
-    return hashlib.sha256(json.dumps([inputs, params], sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _previous(ws: Workspace, kind: str, name: str, fingerprint: str) -> dict | None:
-    try:
-        info = artifacts.manifest(ws, kind, name)
-    except KeyError:
-        return None
-    if info.get("fingerprint") != fingerprint or not ws.exists(info["table"]):
-        return None
-    return info | {"skipped": True}
-
-
-def build_split(ws: Workspace, name: str, cfg: splits.SplitConfig, interactions_version: int | None = None) -> dict:
+def build_split(ws: Workspace, name: str, cfg: splits.SplitConfig, interactions_version: int | None = None,
+                force: bool = False) -> dict:
     """Split the workspace's interactions (at a pinned version) and store `split_<name>` with its manifest."""
     version = ws.version("interactions") if interactions_version is None else interactions_version
     if version is None:
         raise KeyError("the workspace has no interactions yet; run `mmfeat ingest ...` first")
-    inputs = {"interactions": version}
-    params = dataclasses.asdict(cfg)
-    fingerprint = _fingerprint(inputs, params)
-    if (done := _previous(ws, "split", name, fingerprint)) is not None:
-        return done
-    table = ws.read("interactions", version=version)
-    split = splits.make_split(table, cfg)
-    info = {"inputs": inputs, "params": params, "counts": splits.split_counts(split), "fingerprint": fingerprint}
-    return artifacts.save_split(ws, name, split, info)
+
+    def build() -> tuple[str, int, dict]:
+        split = splits.make_split(ws.read("interactions", version=version), cfg)
+        return f"split_{name}", artifacts.write_split(ws, name, split), {"counts": splits.split_counts(split)}
+
+    return run_step(ws, Step("split", name, {"interactions": version}, dataclasses.asdict(cfg), build), force)
 
 
-def _split_inputs(ws: Workspace, split_name: str) -> tuple[pa.Table, dict]:
-    info = artifacts.manifest(ws, "split", split_name)
-    return artifacts.load_split(ws, split_name, info["table_version"]), {
-        "split": split_name,
-        "split_version": info["table_version"],
-    }
+def _split_inputs(ws: Workspace, split_name: str) -> dict:
+    """The pins of a graph built on split `split_name`: its name and the version its manifest names."""
+    return {"split": split_name, "split_version": artifacts.manifest(ws, "split", split_name)["table_version"]}
 
 
-def _save(ws: Workspace, name: str, matrix, split: pa.Table, node_kind: str, inputs: dict, params: dict,
-          fingerprint: str, extra: dict | None = None) -> dict:
-    info = inputs | {"inputs": inputs, "params": params, "fingerprint": fingerprint} | (extra or {})
-    return artifacts.save_graph(ws, name, matrix, split, node_kind, info)
+def _load(ws: Workspace, inputs: dict) -> pa.Table:
+    return artifacts.load_split(ws, inputs["split"], inputs["split_version"])
 
 
-def build_ui_graph(ws: Workspace, split_name: str, norm: str = "sym", name: str | None = None) -> dict:
+def graph_step(ws: Workspace, name: str, inputs: dict, params: dict, node_kind: str,
+               build: Callable[[], tuple[sp.spmatrix, pa.Table]], extra: dict | None = None,
+               force: bool = False) -> dict:
+    """Store graph `name` through the step runner. `build()` runs only when inputs or params changed and returns
+    the matrix and the table that orders its nodes (the split, or any table with its user_id/item_id columns)."""
+
+    def write() -> tuple[str, int, dict]:
+        matrix, nodes = build()
+        version, shape = artifacts.write_graph(ws, name, matrix, nodes, node_kind)
+        return f"graph_{name}", version, inputs | (extra or {}) | shape
+
+    return run_step(ws, Step("graph", name, inputs, params, write), force)
+
+
+def build_ui_graph(ws: Workspace, split_name: str, norm: str = "sym", name: str | None = None,
+                   force: bool = False) -> dict:
     """User-item graph from the split's train rows: raw, symmetric (FREEDOM/LightGCN) or LATTICE-normalised."""
-    name = name or f"{split_name}_ui_{norm}"
-    split, inputs = _split_inputs(ws, split_name)
+    inputs = _split_inputs(ws, split_name)
+
+    def build() -> tuple[sp.spmatrix, pa.Table]:
+        split = _load(ws, inputs)
+        return ui_graph.ui_adjacency(split, norm), split
+
     params = {"type": "user-item", "norm": norm}
-    fingerprint = _fingerprint(inputs, params)
-    if (done := _previous(ws, "graph", name, fingerprint)) is not None:
-        return done
-    return _save(ws, name, ui_graph.ui_adjacency(split, norm), split, "user+item", inputs, params, fingerprint)
+    return graph_step(ws, name or f"{split_name}_ui_{norm}", inputs, params, "user+item", build, force=force)
 
 
 def build_knn_graph(
@@ -90,6 +88,7 @@ def build_knn_graph(
     symmetric: bool = False,
     self_loops: bool = True,
     name: str | None = None,
+    force: bool = False,
 ) -> dict:
     """Item-item cosine top-k graph per feature, fused with `weights` when several features are given."""
     if weights is None:
@@ -97,11 +96,12 @@ def build_knn_graph(
     if len(weights) != len(features):
         raise ValueError(f"{len(features)} features but {len(weights)} weights; give one weight per feature")
     name = name or f"{split_name}_knn_{'_'.join(features)}_k{k}_{norm}"  # Lance table names: no '+'
-    split, inputs = _split_inputs(ws, split_name)
+    inputs = _split_inputs(ws, split_name)
+    split = _load(ws, inputs)
     _, items = id_maps(split)
     mats, provenance = {}, {}
-    for feature in features:
-        table = artifacts.feature_table(feature)
+    for feature in features:  # the vectors' content hash is an input: read them before deciding to skip
+        table = feature_table(feature)
         if not ws.exists(table):
             raise KeyError(f"feature {feature!r} not found (table {table}); run `mmfeat encode ...` first")
         mats[feature], mask, provenance[feature] = artifacts.feature_matrix(ws, feature, items)
@@ -110,59 +110,55 @@ def build_knn_graph(
                                     for f, p in provenance.items()}}
     params = {"type": "knn", "features": features, "weights": weights, "k": k, "norm": norm,
               "symmetric": symmetric, "self_loops": self_loops}
-    fingerprint = _fingerprint(inputs, params)
-    if (done := _previous(ws, "graph", name, fingerprint)) is not None:
-        return done
-    cfg = knn_graph.KnnConfig(k=k, norm=norm, symmetric=symmetric, self_loops=self_loops)
-    graphs = [knn_graph.knn_graph(mats[f], cfg) for f in features]
-    matrix = graphs[0] if len(graphs) == 1 and weights[0] == 1.0 else knn_graph.fuse_graphs(graphs, weights)
-    return _save(ws, name, matrix, split, "item", inputs, params, fingerprint, {"feature_provenance": provenance})
+
+    def build() -> tuple[sp.spmatrix, pa.Table]:
+        cfg = knn_graph.KnnConfig(k=k, norm=norm, symmetric=symmetric, self_loops=self_loops)
+        graphs = [knn_graph.knn_graph(mats[f], cfg) for f in features]
+        single = len(graphs) == 1 and weights[0] == 1.0
+        return (graphs[0] if single else knn_graph.fuse_graphs(graphs, weights)), split
+
+    return graph_step(ws, name, inputs, params, "item", build, {"feature_provenance": provenance}, force)
 
 
 def build_cooccur_graph(ws: Workspace, split_name: str, kind: str = "item", k: int = 10, weight: str = "count",
-                        name: str | None = None) -> dict:
+                        name: str | None = None, force: bool = False) -> dict:
     """Item-item (shared users) or user-user (shared items) co-occurrence top-k graph from train rows."""
-    name = name or f"{split_name}_cooccur_{kind}_k{k}_{weight}"
-    split, inputs = _split_inputs(ws, split_name)
-    params = {"type": "cooccur", "kind": kind, "k": k, "weight": weight}
-    fingerprint = _fingerprint(inputs, params)
-    if (done := _previous(ws, "graph", name, fingerprint)) is not None:
-        return done
-    users, items = id_maps(split)
-    if kind == "item":
-        edges, n = cooccur.item_cooccurrence(split, k=k, weight=weight), len(items)
-    elif kind == "user":
-        edges, n = cooccur.user_cooccurrence(split, k=k, weight=weight), len(users)
-    else:
+    if kind not in ("item", "user"):
         raise ValueError(f"kind={kind!r}; expected 'item' or 'user'")
-    return _save(ws, name, edges_to_csr(edges, n), split, kind, inputs, params, fingerprint)
+    inputs = _split_inputs(ws, split_name)
+
+    def build() -> tuple[sp.spmatrix, pa.Table]:
+        split = _load(ws, inputs)
+        users, items = id_maps(split)
+        if kind == "item":
+            return edges_to_csr(cooccur.item_cooccurrence(split, k=k, weight=weight), len(items)), split
+        return edges_to_csr(cooccur.user_cooccurrence(split, k=k, weight=weight), len(users)), split
+
+    params = {"type": "cooccur", "kind": kind, "k": k, "weight": weight}
+    name = name or f"{split_name}_cooccur_{kind}_k{k}_{weight}"
+    return graph_step(ws, name, inputs, params, kind, build, force=force)
 
 
 def build_hypergraph(ws: Workspace, split_name: str, kind: str = "user", knn_graphs: list[str] | None = None,
-                     name: str | None = None) -> dict:
+                     name: str | None = None, force: bool = False) -> dict:
     """MMHCL hypergraph operators: user-user from R R^T, or item-item from the incidence of stored kNN graphs."""
-    name = name or f"{split_name}_hyper_{kind}"
-    split, inputs = _split_inputs(ws, split_name)
+    if kind not in ("user", "item"):
+        raise ValueError(f"kind={kind!r}; expected 'user' or 'item'")
+    inputs = _split_inputs(ws, split_name)
     params = {"type": "hyper", "kind": kind, "knn_graphs": knn_graphs or []}
     if kind == "item":
         if not knn_graphs:
             raise ValueError("an item hypergraph needs --knn GRAPH (one or more stored kNN graphs)")
         inputs = inputs | {"graphs": {g: artifacts.manifest(ws, "graph", g)["table_version"] for g in knn_graphs}}
-    fingerprint = _fingerprint(inputs, params)
-    if (done := _previous(ws, "graph", name, fingerprint)) is not None:
-        return done
-    _, items = id_maps(split)
-    if kind == "user":
-        matrix = hypergraph.mmhcl_user_graph(split)
-    elif kind == "item":
-        edge_tables = []
-        for g in knn_graphs:
-            mat, _ = artifacts.load_graph(ws, g)
-            edge_tables.append(ui_graph.csr_to_edges(mat))
-        matrix = hypergraph.mmhcl_item_graph(edge_tables, len(items))
-    else:
-        raise ValueError(f"kind={kind!r}; expected 'user' or 'item'")
-    return _save(ws, name, matrix, split, kind, inputs, params, fingerprint)
+
+    def build() -> tuple[sp.spmatrix, pa.Table]:
+        split = _load(ws, inputs)
+        if kind == "user":
+            return hypergraph.mmhcl_user_graph(split), split
+        edge_tables = [ui_graph.csr_to_edges(artifacts.load_graph(ws, g)[0]) for g in knn_graphs]
+        return hypergraph.mmhcl_item_graph(edge_tables, len(id_maps(split)[1])), split
+
+    return graph_step(ws, name or f"{split_name}_hyper_{kind}", inputs, params, kind, build, force=force)
 
 
 def export(ws: Workspace, split_name: str, fmt: str, out: str | Path, features: dict[str, str] | None = None,
@@ -170,7 +166,7 @@ def export(ws: Workspace, split_name: str, fmt: str, out: str | Path, features: 
     """Export a split (and aligned features) as MMRec, RecBole or PyG; id maps are written beside the data."""
     from recipes import exports
 
-    split, _ = _split_inputs(ws, split_name)
+    split = artifacts.load_split(ws, split_name)
     _, items = id_maps(split)
     feats = {}
     for out_name, feature in (features or {}).items():
@@ -198,4 +194,4 @@ def feature_names(ws: Workspace) -> list[str]:
 
 
 __all__ = ["build_cooccur_graph", "build_hypergraph", "build_knn_graph", "build_split", "build_ui_graph", "export",
-           "feature_names"]
+           "feature_names", "graph_step"]

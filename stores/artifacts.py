@@ -108,10 +108,15 @@ def _quote(value: str) -> str:
 # ---- splits ------------------------------------------------------------------------------------------------
 
 
-def save_split(ws: Workspace, name: str, split: pa.Table, info: dict) -> dict:
+def write_split(ws: Workspace, name: str, split: pa.Table) -> int:
+    """Write `split_<name>` (a new version); the caller records its manifest (stores/steps.py `run_step`)."""
     data = pa.Table.from_arrays([split[f.name].cast(f.type) if f.name in split.column_names
                                  else pa.nulls(split.num_rows, f.type) for f in SPLIT_SCHEMA], schema=SPLIT_SCHEMA)
-    version = _write_table(ws, f"split_{name}", data)
+    return write_table(ws, f"split_{name}", data)
+
+
+def save_split(ws: Workspace, name: str, split: pa.Table, info: dict) -> dict:
+    version = write_split(ws, name, split)
     return record_artifact(ws, "split", name, f"split_{name}", version, info)
 
 
@@ -168,6 +173,13 @@ def node_ids(split: pa.Table, kind: str) -> tuple[np.ndarray, list[str]]:
 
 def save_graph(ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str, info: dict) -> dict:
     """Store `matrix` (square, over `node_ids(split, node_kind)`) as a string-keyed edge table + manifest."""
+    version, shape = write_graph(ws, name, matrix, split, node_kind)
+    return record_artifact(ws, "graph", name, f"graph_{name}", version, info | shape)
+
+
+def write_graph(ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str) -> tuple[int, dict]:
+    """Write `graph_<name>` as a string-keyed edge table; returns its version and {node_kind, nodes, edges} for
+    the manifest the caller records."""
     ids, kinds = node_ids(split, node_kind)
     coo = sp.coo_matrix(matrix)
     if coo.shape != (len(ids), len(ids)):
@@ -185,9 +197,8 @@ def save_graph(ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, n
         },
         schema=GRAPH_SCHEMA,
     )
-    version = _write_table(ws, f"graph_{name}", data)
-    info = info | {"node_kind": node_kind, "nodes": len(ids), "edges": int(coo.nnz)}
-    return record_artifact(ws, "graph", name, f"graph_{name}", version, info)
+    version = write_table(ws, f"graph_{name}", data)
+    return version, {"node_kind": node_kind, "nodes": len(ids), "edges": int(coo.nnz)}
 
 
 def load_graph(ws: Workspace, name: str, version: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -237,4 +248,7 @@ __all__ = [
     "record_artifact",
     "save_graph",
     "save_split",
+    "write_graph",
+    "write_split",
+    "write_table",
 ]

@@ -243,3 +243,24 @@ def snapshots_pinning(ws: Workspace, table: str, key_filter: str | None = None) 
         if hit:
             names.append(info["name"])
     return sorted(names)
+
+
+def current_pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> dict[str, int]:
+    """The versions a snapshot of `split`, `features` and `graphs` would pin now (what decides whether a
+    scheduled publish has anything new), without recording anything."""
+    pins = {t: ws.version(t) for t in BASE_TABLES}
+    pins[f"split_{split}"] = artifacts.manifest(ws, "split", split)["table_version"]
+    pins |= {artifacts.feature_table(f): ws.version(artifacts.feature_table(f)) for f in features}
+    pins |= {f"graph_{g}": artifacts.manifest(ws, "graph", g)["table_version"] for g in graphs}
+    return pins
+
+
+def free_name(ws: Workspace, name: str) -> str:
+    """`name` if no snapshot has it, else the first free `name-2`, `name-3`, ...: a second publish on the same
+    day under a dated template gets a suffix (snapshots are never overwritten), decided before any work."""
+    if not _exists(ws, name):
+        return name
+    n = 2
+    while _exists(ws, f"{name}-{n}"):
+        n += 1
+    return f"{name}-{n}"

@@ -173,60 +173,85 @@ def test_refresh_ml100k_is_incremental(prefect_api, tmp_path, ml100k, monkeypatc
 
 
 def test_error_classification():
-    """Transient: I/O, network, timeouts and lost Ray workers, also when wrapped; terminal: bad input/config."""
+    """Only the classes decide: a TransientError anywhere in the cause chain (also inside a Ray task error) is
+    retried; a TerminalError, a builtin error nobody classified, or a Ray task error wrapping a ValueError is not.
+    Both classes survive pickling (Ray workers, Prefect results) with their class and message."""
+    import pickle
+
     import ray.exceptions as rex
 
-    from flows.pipeline import is_transient
+    from stores.errors import TerminalError, TransientError, is_transient
 
-    assert (
-        is_transient(OSError("disk hiccup"))
-        and is_transient(ConnectionError())
-        and is_transient(TimeoutError())
-    )
-    assert is_transient(rex.ActorDiedError()) and is_transient(rex.GetTimeoutError())
-    assert is_transient(rex.RayTaskError("f", "tb", ConnectionError("peer reset")))
+    assert is_transient(TransientError("object store timed out"))
+    assert not is_transient(TerminalError("source missing; fix `path:`"))
+    assert not is_transient(OSError("disk hiccup")) and not is_transient(ValueError("bad value"))
+    assert is_transient(rex.RayTaskError("f", "tb", TransientError("peer reset")))
     assert not is_transient(rex.RayTaskError("f", "tb", ValueError("bad row")).as_instanceof_cause())
-    assert not is_transient(ValueError("bad value")) and not is_transient(KeyError("no table"))
-    assert not is_transient(FileNotFoundError("no such source")) and not is_transient(RuntimeError("bug"))
     try:
         try:
-            raise TimeoutError("read timed out")
-        except TimeoutError as inner:
+            raise TransientError("read timed out")
+        except TransientError as inner:
             raise RuntimeError("extraction failed") from inner
     except RuntimeError as wrapped:
         assert is_transient(wrapped)
+    for err in (TransientError("a"), TerminalError("b; fix it")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+
+
+def test_ray_boundary_classifies_lost_workers_and_keeps_terminal_errors():
+    """At the runner boundary a lost Ray actor becomes a TransientError; a TerminalError raised inside a worker
+    comes out as a TerminalError (not retried); anything else passes through unchanged."""
+    import ray.exceptions as rex
+
+    from extractors.ray_session import ray_errors
+    from stores.errors import TerminalError, TransientError
+
+    with pytest.raises(TransientError), ray_errors("extract x"):
+        raise rex.ActorDiedError()
+    with pytest.raises(TerminalError, match="pass --model tiny-test"), ray_errors("extract x"):
+        raise rex.RayTaskError("f", "tb", TerminalError("no weights; pass --model tiny-test"))
+    with pytest.raises(KeyError), ray_errors("extract x"):
+        raise KeyError("no table")
 
 
 def test_only_transient_errors_are_retried(prefect_api):
-    """A task failing with a transient error is retried (and then succeeds); one failing with a ValueError is
-    not retried at all."""
+    """A task failing with a TransientError is retried (and then succeeds); one failing with a TerminalError or
+    an unclassified ValueError is not retried at all."""
     from prefect import flow, task
 
     from flows.pipeline import retry_transient
+    from stores.errors import TerminalError, TransientError
 
-    calls = {"flaky": 0, "bad": 0}
+    calls = {"flaky": 0, "bad": 0, "odd": 0}
 
     @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_transient)
     def flaky() -> str:
         calls["flaky"] += 1
         if calls["flaky"] < 3:
-            raise ConnectionError("node went away")
+            raise TransientError("node went away")
         return "ok"
 
     @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_transient)
     def bad() -> None:
         calls["bad"] += 1
-        raise ValueError("item_id is empty")
+        raise TerminalError("item_id is empty; fix the source")
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def odd() -> None:
+        calls["odd"] += 1
+        raise ValueError("unclassified")
 
     @flow
     def both() -> str:
         out = flaky()
-        bad()
+        for t in (bad, odd):
+            with pytest.raises(Exception):  # noqa: B017, PT011  (the failure itself is the point)
+                t()
         return out
 
-    with pytest.raises(ValueError):
-        both()
-    assert calls == {"flaky": 3, "bad": 1}
+    assert both() == "ok"
+    assert calls == {"flaky": 3, "bad": 1, "odd": 1}
 
 
 # ---- CLI and schedules -------------------------------------------------------------------------------------------
@@ -311,3 +336,125 @@ def test_serve_builds_one_deployment_per_schedule(tmp_path):
         "config": str(CONFIG_DIR / "hm_fashion.yaml"),
         "workspace": str(tmp_path / "ws"),
     }
+
+
+def _mini(tmp_path: Path, **source) -> dict:
+    return {
+        "name": "mini",
+        "sources": [{"kind": "demo", "n_items": 12, "n_users": 8, "dir": str(tmp_path / "src")} | source],
+        "splits": [{"name": "main", "kcore": 0}],
+        "run": {"engine": "local", "retries": 2, "retry_delay_s": 0},
+    }
+
+
+def test_run_permanent_error_prints_one_line_and_is_not_retried(prefect_api, tmp_path, monkeypatch):
+    """A missing source file in `mmfeat run` fails the first try without a retry and prints one line naming the
+    path and the fix (the text `mmfeat ingest` gives for it), no traceback; --debug re-raises with the error."""
+    import recipes.refresh as refresh
+
+    data = _mini(tmp_path)
+    data["sources"] = [
+        {
+            "kind": "table",
+            "name": "shop",
+            "items": str(tmp_path / "missing.csv"),
+            "interactions": str(tmp_path / "missing_inter.csv"),
+        }
+    ]
+    cfg = _write_config(tmp_path / "mini.yaml", data)
+    calls = []
+    real = refresh.ingest_source
+    monkeypatch.setattr(refresh, "ingest_source", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = CliRunner().invoke(_cli(), ["--workspace", str(tmp_path / "ws"), "run", str(cfg)], obj={})
+    assert out.exit_code == 1 and len(calls) == 1, out.output
+    # Prefect's progress lines may be printed too; the failure is one line, once, without a traceback
+    lines = [ln for ln in out.output.splitlines() if "missing.csv" in ln or "ERROR" in ln]
+    assert len(lines) == 1 and lines[0].startswith("Error: source 'shop': "), out.output
+    assert "Traceback" not in out.output
+    debug = CliRunner().invoke(
+        _cli(), ["--workspace", str(tmp_path / "ws"), "run", str(cfg), "--debug"], obj={}
+    )
+    from stores.errors import TerminalError
+
+    assert debug.exit_code == 1 and isinstance(debug.exception, TerminalError)
+
+
+def test_run_transient_error_is_retried(prefect_api, tmp_path, monkeypatch):
+    """A TransientError in a step of `mmfeat run` is retried, and the run then completes."""
+    import recipes.refresh as refresh
+    from stores.errors import TransientError
+
+    cfg = _write_config(tmp_path / "mini.yaml", _mini(tmp_path))
+    calls = []
+    real = refresh.ingest_source
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TransientError("object store timed out")
+        return real(*a, **k)
+
+    monkeypatch.setattr(refresh, "ingest_source", flaky)
+    out = CliRunner().invoke(_cli(), ["--workspace", str(tmp_path / "ws"), "run", str(cfg)], obj={})
+    assert out.exit_code == 0 and len(calls) == 2, out.output
+    assert "ingest    demo:" in out.output
+
+
+def test_second_publish_on_the_same_day_takes_a_suffix(tmp_path):
+    """With a dated snapshot template, a second publish the same day whose pins changed gets `<name>-2`, decided
+    before any work; an unchanged run publishes nothing and reports the last snapshot."""
+    from datetime import UTC, datetime
+
+    from recipes import refresh
+    from recipes.config import load_config
+
+    data = _mini(tmp_path) | {"snapshot": {"split": "main", "name": "{config}-{date:%Y%m%d}"}}
+    cfg = load_config(str(_write_config(tmp_path / "mini.yaml", data)))
+    ws = Workspace(str(tmp_path / "ws"))
+    day = datetime(2026, 1, 2, tzinfo=UTC)
+
+    def publish() -> dict:
+        name = refresh.snapshot_name(ws, cfg, day)
+        refresh.ingest_source(ws, cfg, "demo")
+        refresh.build_split(ws, cfg, "main", ws.version("interactions"))
+        return refresh.publish_snapshot(ws, cfg, name)
+
+    first = publish()
+    assert first == first | {"snapshot": "mini-20260102", "published": True}
+    assert publish()["published"] is False
+    _add_items(tmp_path / "src", 3)
+    ws_rows = ws.count("interactions")
+    with open(tmp_path / "src" / "interactions.csv", "a") as fh:
+        fh.write("u00001,900000,1700000000,view,1\n")
+    second = publish()
+    assert ws.count("interactions") == ws_rows + 1
+    assert second["snapshot"] == "mini-20260102-2" and second["published"]
+
+
+def test_extractor_registry_defaults_are_real_models_and_fail_offline_in_one_line(tmp_path, monkeypatch):
+    """The CLI and the flows pick extractors from one registry: CLIP defaults to the pretrained ViT-B-32
+    (laion2b_s34b_b79k), the untrained test model only by name; offline without cached weights `encode image`
+    fails before any work with one line naming the fix."""
+    from extractors import registry
+    from flows.extract_cli import encode
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # an empty Hugging Face cache: the real weights are not there
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert registry.image_spec(None).kwargs == {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+    assert registry.config_spec("clip_image", "tiny-test").kwargs["model"] == "test:tiny-clip"
+    assert registry.caption_spec(None).kwargs["model"] == registry.DEFAULT_CAPTIONER
+
+    @click.group()
+    @click.pass_context
+    def cli(ctx):
+        ctx.obj = {"workspace": str(tmp_path / "ws")}
+
+    cli.add_command(encode)
+    out = CliRunner().invoke(cli, ["encode", "image", "--engine", "local", "--no-progress"])
+    lines = [ln for ln in out.output.splitlines() if ln.strip()]
+    assert out.exit_code == 1 and len(lines) == 1, out.output
+    assert "ViT-B-32/laion2b_s34b_b79k" in lines[0] and "--model tiny-test" in lines[0]
+    assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").iterdir())

@@ -1,9 +1,11 @@
 """Retained artifacts: after erasure, re-pin the split manifests and re-derive the graphs built on erased rows.
+Every re-pinned, patched or rebuilt artifact is recorded through the step runner (stores/steps.py `run_step`), so
+its manifest and fingerprint are the ones a fresh build would have.
 
 kNN graphs are re-pinned when their items and vectors are the same, else patched (`knn_patch`, single feature)
 or rebuilt per feature and fused again; a user-item graph losing whole users or items is patched from its stored
 edges (`patched_ui_edges`: their edges go, degrees and D^-1/2 A D^-1/2 weights are recomputed), row for row what
-`pipeline.build_ui_graph` writes; other graphs are rebuilt with their parameters. Each keeps its name.
+`recipes.pipeline.build_ui_graph` writes; other graphs are rebuilt with their parameters. Each keeps its name.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pyarrow.compute as pc
 from recipes.graphs.knn import KnnConfig, fuse_graphs
 from recipes.splits import TEST, TRAIN, VALID
 from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained, ui_weights
+from stores.features import feature_table
+from stores.steps import Step, run_step
 
 if TYPE_CHECKING:
     from stores.erasure.requests import ForgetScope
@@ -58,7 +62,7 @@ def retained_knn_graph(
     """Rebuild-equivalent kNN graph of stored graph `info` (a manifest) on split `split_name`'s current manifest,
     without the items `excluded(feature)` names for each feature. Single-feature graphs are patched
     (`knn_patch`); fused graphs are rebuilt per feature on the retained items and fused again."""
-    from recipes.pipeline import _fingerprint
+    from recipes.pipeline import graph_step
     from stores import artifacts
 
     split_info = artifacts.manifest(ws, "split", split_name)
@@ -72,7 +76,7 @@ def retained_knn_graph(
         "split_version": split_info["table_version"],
         "features": {},
     }
-    provenance, graphs, recomputed = {}, [], 0
+    provenance = {}
     same_nodes = name in (None, info["name"]) and ws.exists(info["table"]) and _same_nodes(ws, info, nodes)
     for feature in params["features"]:
         mat, mask, prov = artifacts.feature_matrix(ws, feature, nodes)
@@ -82,41 +86,47 @@ def retained_knn_graph(
         same_nodes &= info["inputs"]["features"].get(feature, {}).get("content_hash") == prov["content_hash"]
     if same_nodes and not any(set(nodes.tolist()) & excluded(f) for f in params["features"]):
         # Same items, same vectors: the stored edges are the retained graph; only the pins move.
-        body = manifest_body(info)
-        body |= inputs | {
-            "inputs": inputs,
-            "fingerprint": _fingerprint(inputs, params),
-            "feature_provenance": provenance,
-        }
-        out = artifacts.record_artifact(ws, "graph", info["name"], info["table"], info["table_version"], body)
+        body = manifest_body(info) | inputs | {"feature_provenance": provenance}
+        built = (info["table"], info["table_version"], body)
+        out = run_step(ws, Step("graph", info["name"], inputs, params, lambda: built))
         return out | {"recomputed_items": 0, "unchanged": True}
-    for feature in params["features"]:
-        mat, mask, prov = artifacts.feature_matrix(ws, feature, nodes)
-        gone = excluded(feature)
-        keep = ~np.isin(nodes, np.array(sorted(gone), dtype=object)) if gone else np.ones(len(nodes), bool)
-        if len(params["features"]) == 1 and ws.exists(info["table"]):
-            old = ws.read(info["table"], columns=["src", "dst"], version=info["table_version"])
-            src, dst, w, recomputed = knn_patch(
-                _node_positions(old["src"], nodes), _node_positions(old["dst"], nodes), mat, keep, cfg
-            )
-        else:
-            src, dst, w = knn_retained(mat, keep, cfg)
-            recomputed += int(keep.sum())
-        graphs.append(edges_matrix(src, dst, w, len(nodes)))
-    weights = params["weights"]
-    matrix = graphs[0] if len(graphs) == 1 and weights[0] == 1.0 else fuse_graphs(graphs, weights)
-    fingerprint = _fingerprint(inputs, params)
-    body = inputs | {
-        "inputs": inputs,
-        "params": params,
-        "fingerprint": fingerprint,
-        "feature_provenance": provenance,
-        "retained": {"recomputed_items": recomputed},
-    }
-    # save_graph only takes the item order from the split: hand it the nodes, not the 10M-row split
-    order = pa.table({"user_id": pa.array(nodes, pa.string()), "item_id": pa.array(nodes, pa.string())})
-    out = artifacts.save_graph(ws, name or info["name"], matrix, order, "item", body)
-    return out | {"recomputed_items": recomputed}
+    retained: dict[str, int] = {}
+
+    def build() -> tuple[Any, pa.Table]:
+        graphs, retained["recomputed_items"] = [], 0
+        for feature in params["features"]:
+            matrix, recomputed = _retained_feature_graph(ws, info, feature, nodes, excluded(feature), cfg)
+            graphs.append(matrix)
+            retained["recomputed_items"] += recomputed
+        weights = params["weights"]
+        matrix = graphs[0] if len(graphs) == 1 and weights[0] == 1.0 else fuse_graphs(graphs, weights)
+        # write_graph only takes the item order from the split: hand it the nodes, not the 10M-row split
+        order = pa.table({"user_id": pa.array(nodes, pa.string()), "item_id": pa.array(nodes, pa.string())})
+        return matrix, order
+
+    extra = {"feature_provenance": provenance, "retained": retained}
+    out = graph_step(ws, name or info["name"], inputs, params, "item", build, extra, force=True)
+    return out | {"recomputed_items": retained["recomputed_items"]}
+
+
+def _retained_feature_graph(
+    ws, info: dict, feature: str, nodes: np.ndarray, gone: set[str], cfg: KnnConfig
+) -> tuple[Any, int]:
+    """One feature's kNN graph over `nodes` without the items `gone`, and how many items were searched again:
+    a single-feature graph is patched from its stored edges, a fused one rebuilt on the retained items."""
+    from stores import artifacts
+
+    mat, _, _ = artifacts.feature_matrix(ws, feature, nodes)
+    keep = ~np.isin(nodes, np.array(sorted(gone), dtype=object)) if gone else np.ones(len(nodes), bool)
+    if len(info["params"]["features"]) == 1 and ws.exists(info["table"]):
+        old = ws.read(info["table"], columns=["src", "dst"], version=info["table_version"])
+        src, dst, w, recomputed = knn_patch(
+            _node_positions(old["src"], nodes), _node_positions(old["dst"], nodes), mat, keep, cfg
+        )
+    else:
+        src, dst, w = knn_retained(mat, keep, cfg)
+        recomputed = int(keep.sum())
+    return edges_matrix(src, dst, w, len(nodes)), recomputed
 
 
 def rebuild_graph(ws, info: dict, split_name: str, name: str | None = None) -> dict:
@@ -184,20 +194,16 @@ def patched_ui_edges(ws, info: dict, users: set[str], items: set[str]) -> tuple[
 
 
 def _save_patched_ui(ws, info: dict, split_version: int, edges: pa.Table, removed: int, nodes: int) -> dict:
-    from recipes.pipeline import _fingerprint
     from stores import artifacts
 
-    version = artifacts._write_table(ws, info["table"], edges)
     inputs = {"split": info["split"], "split_version": split_version}
-    body = manifest_body(info)
-    body |= inputs | {
-        "inputs": inputs,
-        "fingerprint": _fingerprint(inputs, info["params"]),
-        "nodes": nodes,
-        "edges": edges.num_rows,
-        "retained": {"edges_removed": removed},
-    }
-    return artifacts.record_artifact(ws, "graph", info["name"], info["table"], version, body)
+    body = manifest_body(info) | inputs
+    body |= {"nodes": nodes, "edges": edges.num_rows, "retained": {"edges_removed": removed}}
+
+    def write() -> tuple[str, int, dict]:
+        return info["table"], artifacts.write_table(ws, info["table"], edges), body
+
+    return run_step(ws, Step("graph", info["name"], inputs, info["params"], write), force=True)
 
 
 def _ui_patchable(info: dict, split_manifests: dict[str, dict], scope: ForgetScope | None) -> bool:
@@ -232,17 +238,10 @@ def prepare_refresh(ws, changed: set[str], scope: ForgetScope | None) -> dict:
 
 def _repin_graph(ws, info: dict, split_version: int) -> dict:
     """Same edges on a new split version (no node left, no input vector changed): move the pins only."""
-    from recipes.pipeline import _fingerprint
-    from stores import artifacts
-
     inputs = info["inputs"] | {"split_version": split_version}
-    body = manifest_body(info)
-    body |= {
-        "split_version": split_version,
-        "inputs": inputs,
-        "fingerprint": _fingerprint(inputs, info["params"]),
-    }
-    return artifacts.record_artifact(ws, "graph", info["name"], info["table"], info["table_version"], body)
+    body = manifest_body(info) | {"split_version": split_version}
+    built = (info["table"], info["table_version"], body)
+    return run_step(ws, Step("graph", info["name"], inputs, info["params"], lambda: built), force=True)
 
 
 def refresh_artifacts(
@@ -258,7 +257,6 @@ def refresh_artifacts(
     items and vectors are the same, else patched (`knn_patch`); user-item graphs are patched when the scope
     removed whole users or items, else rebuilt; other graphs are rebuilt. Returns {"splits", "graphs",
     "failed"} for the receipt."""
-    from recipes.pipeline import _fingerprint
     from stores import artifacts
 
     report: dict[str, dict] = {"splits": {}, "graphs": {}, "failed": {}}
@@ -269,9 +267,9 @@ def refresh_artifacts(
             continue
         body = manifest_body(info)
         version = ws.version(info["table"])
-        if "interactions" in body.get("inputs", {}) and ws.exists("interactions"):
-            body["inputs"] = body["inputs"] | {"interactions": ws.version("interactions")}
-            body["fingerprint"] = _fingerprint(body["inputs"], body.get("params", {}))
+        inputs = body.get("inputs", {})
+        if "interactions" in inputs and ws.exists("interactions"):
+            inputs = inputs | {"interactions": ws.version("interactions")}
         if body.get("base_split") and f"split_{body['base_split']}" in changed:
             body["base_split_version"] = ws.version(f"split_{body['base_split']}")
         if info["table"] in changed:
@@ -280,7 +278,8 @@ def refresh_artifacts(
             )
             old_manifests[info["name"]] = info
         body["erasures"] = [*body.get("erasures", []), request_id]
-        artifacts.record_artifact(ws, "split", info["name"], info["table"], version, body)
+        built = (info["table"], version, body)
+        run_step(ws, Step("split", info["name"], inputs, body.get("params", {}), lambda b=built: b), force=True)
         report["splits"][info["name"]] = {
             "table_version": version,
             "rows": body.get("counts", {}).get("rows"),
@@ -291,7 +290,7 @@ def refresh_artifacts(
     rebuilt: set[str] = set()
     for info in graphs:
         params, split = info["params"], info.get("split")
-        feats = {artifacts.feature_table(f) for f in params.get("features", [])}
+        feats = {feature_table(f) for f in params.get("features", [])}
         if not (split in counts or feats & changed or set(params.get("knn_graphs") or []) & rebuilt):
             continue
         split_version = ws.version(f"split_{split}")

@@ -2,7 +2,7 @@
 
 A `ForgetRequest` names what to forget: users, items, user-item pairs, one modality of some items, interactions
 before a time, or items by attribute. `resolve` turns it into a `ForgetScope` (attribute requests become item
-lists) and `interaction_mask` says which interaction rows the scope covers. `stores/erasure.py` deletes the scope
+lists) and `interaction_mask` says which interaction rows the scope covers. `stores/erasure/` deletes the scope
 from every table; `refresh_artifacts` re-derives the splits and graphs built from the erased rows.
 
 Research side: `forget_retain` cuts a split into forget = the matching rows (train only, or all parts), retain =
