@@ -320,8 +320,8 @@ CLI = "from flows.cli import main; main()"
 
 
 def _encode_cmd(ws_path: Path, engine: str = "ray") -> list[str]:
-    return [sys.executable, "-c", CLI, "--workspace", str(ws_path), "encode", "image", "--chunk-rows", "16",
-            "--batch-size", "8", "--engine", engine, "--no-progress"]  # fmt: skip
+    return [sys.executable, "-c", CLI, "--workspace", str(ws_path), "encode", "image", "--model", "tiny-test",
+            "--chunk-rows", "16", "--batch-size", "8", "--engine", engine, "--no-progress"]  # fmt: skip
 
 
 @pytest.mark.slow
