@@ -40,11 +40,11 @@ from stores.features import (
     CAPTIONS,
     FAILURES,
     OutputWriter,
-    compact,
     delete_items,
     ensure_feature,
     feature_table,
     hashes,
+    merge_small_fragments,
     refresh_index,
     stored_dim,
 )
@@ -386,7 +386,7 @@ def run_extraction(
         _flush(writer, pending, output, summary)
         summary.skipped_forgotten = writer.skipped_forgotten
         bar.close()
-        compact(ws, table_name)
+        merge_small_fragments(ws, table_name)
     if output == "vector" and ws.exists(table_name):
         summary.index = refresh_index(ws, feature, **({"min_rows": index_min_rows} if index_min_rows else {}))
     summary.seconds = time.perf_counter() - started

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from stores.features import feature_table
 from stores.lease import write_lease
-from stores.schema import ARTIFACTS, INTERACTIONS, TIMESTAMP
+from stores.schema import ARTIFACTS, INTERACTIONS, TIMESTAMP, sql_string
 from stores.workspace import Workspace
 
 SPLIT_SCHEMA = pa.schema([*[INTERACTIONS.schema.field(n) for n in INTERACTIONS.schema.names], pa.field("label", pa.int8())])
@@ -89,7 +90,7 @@ def record_artifact(ws: Workspace, kind: str, name: str, table_name: str, versio
 
 
 def manifest(ws: Workspace, kind: str, name: str) -> dict:
-    rows = ws.read("artifacts", where=f"kind = '{kind}' AND name = '{_quote(name)}'").to_pylist()
+    rows = ws.read("artifacts", where=f"kind = {sql_string(kind)} AND name = {sql_string(name)}").to_pylist()
     if not rows:
         have = ws.read("artifacts", columns=["name"], where=f"kind = '{kind}'")["name"].to_pylist()
         raise KeyError(f"no {kind} named {name!r}; existing: {sorted(have) or 'none'} (create it with `mmfeat {kind} ...`)")
@@ -99,10 +100,6 @@ def manifest(ws: Workspace, kind: str, name: str) -> dict:
 def list_artifacts(ws: Workspace, kind: str | None = None) -> list[dict]:
     rows = ws.read("artifacts").to_pylist()
     return [json.loads(r["manifest"]) for r in rows if kind is None or r["kind"] == kind]
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "''")
 
 
 # ---- splits ------------------------------------------------------------------------------------------------
@@ -128,10 +125,6 @@ def load_split(ws: Workspace, name: str, version: int | None = None) -> pa.Table
 
 
 # ---- features ----------------------------------------------------------------------------------------------
-
-
-def feature_table(feature: str) -> str:
-    return feature if feature.startswith(VECTOR_PREFIX) else f"{VECTOR_PREFIX}{feature}"
 
 
 def feature_matrix(
@@ -239,7 +232,6 @@ __all__ = [
     "SPLIT_SCHEMA",
     "TIMESTAMP",
     "feature_matrix",
-    "feature_table",
     "list_artifacts",
     "load_graph",
     "load_split",

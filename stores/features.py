@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from stores.lease import write_lease
-from stores.schema import DENY_LIST, TIMESTAMP, TableSpec
+from stores.schema import DENY_LIST, TIMESTAMP, TableSpec, sql_string
 from stores.workspace import Workspace
 
 CAPTION_FEATURE = "caption"
@@ -91,8 +91,11 @@ def check_feature_name(feature: str) -> str:
 
 
 def feature_table(feature: str) -> str:
-    """`clip_image` -> `feat_clip_image`; the captions feature lives in `captions`."""
-    return CAPTIONS.name if feature == CAPTION_FEATURE else FEATURE_PREFIX + check_feature_name(feature)
+    """`clip_image` (or the table name `feat_clip_image`) -> `feat_clip_image`; the captions feature lives in
+    `captions`. The one mapping from a feature to its table, for writers, readers, graphs and erasure."""
+    if feature == CAPTION_FEATURE:
+        return CAPTIONS.name
+    return FEATURE_PREFIX + check_feature_name(feature.removeprefix(FEATURE_PREFIX))
 
 
 def feature_spec(name: str, dim: int) -> TableSpec:
@@ -142,7 +145,7 @@ def hashes(ws: Workspace, table: str, feature: str | None = None) -> dict[str, s
     """item_id -> input_hash of every row of `table` (the failures table filtered to `feature`)."""
     if not ws.exists(table):
         return {}
-    where = f"feature = {_quote(feature)}" if feature is not None else None
+    where = f"feature = {sql_string(feature)}" if feature is not None else None
     rows = ws.read(table, columns=["item_id", "input_hash"], where=where)
     return dict(zip(rows["item_id"].to_pylist(), rows["input_hash"].to_pylist(), strict=True))
 
@@ -152,11 +155,11 @@ def delete_items(ws: Workspace, table: str, item_ids: Iterable[str], feature: st
     ids = sorted(set(item_ids))
     if not ids or not ws.exists(table):
         return 0
-    scope = f"feature = {_quote(feature)} AND " if feature is not None else ""
+    scope = f"feature = {sql_string(feature)} AND " if feature is not None else ""
     with write_lease(ws, f"delete:{table}"):
         tbl = ws.open(table)
         for start in range(0, len(ids), _DELETE_BATCH):
-            chunk = ", ".join(_quote(i) for i in ids[start : start + _DELETE_BATCH])
+            chunk = ", ".join(sql_string(i) for i in ids[start : start + _DELETE_BATCH])
             tbl.delete(f"{scope}item_id IN ({chunk})")
     return len(ids)
 
@@ -186,7 +189,7 @@ def live_items(
         present: set[str] = set()
         ordered = sorted(ids)
         for start in range(0, len(ordered), _DELETE_BATCH):
-            chunk = ", ".join(_quote(i) for i in ordered[start : start + _DELETE_BATCH])
+            chunk = ", ".join(sql_string(i) for i in ordered[start : start + _DELETE_BATCH])
             present.update(
                 ws.read(table, columns=["item_id"], where=f"item_id IN ({chunk})")["item_id"].to_pylist()
             )
@@ -194,10 +197,6 @@ def live_items(
     for kind in deny:
         ids -= denied_keys(ws, kind, ids)
     return ids
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 # ---- writing results -------------------------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def refresh_index(ws: Workspace, feature: str, min_rows: int = INDEX_MIN_ROWS) -
         return "built" if index is None else "rebuilt"
 
 
-def compact(ws: Workspace, table: str, max_fragments: int = 32) -> bool:
+def merge_small_fragments(ws: Workspace, table: str, max_fragments: int = 32) -> bool:
     """Merge the small fragments that chunked commits leave behind, once there are more than `max_fragments`.
     Old versions stay readable (no cleanup), so snapshots that pin them keep working."""
     if not ws.exists(table):

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stores import artifacts
+from stores.features import feature_table
 from stores.snapshots import check_snapshot
 from stores.workspace import Workspace
 
@@ -174,7 +175,7 @@ class FeatureReader:
             )
 
         def load() -> tuple[np.ndarray, np.ndarray]:
-            table = artifacts.feature_table(feature)
+            table = feature_table(feature)
             matrix, mask, _ = artifacts.feature_matrix(
                 self._ws(), feature, self.items, self.manifest["tables"][table]
             )

@@ -28,6 +28,11 @@ class TableSpec:
     compare: tuple[str, ...] = ()
 
 
+def sql_string(value: object) -> str:
+    """`value` as a quoted SQL string literal for a Lance filter or DuckDB query: `o'brien` -> `'o''brien'`."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 ITEMS = TableSpec(
     "items",
     pa.schema(

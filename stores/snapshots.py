@@ -15,6 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from stores import artifacts
+from stores.features import feature_table
 from stores.workspace import Workspace
 
 KIND = "snapshot"
@@ -59,7 +60,7 @@ def _pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> 
     tables[split_table] = split_version
     feature_rows = {}
     for feature in features:
-        table = artifacts.feature_table(feature)
+        table = feature_table(feature)
         if not ws.exists(table):
             have = [
                 n.removeprefix(artifacts.VECTOR_PREFIX)
@@ -250,7 +251,7 @@ def current_pins(ws: Workspace, split: str, features: list[str], graphs: list[st
     scheduled publish has anything new), without recording anything."""
     pins = {t: ws.version(t) for t in BASE_TABLES}
     pins[f"split_{split}"] = artifacts.manifest(ws, "split", split)["table_version"]
-    pins |= {artifacts.feature_table(f): ws.version(artifacts.feature_table(f)) for f in features}
+    pins |= {feature_table(f): ws.version(feature_table(f)) for f in features}
     pins |= {f"graph_{g}": artifacts.manifest(ws, "graph", g)["table_version"] for g in graphs}
     return pins
 

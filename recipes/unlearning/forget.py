@@ -123,6 +123,7 @@ def _carry_out(ws: Workspace, row: dict, scope: ForgetScope | None = None) -> di
     """One attempt at a logged request: every phase appends its results to the log row; the receipt closes it."""
     from recipes.unlearning.graphs import manifest_body, prepare_refresh, refresh_artifacts
     from stores import artifacts as art
+    from stores.features import feature_table
 
     request_id = row["request_id"]
     params = row["params"]
@@ -199,7 +200,7 @@ def _carry_out(ws: Workspace, row: dict, scope: ForgetScope | None = None) -> di
     image_feats = image_feature_tables(ws)
 
     def excluded(feature: str) -> set[str]:
-        image = art.feature_table(feature) in image_feats
+        image = feature_table(feature) in image_feats
         return set(scope.items) | (set(scope.image_items) if image else set())
 
     changed = removed_ever | {n for n, p in physical.items() if p}

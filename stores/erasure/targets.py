@@ -173,13 +173,14 @@ def image_feature_tables(ws: Workspace) -> set[str]:
 def classify(ws: Workspace) -> dict[str, TableClass]:
     """The class of every table of the workspace."""
     from stores import artifacts
+    from stores.features import feature_table
 
     image_feats = image_feature_tables(ws)
     feature_names = frozenset({t.removeprefix("feat_") for t in image_feats} | {"caption"})
     image_graphs = set()
     for info in artifacts.list_artifacts(ws, "graph") if ws.exists("artifacts") else []:
         feats = info.get("params", {}).get("features") or []
-        if feats and all(artifacts.feature_table(f) in image_feats for f in feats):
+        if feats and all(feature_table(f) in image_feats for f in feats):
             image_graphs.add(info["table"])
     out = {}
     for name in ws.table_names():
