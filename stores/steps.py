@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stores import artifacts
+from stores.errors import network_boundary
 from stores.workspace import Workspace
 
 # What `build` returns: the table it wrote (or the step's anchor table), that table's version, the manifest body.
@@ -55,10 +56,13 @@ def last_manifest(ws: Workspace, kind: str, name: str) -> dict | None:
 def run_step(ws: Workspace, step: Step, force: bool = False) -> dict:
     """Run `step` unless it is unchanged; returns its manifest, with skipped=True when the build was skipped."""
     fp = fingerprint(step.inputs, step.params)
-    if not force and (done := last_manifest(ws, step.kind, step.name)) is not None:
-        fresh = step.fresh(done) if step.fresh is not None else ws.exists(done["table"])
-        if done.get("fingerprint") == fp and fresh:
-            return done | {"skipped": True}
-    table, version, body = step.build()
-    body = body | {"inputs": step.inputs, "params": step.params, "fingerprint": fp}
-    return artifacts.record_artifact(ws, step.kind, step.name, table, version, body) | {"skipped": False}
+    # the step's reads and writes meet the workspace (maybe an object store) and model hubs: a timeout or a
+    # dropped connection there is transient
+    with network_boundary(f"{step.kind} {step.name} on {ws.uri}"):
+        if not force and (done := last_manifest(ws, step.kind, step.name)) is not None:
+            fresh = step.fresh(done) if step.fresh is not None else ws.exists(done["table"])
+            if done.get("fingerprint") == fp and fresh:
+                return done | {"skipped": True}
+        table, version, body = step.build()
+        body = body | {"inputs": step.inputs, "params": step.params, "fingerprint": fp}
+        return artifacts.record_artifact(ws, step.kind, step.name, table, version, body) | {"skipped": False}

@@ -108,3 +108,28 @@ def test_ml100k_5core_split_counts(ws, ml100k):
     c = info["counts"]
     assert (c["rows"], c["users"], c["items"]) == (99_287, 943, 1_349)
     assert c["train"] + c["valid"] + c["test"] == c["rows"]
+
+
+def test_step_runner_skips_unchanged_and_classifies_timeouts(ws):
+    """run_step builds once per fingerprint (same inputs and params: skipped, nothing rebuilt; new inputs: built
+    again), and a timeout inside a step's build comes out as a TransientError (retried by the flows)."""
+    from stores.errors import TransientError
+    from stores.steps import Step, fingerprint, run_step
+
+    builds = []
+
+    def build() -> tuple[str, int, dict]:
+        builds.append(1)
+        return "items", 0, {"note": "x"}
+
+    first = run_step(ws, Step("step", "t", {"a": 1}, {"p": 2}, build, lambda _: True))
+    again = run_step(ws, Step("step", "t", {"a": 1}, {"p": 2}, build, lambda _: True))
+    moved = run_step(ws, Step("step", "t", {"a": 2}, {"p": 2}, build, lambda _: True))
+    assert len(builds) == 2 and not first["skipped"] and again["skipped"] and not moved["skipped"]
+    assert moved["fingerprint"] == fingerprint({"a": 2}, {"p": 2}) != first["fingerprint"]
+
+    def slow() -> tuple[str, int, dict]:
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(TransientError, match="read timed out"):
+        run_step(ws, Step("step", "slow", {}, {}, slow))
