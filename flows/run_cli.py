@@ -39,6 +39,8 @@ def prefect_home(workspace_uri: str) -> None:
     """Default PREFECT_HOME to `<workspace>-prefect` (outside the workspace, which erasure scans byte by byte),
     and give a temporary Prefect server time to start."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
+    # No telemetry from a temporary server: offline it only fails (on SQLite, with a lock traceback at start-up)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL"):
         return
     base = workspace_uri if "://" not in workspace_uri else str(Path.cwd() / "mmfeat")
@@ -59,7 +61,9 @@ class _OneLineErrors(logging.Filter):
     record carries a traceback; progress and retry notices stay, one line each."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("prefect") and record.levelno >= logging.ERROR:
+        if record.name.startswith("prefect") and (
+            record.levelno >= logging.ERROR or "Finished in state Failed" in record.getMessage()
+        ):
             return False
         record.exc_info, record.exc_text = None, None
         return True
