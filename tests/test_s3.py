@@ -4,9 +4,6 @@ and a snapshot, and everything reads back through LanceDB and DuckDB; a second r
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import yaml
 
@@ -14,43 +11,16 @@ pytestmark = pytest.mark.slow
 BUCKET = "mmfeat-test"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on 127.0.0.1 with one bucket; the AWS_* variables point every client at it."""
+@pytest.fixture
+def bucket(s3_endpoint):
+    """This test's bucket on the session's moto server."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = _port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    try:
-        yield endpoint
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    return BUCKET
 
 
-def test_refresh_on_an_s3_workspace(s3_endpoint, prefect_api, ray_local, tmp_path):
+def test_refresh_on_an_s3_workspace(s3_endpoint, bucket, prefect_api, ray_local, tmp_path):
     """ingest -> encode (tiny CLIP, image and text) -> split -> kNN graph -> snapshot on s3://; read back the
     rows, vectors and split, query them with DuckDB, and a second refresh writes 0 rows."""
     import boto3
