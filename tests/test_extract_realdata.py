@@ -59,15 +59,15 @@ def test_every_feature_has_exactly_one_row_per_item_with_input(ml_ws):
     """Captions and CLIP image vectors for the 1,663 posters, CLIP title vectors for all 1,682 items, MiniLM vectors
     for exactly the items with an overview and for every caption; the 19 poster-less movies are "no input"."""
     ws = ml_ws
-    cap = mmfeat(ws, "caption", "--max-new-tokens", "8")
+    cap = mmfeat(ws, "caption", "--model", "tiny-test", "--max-new-tokens", "8")
     assert (cap["done"], cap["no_input"], cap["failed"]) == (1663, 19, 0)
     assert ws.count("captions") == 1663
     missing = run_sql(ws, "select item_id from items anti join captions using (item_id)")["item_id"].to_pylist()
     assert set(missing) == NO_POSTER
 
-    image = mmfeat(ws, "encode", "image")
+    image = mmfeat(ws, "encode", "image", "--model", "tiny-test")
     assert (image["done"], image["no_input"], image["failed"]) == (1663, 19, 0)
-    title = mmfeat(ws, "encode", "text", "--clip-text")
+    title = mmfeat(ws, "encode", "text", "--clip-text", "--model", "tiny-test")
     assert (title["feature"], title["done"], title["no_input"]) == ("clip_title", 1682, 0)
     overview = mmfeat(ws, "encode", "text", "--fields", "text", "--feature", "overview")
     with_overview = run_sql(ws, "select count(*) n from items where trim(coalesce(text, '')) <> ''")["n"][
@@ -98,7 +98,7 @@ def test_every_feature_has_exactly_one_row_per_item_with_input(ml_ws):
         "caption_text",
     }
 
-    again = mmfeat(ws, "encode", "image")
+    again = mmfeat(ws, "encode", "image", "--model", "tiny-test")
     assert (again["model_calls"], again["done"], again["skipped"]) == (0, 0, 1663)
 
 
