@@ -128,8 +128,12 @@ def _carry_out(ws: Workspace, row: dict, scope: ForgetScope | None = None) -> di
     request_id = row["request_id"]
     params = row["params"]
     targets = logged_targets(ws, params)
-    scope = scope if scope is not None else recover_scope(ws, targets)
-    targets.clear = clear_keys(scope)
+    if scope is not None:  # the request's own ids: complete, so rows are matched by a direct lookup
+        targets.clear = clear_keys(scope)
+    else:
+        # a resumed request knows only the hashes: the ids left in the latest rows are enough to re-derive the
+        # artifacts, but old versions may hold ids no latest row has, so matching hashes every value
+        scope = recover_scope(ws, targets)
     attempt: dict = {"attempt": len(params["attempts"]) + 1, "started_at": _now(), "phases": {}}
     params["attempts"].append(attempt)
     earlier = params["attempts"][:-1]
@@ -184,7 +188,13 @@ def _carry_out(ws: Workspace, row: dict, scope: ForgetScope | None = None) -> di
         ws, targets, classes, skip=refreshable, planned=lambda counts: phase("delete_plan", {"rows": counts})
     )
     phase("delete", {"removed": removed})
-    removed_ever = set(removed).union(*(a["phases"].get("delete", {}).get("removed", {}) for a in earlier))
+    removed_ever = set(removed).union(
+        *(
+            a["phases"].get(p, {}).get(k, {})
+            for a in earlier
+            for p, k in (("delete_plan", "rows"), ("delete", "removed"))
+        )
+    )
 
     # 4. rewrite every table holding the targets in any data file, deleted rows included, before the artifacts
     # are re-derived, so the versions their manifests pin are the ones that stay. The heavy reads of the
