@@ -42,7 +42,7 @@ from recipes.config import graph_name, KnnGraph, UserItemGraph, CooccurGraph, ou
 cfg, ws, engine = load_config(sys.argv[1]), Workspace(sys.argv[2]), sys.argv[3]
 ingest(ws, open_source(cfg, cfg.sources[0], ws.uri))
 for r in cfg.forget:
-    forget(ws, r.to_request())
+    forget(ws, r)
 calls = 0
 for e in cfg.extract:
     calls += run_extraction(ws, e.feature, config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens), source=e.source, fields=tuple(e.fields),

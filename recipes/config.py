@@ -35,7 +35,8 @@ from pydantic import (
 )
 
 from recipes.splits import SplitConfig
-from recipes.strict import strict_config
+from stores.erasure.requests import ForgetRequest
+from stores.strict import strict_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _NAME = r"^[a-z][a-z0-9_\-]{0,62}$"
@@ -296,46 +297,6 @@ class Schedule(_Strict):
                 f"unknown timezone {value!r}; use an IANA name such as UTC or Europe/Paris"
             ) from None
         return value
-
-
-class ForgetRequest(_Strict):
-    """A forget request (recipes/unlearning.py), served once per `request_id`. kind user: `users`; item: `items`;
-    interactions: `pairs` ([user, item]); modality: `items` + `modality: image`; before: `before` (ISO time with
-    zone); attribute: `attribute` (e.g. rights) + `value`."""
-
-    request_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:@\-]{1,128}$")]
-    kind: Literal["user", "item", "interactions", "modality", "before", "attribute"]
-    users: list[str] = Field(default_factory=list)
-    items: list[str] = Field(default_factory=list)
-    pairs: list[tuple[str, str]] = Field(default_factory=list)
-    modality: Literal["image"] | None = None
-    before: datetime | None = None
-    attribute: str | None = None
-    value: str | None = None
-    reason: str = "unspecified"
-    requester: str = "config"
-
-    @model_validator(mode="after")
-    def _valid(self) -> ForgetRequest:
-        self.to_request()  # the request's own checks (which fields each kind needs), under this entry's key
-        return self
-
-    def to_request(self):
-        from stores.erasure.requests import ForgetRequest as Request
-
-        return Request(
-            request_id=self.request_id,
-            kind=self.kind,
-            users=tuple(self.users),
-            items=tuple(self.items),
-            pairs=tuple(self.pairs),
-            modality=self.modality,
-            before=self.before,
-            attribute=self.attribute,
-            value=self.value,
-            reason=self.reason,
-            requester=self.requester,
-        )
 
 
 class RunSettings(_Strict):

@@ -270,7 +270,7 @@ def serve_forget(ws: Workspace, cfg: PipelineConfig, request_id: str) -> dict:
     if done is not None and done.get("status", "done") == "done":
         verified = (done.get("receipt") or {}).get("verification", {}).get("verified")
         return {"request_id": request_id, "status": "already served", "skipped": True, "verified": verified}
-    receipt = forget(ws, next(r for r in cfg.forget if r.request_id == request_id).to_request())
+    receipt = forget(ws, next(r for r in cfg.forget if r.request_id == request_id))
     check = receipt["verification"]
     if not check["verified"]:
         raise TerminalError(

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 from pydantic import field_validator
 
 from recipes.kcore import DEDUP_POLICIES, DedupPolicy, check_interactions, dedup_mask, kcore_mask, pair_order
-from recipes.strict import strict_config
 from stores.ids import id_maps, seconds, sorted_codes
+from stores.strict import strict_config
 
 Scheme = Literal["random", "temporal", "loo", "cutoff"]
 SCHEMES: tuple[str, ...] = ("random", "temporal", "loo", "cutoff")

@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from recipes.graphs.user_item import bipartite, sym_normalize
-from recipes.strict import strict_config
 from stores.reader import BprDataset, FeatureReader, UserBatches, pair_keys
+from stores.strict import strict_config
 
 KS = (10, 20)
 MODELS = ("popularity", "mf_bpr", "freedom")

@@ -31,7 +31,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from recipes.graphs.user_item import edges_table
-from recipes.strict import strict_config
+from stores.strict import strict_config
 
 KnnNorm = Literal["freedom", "lattice", "none"]
 NORMS: tuple[str, ...] = ("freedom", "lattice", "none")

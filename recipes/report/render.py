@@ -28,8 +28,8 @@ from markupsafe import Markup, escape
 
 from recipes.report import charts
 from recipes.report.charts import Graph
-from recipes.strict import strict_config
 from stores.ids import seconds, sorted_codes
+from stores.strict import strict_config
 
 SECTIONS: dict[str, str] = {
     "card": "Dataset card",

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recipes.splits import TEST, TRAIN, VALID
-from recipes.strict import strict_config
 from stores.erasure.requests import attribute_items, id_mask
 from stores.ids import id_maps, seconds, sorted_codes
+from stores.strict import strict_config
 
 Parts = Literal["train", "all"]
 

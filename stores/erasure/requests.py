@@ -20,8 +20,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import field_validator
 
 from stores.ids import seconds
+from stores.strict import strict_config
 
 Kind = Literal["user", "item", "interactions", "modality", "before", "attribute"]
 KINDS: tuple[str, ...] = ("user", "item", "interactions", "modality", "before", "attribute")
@@ -34,11 +36,14 @@ def new_request_id() -> str:
     return f"fr-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
 
 
-@dataclass(frozen=True)
+@strict_config
 class ForgetRequest:
     """One forget request. Fields by kind: user -> users; item -> items; interactions -> pairs (user, item);
     modality -> modality ("image") and items; before -> before (aware datetime); attribute -> attribute
-    ("rights": `;`-separated rights tags, or a key of `items.attributes`) and value."""
+    ("rights": `;`-separated rights tags, or a key of `items.attributes`) and value.
+
+    The one request class: the CLI, scenarios and the pipeline config's `forget:` entries all build it, and
+    pydantic checks the types (an unknown key is an error naming the valid ones)."""
 
     request_id: str
     kind: Kind
@@ -53,11 +58,16 @@ class ForgetRequest:
     requester: str = ""
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
-    def __post_init__(self) -> None:
-        if not _ID.fullmatch(self.request_id or ""):
+    @field_validator("request_id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _ID.fullmatch(value or ""):
             raise ValueError(
-                f"request_id {self.request_id!r} is not allowed: use 1-128 letters, digits or . _ : @ -"
+                f"request_id {value!r} is not allowed: use 1-128 letters, digits or . _ : @ - (pattern {_ID.pattern})"
             )
+        return value
+
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}; expected one of {KINDS}")
         object.__setattr__(self, "users", tuple(str(u) for u in self.users))

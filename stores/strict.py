@@ -1,6 +1,8 @@
-"""The one way a recipe declares its config: a frozen pydantic dataclass that validates its fields' types and refuses
-unknown keys, naming the valid ones. Positional and keyword construction work as for a plain dataclass, and
-`dataclasses.asdict` / `fields` keep working (step fingerprints hash `asdict(cfg)`).
+"""Strict records: the one way a recipe config (SplitConfig, KnnConfig, ...) or a request (ForgetRequest) is
+declared. A frozen pydantic dataclass that validates its fields' types and refuses unknown keys, naming the valid
+ones; every problem is a one-line ValueError. It lives in stores/, the lowest layer that needs it. Positional and
+keyword construction work as for a plain dataclass, and `dataclasses.asdict` / `fields` keep working (step
+fingerprints hash `asdict(cfg)`).
 
     >>> @strict_config
     ... class KnnConfig:
@@ -41,17 +43,19 @@ def strict_config(cls: T) -> T:
         try:
             init(self, *args, **kwargs)
         except ValidationError as exc:  # one line per problem, not pydantic's multi-line report
-            raise ValueError("; ".join(_line(cls.__name__, e) for e in exc.errors())) from None
+            raise ValueError("; ".join(_line(cls.__name__, names, e) for e in exc.errors())) from None
 
     cls.__init__ = __init__
     return cls
 
 
-def _line(name: str, error: dict) -> str:
+def _line(name: str, fields: list[str], error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if not error["loc"]:
         return message  # a check of the whole config names its own fields
-    key = ".".join(str(part) for part in error["loc"])
+    first, *rest = error["loc"]
+    first = fields[first] if isinstance(first, int) and first < len(fields) else first  # positional argument
+    key = ".".join(str(part) for part in (first, *rest))
     if error["type"] == "missing":
         return f"{name}.{key}: required; pass it"
     return f"{name}.{key}={error['input']!r}: {message}"
