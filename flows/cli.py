@@ -110,7 +110,7 @@ def _source_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from recipes.ingest.sources import SourceError
+        from recipes.ingest.records import SourceError
 
         try:
             return fn(*args, **kwargs)

@@ -47,7 +47,7 @@ def _stat_digest(files: list[Path]) -> str:
 def _open(cfg: PipelineConfig, spec: Any, ws: Workspace) -> Any:
     """The source opened by its adapter; a source that cannot be read is terminal, with the adapter's message
     (the text `mmfeat ingest` prints for the same problem)."""
-    from recipes.ingest.load import SourceError
+    from recipes.ingest.records import SourceError
 
     try:
         return open_source(cfg, spec, ws.uri)

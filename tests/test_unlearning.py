@@ -511,7 +511,8 @@ def test_snapshots_pinning_forgotten_data_are_reported(sws):
 def test_reingest_is_refused_and_stores_nothing(sws):
     """Re-ingesting a source that still holds a forgotten user and item quarantines those rows as `forgotten`
     without the key or an excerpt, and the verification stays clean."""
-    from recipes.ingest.load import RawSource, ingest
+    from recipes.ingest.load import ingest
+    from recipes.ingest.records import RawSource
     from stores.erasure.keys import deny_list
 
     forget(sws, ForgetRequest("f-u", "user", users=("u02",)))
@@ -752,7 +753,8 @@ def test_reingest_after_modality_and_pair_forgets_brings_neither_back(sws, tmp_p
 
     from PIL import Image
 
-    from recipes.ingest.load import RawSource, ingest
+    from recipes.ingest.load import ingest
+    from recipes.ingest.records import RawSource
 
     inter = sws.read("interactions")
     u, i = inter["user_id"][0].as_py(), inter["item_id"][0].as_py()

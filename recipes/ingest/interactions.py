@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from recipes.ingest.load import SourceError, file_label
+from recipes.ingest.records import SourceError, file_label
 from stores.erasure.keys import DenyList
 from stores.schema import INTERACTIONS
 from stores.workspace import UpsertResult, Workspace

@@ -1,6 +1,6 @@
 """Validated ingest: raw source rows in, clean keyed rows and quarantine rows out, counts that add up.
 
-Adapters (recipes/sources.py) turn a source's files into `RawSource`: string columns plus `__file`/`__line` so
+Adapters (recipes/ingest/sources.py) turn a source's files into `RawSource`: string columns plus `__file`/`__line` so
 every row can be traced. `ingest` validates items, images, users and interactions, writes the good rows through
 keyed upserts and every bad row into `quarantine` with a reason code, and returns a report in which, per source
 file, rows read = rows stored + rows merged (identical duplicates) + rows quarantined.
@@ -16,174 +16,53 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, inspect_image, read_image_file
+from recipes.ingest.interactions import check_readable, ingest_interactions
+from recipes.ingest.records import (
+    IngestReport,
+    Quarantine,
+    RawSource,
+    content_hash,
+    decode_cell,
+    excerpt,
+    file_label,
+    utc_now,
+)
 from stores.erasure.keys import DenyList, deny_list
 from stores.lease import write_lease
 from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS
 from stores.workspace import UpsertResult, Workspace, conform
 
 
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing or empty file, duplicate or non-UTF-8 header, corrupt
-    compression): one line naming the file and the fix. Raised before anything is written."""
-
-
-def file_label(name: str | Path) -> str:
-    """A file name as text that can be stored: undecodable bytes of a non-UTF-8 name shown as escapes (\\xff)."""
-    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-@dataclass
-class FileTally:
-    """Per source file: rows read, and where each one went."""
-
-    read: int = 0
-    stored: int = 0
-    merged: int = 0
-    quarantined: int = 0
-    reasons: Counter = field(default_factory=Counter)
-
-    @property
-    def balanced(self) -> bool:
-        return self.read == self.stored + self.merged + self.quarantined
-
-
-@dataclass
-class RawSource:
-    """What an adapter read. Tables hold strings (bytes where decoding must be checked) plus `__file`/`__line`."""
-
-    name: str
-    items: pa.Table | None = None
-    users: pa.Table | None = None
-    interactions: pa.Table | None = None
-    image_root: Path | None = None
-    text_encoding: str = "utf-8"
-    derive_items: bool = False
-    derive_users: bool = False
-    default_event: str = "interaction"
-    tallies: dict[str, FileTally] = field(default_factory=dict)
-    quarantine: list[dict] = field(default_factory=list)
-
-    def reject(self, file: str, line: int | str, reason: str, detail: str, raw: str | None) -> None:
-        """Quarantine a row the adapter could not even parse (it counts as read and quarantined)."""
-        self.tallies.setdefault(file, FileTally()).read += 1
-        _Quarantine(self).add(file, line, None, reason, detail, raw, into=self.quarantine)
-
-
-@dataclass
-class IngestReport:
-    source: str
-    tables: dict[str, UpsertResult]
-    files: dict[str, FileTally]
-
-    @property
-    def balanced(self) -> bool:
-        return all(t.balanced for t in self.files.values())
-
-    def to_dict(self) -> dict:
-        return {
-            "source": self.source,
-            "tables": {k: vars(v) | {"written": v.written} for k, v in self.tables.items()},
-            "files": {k: vars(v) | {"reasons": dict(v.reasons), "balanced": v.balanced} for k, v in self.files.items()},
-            "balanced": self.balanced,
-        }
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _excerpt(row: dict) -> str:
-    clean = {
-        k: (v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v)
-        for k, v in row.items()
-        if not k.startswith("__")
-    }
-    return json.dumps(clean, default=str, ensure_ascii=False)[:300]
-
-
-class _Quarantine:
-    """Collects quarantine rows and keeps the per-file tallies in step with them."""
-
-    def __init__(self, source: RawSource):
-        self.source = source
-        self.rows = list(source.quarantine)
-
-    def tally(self, file: str) -> FileTally:
-        tally = self.source.tallies.get(file)
-        if tally is None:
-            tally = self.source.tallies[file] = FileTally()
-        return tally
-
-    def add(self, file: str, line: int | str, key: str | None, reason: str, detail: str, raw: str | None,
-            into: list[dict] | None = None) -> None:
-        qid = hashlib.sha256(f"{self.source.name}|{file}|{line}|{reason}".encode()).hexdigest()[:32]
-        (self.rows if into is None else into).append(
-            {
-                "quarantine_id": qid,
-                "source": self.source.name,
-                "file": f"{file}:{line}",
-                "record_key": key,
-                "reason": reason,
-                "detail": detail,
-                "raw_excerpt": raw,
-                "created_at": _now(),
-            }
-        )
-        tally = self.tally(file)
-        tally.quarantined += 1
-        tally.reasons[reason] += 1
-
-
-def _decode(value: object, encoding: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode(encoding)
-    return str(value)
-
-
-def _content_hash(*parts: str | None) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update((part or "").encode())
-        h.update(b"\x1f")
-    return h.hexdigest()
-
-
-def _validate_items(src: RawSource, q: _Quarantine, denied: DenyList) -> tuple[list[dict], list[tuple[str, str, str, int]]]:
+def _validate_items(src: RawSource, q: Quarantine, denied: DenyList) -> tuple[list[dict], list[tuple[str, str, str, int]]]:
     """Items → clean rows; also returns (item_id, image path, file, line) for every item that names an image."""
     rows: dict[str, dict] = {}
     images: list[tuple[str, str, str, int]] = []
-    now = _now()
+    now = utc_now()
     for raw in src.items.to_pylist():
         file, line = raw["__file"], raw["__line"]
         q.tally(file).read += 1
         try:
-            item_id = (_decode(raw.get("item_id"), "utf-8") or "").strip()
-            title = _decode(raw.get("title"), src.text_encoding)
-            text = _decode(raw.get("text"), src.text_encoding)
-            attributes = _decode(raw.get("attributes"), src.text_encoding)
-            rights = _decode(raw.get("rights"), "utf-8")
-            image = _decode(raw.get("image"), "utf-8")
+            item_id = (decode_cell(raw.get("item_id"), "utf-8") or "").strip()
+            title = decode_cell(raw.get("title"), src.text_encoding)
+            text = decode_cell(raw.get("text"), src.text_encoding)
+            attributes = decode_cell(raw.get("attributes"), src.text_encoding)
+            rights = decode_cell(raw.get("rights"), "utf-8")
+            image = decode_cell(raw.get("image"), "utf-8")
         except UnicodeDecodeError as exc:
-            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", _excerpt(raw))
+            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", excerpt(raw))
             continue
         if not item_id:
-            q.add(file, line, None, "empty_id", "item_id is empty; every item needs a non-empty string id", _excerpt(raw))
+            q.add(file, line, None, "empty_id", "item_id is empty; every item needs a non-empty string id", excerpt(raw))
             continue
         if denied and denied.has("item", item_id):
             q.add(file, line, None, "forgotten", "item was erased by a forget request; not re-ingested", None)
             continue
-        digest = _content_hash(title, text, attributes, rights)
+        digest = content_hash(title, text, attributes, rights)
         if item_id in rows:
             if rows[item_id]["content_hash"] == digest:
                 q.tally(file).merged += 1
@@ -195,7 +74,7 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: DenyList) -> tuple[l
                     "duplicate_conflict",
                     f"item_id {item_id!r} appears again with different content; the first row was kept. "
                     "De-duplicate the source.",
-                    _excerpt(raw),
+                    excerpt(raw),
                 )
             continue
         rows[item_id] = {
@@ -216,12 +95,12 @@ def _validate_items(src: RawSource, q: _Quarantine, denied: DenyList) -> tuple[l
 
 
 def _validate_images(
-    src: RawSource, refs: list[tuple[str, str, str, int]], q: _Quarantine, denied: DenyList
+    src: RawSource, refs: list[tuple[str, str, str, int]], q: Quarantine, denied: DenyList
 ) -> list[dict]:
     rows = []
     root = src.image_root
     label = file_label(root) if root else "images"
-    now = _now()
+    now = utc_now()
     for item_id, rel, _file, _line in tqdm(refs, desc="images", unit="img", disable=len(refs) < 500):
         q.tally(label).read += 1
         if denied and denied.has("image", item_id):  # a modality forget: the item stays, its image not
@@ -251,20 +130,20 @@ def _validate_images(
     return rows
 
 
-def _validate_users(src: RawSource, q: _Quarantine, denied: DenyList) -> list[dict]:
+def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dict]:
     rows: dict[str, dict] = {}
-    now = _now()
+    now = utc_now()
     for raw in src.users.to_pylist():
         file, line = raw["__file"], raw["__line"]
         q.tally(file).read += 1
         try:
-            user_id = (_decode(raw.get("user_id"), "utf-8") or "").strip()
-            attributes = _decode(raw.get("attributes"), src.text_encoding)
+            user_id = (decode_cell(raw.get("user_id"), "utf-8") or "").strip()
+            attributes = decode_cell(raw.get("attributes"), src.text_encoding)
         except UnicodeDecodeError as exc:
-            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", _excerpt(raw))
+            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", excerpt(raw))
             continue
         if not user_id:
-            q.add(file, line, None, "empty_id", "user_id is empty", _excerpt(raw))
+            q.add(file, line, None, "empty_id", "user_id is empty", excerpt(raw))
             continue
         if denied and denied.has("user", user_id):
             q.add(file, line, None, "forgotten", "user was erased by a forget request; not re-ingested", None)
@@ -273,7 +152,7 @@ def _validate_users(src: RawSource, q: _Quarantine, denied: DenyList) -> list[di
             if rows[user_id]["attributes"] == attributes:
                 q.tally(file).merged += 1
             else:
-                q.add(file, line, user_id, "duplicate_conflict", f"user_id {user_id!r} appears again with different attributes", _excerpt(raw))
+                q.add(file, line, user_id, "duplicate_conflict", f"user_id {user_id!r} appears again with different attributes", excerpt(raw))
             continue
         rows[user_id] = {"user_id": user_id, "attributes": attributes, "source": src.name, "created_at": now}
         q.tally(file).stored += 1
@@ -290,11 +169,10 @@ def ingest(ws: Workspace, src: RawSource) -> IngestReport:
 
 
 def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
-    q = _Quarantine(src)
+    q = Quarantine(src)
     tables: dict[str, UpsertResult] = {}
     denied = deny_list(ws)
 
-    from recipes.ingest.interactions import check_readable, ingest_interactions
 
     # Everything that can stop the job is checked before the first write: no source is committed half-way.
     items = image_refs = images = users = None
@@ -321,13 +199,13 @@ def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
 
     if src.interactions is not None:
         items, users = seen_items, seen_users
-        now = _now()
+        now = utc_now()
         if src.derive_items:  # only ids the workspace lacks: never overwrite a real item with a bare one
             items -= set(ws.read("items", columns=["item_id"])["item_id"].to_pylist())
             derived = pa.table({"item_id": sorted(items)})
             n = derived.num_rows
             derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
-            derived = derived.append_column("content_hash", pa.array([_content_hash()] * n, pa.string()))
+            derived = derived.append_column("content_hash", pa.array([content_hash()] * n, pa.string()))
             derived = derived.append_column("created_at", pa.array([now] * n, ITEMS.schema.field("created_at").type))
             tables["items"] = ws.upsert(ITEMS, conform(derived, ITEMS.schema))
         if src.derive_users:

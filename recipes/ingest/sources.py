@@ -29,7 +29,7 @@ from recipes.ingest.interactions import (
     parse_header,
     quiet_invalid_row_decoding,
 )
-from recipes.ingest.load import FileTally, RawSource, SourceError, _content_hash, file_label
+from recipes.ingest.records import FileTally, RawSource, SourceError, content_hash, file_label
 
 ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
 USER_FIELDS = ("user_id",)
@@ -326,13 +326,13 @@ def movielens(directory: str | Path, items_csv: str | Path | None = None, poster
 
 def _tmdb(path: Path, src: RawSource, known: set[str]) -> dict[str, dict]:
     """The TMDB items CSV, de-duplicated on `movie_id` (identical rows merged, conflicting ones quarantined)."""
-    from recipes.ingest.load import _Quarantine
+    from recipes.ingest.records import Quarantine
 
     rejects: list[Reject] = []
     table = read_table_file(path, rejects=rejects)
     _record(src, path.name, rejects)
     tally = src.tallies.setdefault(path.name, FileTally())
-    q = _Quarantine(src)
+    q = Quarantine(src)
     out: dict[str, dict] = {}
     for line_no, row in enumerate(table.to_pylist(), start=1):
         tally.read += 1
@@ -348,7 +348,7 @@ def _tmdb(path: Path, src: RawSource, known: set[str]) -> dict[str, dict]:
         elif movie_id not in known:
             q.add(path.name, line_no, movie_id, "unknown_item", "movie_id is not in u.item", json.dumps(row)[:300])
         elif movie_id in out:
-            if _content_hash(json.dumps(out[movie_id], sort_keys=True)) == _content_hash(json.dumps(entry, sort_keys=True)):
+            if content_hash(json.dumps(out[movie_id], sort_keys=True)) == content_hash(json.dumps(entry, sort_keys=True)):
                 tally.merged += 1
             else:
                 q.add(path.name, line_no, movie_id, "duplicate_conflict",
