@@ -12,8 +12,8 @@ from recipes.graphs.user_item import ui_adjacency
 from recipes.ingest.load import ingest
 from recipes.splits import SplitConfig
 from stores import artifacts
+from stores.features import feature_spec
 from stores.ids import id_maps
-from stores.schema import TIMESTAMP, TableSpec
 from stores.workspace import conform
 from tests.conftest import ingest_ml100k
 
@@ -27,17 +27,11 @@ def _demo(ws, tmp_path):
 
 
 def _write_feature(ws, name: str, items: list[str], dim: int = 8, seed: int = 0) -> np.ndarray:
-    spec = TableSpec(
-        f"feat_{name}",
-        pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("vector", pa.list_(pa.float32(), dim)),
-                   pa.field("model", pa.string()), pa.field("revision", pa.string()),
-                   pa.field("created_at", TIMESTAMP)]),
-        key=("item_id",),
-        compare=("vector",),
-    )
+    spec = feature_spec(name, dim)
     vecs = np.random.default_rng(seed).normal(size=(len(items), dim)).astype(np.float32)
     data = pa.table({"item_id": items, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
-                     "model": ["random"] * len(items), "revision": ["untrained"] * len(items)})
+                     "model": ["random"] * len(items), "revision": ["untrained"] * len(items),
+                     "input_hash": [f"{seed}:{i}" for i in items]})
     ws.upsert(spec, conform(data, spec.schema))
     return vecs
 

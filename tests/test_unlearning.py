@@ -30,63 +30,14 @@ from stores.erasure.log import FORGET_REQUESTS, logged
 from stores.erasure.requests import ForgetRequest, interaction_mask, resolve
 from stores.erasure.targets import image_slices
 from stores.erasure.verify import verify
-from stores.schema import INTERACTIONS, ITEM_IMAGES, ITEMS, QUARANTINE, TIMESTAMP, USERS, TableSpec, key_hash
+from stores.features import CAPTIONS, FAILURES, feature_spec
+from stores.schema import INTERACTIONS, ITEM_IMAGES, ITEMS, QUARANTINE, USERS, key_hash
 from stores.workspace import Workspace
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 N_USERS, N_ITEMS, DIM = 12, 24, 8
 
 
-def feat_spec(name: str, dim: int = DIM) -> TableSpec:
-    return TableSpec(
-        f"feat_{name}",
-        pa.schema(
-            [
-                pa.field("item_id", pa.string(), nullable=False),
-                pa.field("vector", pa.list_(pa.float32(), dim)),
-                pa.field("model", pa.string()),
-                pa.field("revision", pa.string()),
-                pa.field("params", pa.string()),
-                pa.field("input_hash", pa.string(), nullable=False),
-                pa.field("created_at", TIMESTAMP),
-            ]
-        ),
-        key=("item_id",),
-        compare=("input_hash",),
-    )
-
-
-CAPTIONS = TableSpec(
-    "captions",
-    pa.schema(
-        [
-            pa.field("item_id", pa.string(), nullable=False),
-            pa.field("caption", pa.string()),
-            pa.field("model", pa.string()),
-            pa.field("revision", pa.string()),
-            pa.field("prompt", pa.string()),
-            pa.field("params", pa.string()),
-            pa.field("input_hash", pa.string(), nullable=False),
-            pa.field("created_at", TIMESTAMP),
-        ]
-    ),
-    key=("item_id",),
-    compare=("input_hash",),
-)
-FAILURES = TableSpec(
-    "extract_failures",
-    pa.schema(
-        [
-            pa.field("feature", pa.string(), nullable=False),
-            pa.field("item_id", pa.string(), nullable=False),
-            pa.field("input_hash", pa.string()),
-            pa.field("reason", pa.string(), nullable=False),
-            pa.field("detail", pa.string()),
-            pa.field("created_at", TIMESTAMP),
-        ]
-    ),
-    key=("feature", "item_id"),
-)
 USER_IDS = [f"u{j:02d}" for j in range(N_USERS)]
 ITEM_IDS = [f"i{j:02d}" for j in range(N_ITEMS)]
 
@@ -161,7 +112,7 @@ def build_workspace(ws: Workspace, seed: int = 0) -> None:
     ]
     ws.upsert(INTERACTIONS, pa.Table.from_pylist(rows, schema=INTERACTIONS.schema))
     for name, modality in (("clip_image", "image"), ("text", "text")):
-        spec, vec = feat_spec(name), rng.standard_normal((N_ITEMS, DIM)).astype(np.float32)
+        spec, vec = feature_spec(name, DIM), rng.standard_normal((N_ITEMS, DIM)).astype(np.float32)
         ws.upsert(
             spec,
             pa.Table.from_pylist(
