@@ -1,6 +1,6 @@
 """`mmfeat report`: render the workspace's dataset report to one self-contained HTML file.
 
-Registered in flows/cli.py with `cli.add_command(report)`; the workspace comes from the group's --workspace.
+Registered lazily in flows/cli.py (LAZY_COMMANDS); the workspace comes from the group's --workspace.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `forget_retain` cuts a split into forget = the matching rows (train only, or all parts), retain = train minus
 forget, and gold = retain + the evaluation parts (the retrain-from-scratch dataset). `select` draws a scenario's
-forget rows following its published rules (see recipes/unlearning.py for each: CURE4Rec, L2UnRank, ERASE-style).
+forget rows following its published rules (each rule is quoted in recipes/unlearning/split.py: CURE4Rec, L2UnRank, ERASE-style).
 
     >>> sel = select(split, ScenarioConfig("cure4rec", percent=5, mode="most_active"))
     >>> cut = forget_retain(split, sel.mask, "all")
