@@ -138,3 +138,48 @@ def test_no_import_cycle_between_project_modules(graph):
         for c in found
     ]
     assert not found, "import cycles:\n" + "\n".join(detail)
+
+
+HEAVY = ("lancedb", "pandas", "torch", "ray", "prefect", "transformers", "stores.workspace")
+PROBE = """
+import json, sys
+from click.testing import CliRunner
+from flows.cli import cli
+result = CliRunner().invoke(cli, sys.argv[1:], obj={})
+print(json.dumps({"exit": result.exit_code, "output": result.output,
+                  "loaded": [m for m in sys.argv[0].split(",") if m in sys.modules]}))
+"""
+
+
+def _probe(*args: str, heavy: tuple[str, ...]) -> dict:
+    """Run the CLI in a fresh interpreter and report which of `heavy` it imported."""
+    import json
+    import subprocess
+    import sys
+
+    code = PROBE.replace("sys.argv[0]", repr(",".join(heavy)))
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_usage_errors_import_nothing_heavy():
+    """`mmfeat --help`, a sub-command's --help and a usage error load no LanceDB, pandas, torch, Ray, Prefect or
+    transformers: the CLI imports them inside the commands that need them (issue 13: a CLI that starts fast)."""
+    for args in (["--help"], ["encode", "--help"], ["forget", "user"], ["no-such-command"]):
+        out = _probe(*args, heavy=HEAVY)
+        assert out["loaded"] == [], (args, out)
+    assert "Commands:" in _probe("--help", heavy=HEAVY)["output"]
+
+
+def test_sql_reads_the_workspace_without_lancedb(tmp_path):
+    """`mmfeat sql` lists and reads the workspace's tables through pylance alone: LanceDB is never imported."""
+    import lance
+    import pyarrow as pa
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    lance.write_dataset(pa.table({"item_id": ["a", "b", "c"]}), str(root / "items.lance"))
+    out = _probe("--workspace", str(root), "sql", "select count(*) AS n from items", heavy=("lancedb",))
+    assert out["exit"] == 0 and out["output"].split() == ["n", "3"], out
+    assert out["loaded"] == [], out
