@@ -800,37 +800,12 @@ def test_deny_list_keys_are_keyed_with_a_private_workspace_secret(sws, tmp_path)
 
 
 @pytest.fixture
-def s3_ws():
-    """A workspace on a loopback moto S3 server (the AWS_* variables point Lance and pyarrow at it)."""
-    import socket
-
+def s3_ws(s3_endpoint):
+    """A workspace in its own bucket on the session's loopback moto S3 server (conftest's s3_endpoint)."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="erasure")
-    try:
-        yield Workspace("s3://erasure/ws")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="erasure")
+    return Workspace("s3://erasure/ws")
 
 
 @pytest.mark.slow
