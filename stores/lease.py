@@ -68,6 +68,22 @@ _PROCESS_LOCKS: dict[str, threading.Lock] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
+def _forget_inherited() -> None:
+    # A forked child holds no lease of its parent's (its heartbeat thread is gone), and must not keep the parent's
+    # flock alive after the parent releases it: close the inherited lock descriptors.
+    global _REGISTRY_LOCK
+    for entry in _HELD.values():
+        fd = getattr(entry.lease._backend, "fd", None)
+        if fd is not None:
+            os.close(fd)
+    _HELD.clear()
+    _PROCESS_LOCKS.clear()
+    _REGISTRY_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
+
+
 def held_lease(ws: Any) -> Lease | None:
     """The lease this thread holds on `ws`, if any (writers that must run under a lease can assert it)."""
     entry = _HELD.get(ws.uri)
