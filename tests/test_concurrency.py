@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
-import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -276,47 +275,26 @@ def _crash_holding_s3_lease(uri: str, env: dict, held, crash) -> None:
         os._exit(0)
 
 
-def test_s3_lease_conditional_put_heartbeat_and_takeover(tmp_path):
-    """On object storage (moto's S3 server, conditional puts): a held lock object makes another writer time out
-    with a message naming the holder and the object to delete; the holder's heartbeat keeps it past its 1 s
-    expiry; once the holder dies the lease expires and is taken over with a higher fencing token."""
+def test_s3_lease_conditional_put_heartbeat_and_takeover(s3_endpoint):
+    """On object storage (the session's moto S3 server, conditional puts): a held lock object makes another writer
+    time out with a message naming the holder and the object to delete; the holder's heartbeat keeps it past its
+    1 s expiry; once the holder dies the lease expires and is taken over with a higher fencing token."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="lease-test")
+    uri = "s3://lease-test/ws"
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     ctx = mp.get_context("spawn")
-    try:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="lease-test")
-        uri = "s3://lease-test/ws"
-        held, crash = ctx.Event(), ctx.Event()
-        p = ctx.Process(target=_crash_holding_s3_lease, args=(uri, env, held, crash))
-        p.start()
-        assert held.wait(WAIT_S)
-        time.sleep(1.5)  # past the 1 s expiry: only the heartbeat keeps the lease
-        stuck = pytest.raises(LeaseTimeout, match=r"'crashed-writer'.*s3://lease-test/ws/_lease/write.json")
-        with stuck, write_lease(Workspace(uri), "second", timeout=0.3):
-            pass
-        crash.set()
-        p.join(WAIT_S)
-        with write_lease(Workspace(uri), "second", timeout=WAIT_S) as lease:
-            lease.check()
-            assert lease.token == 2
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    held, crash = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_crash_holding_s3_lease, args=(uri, env, held, crash))
+    p.start()
+    assert held.wait(WAIT_S)
+    time.sleep(1.5)  # past the 1 s expiry: only the heartbeat keeps the lease
+    stuck = pytest.raises(LeaseTimeout, match=r"'crashed-writer'.*s3://lease-test/ws/_lease/write.json")
+    with stuck, write_lease(Workspace(uri), "second", timeout=0.3):
+        pass
+    crash.set()
+    p.join(WAIT_S)
+    with write_lease(Workspace(uri), "second", timeout=WAIT_S) as lease:
+        lease.check()
+        assert lease.token == 2
