@@ -18,18 +18,6 @@ from recipes.config import CONFIG_DIR, load_config
 from stores.workspace import Workspace
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A temporary Prefect API (SQLite in a temp dir) for this module's flow runs."""
-    import os
-
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _write_config(path: Path, data: dict) -> Path:
     path.write_text("# Run: mmfeat run " + path.name + "\n" + yaml.safe_dump(data, sort_keys=False))
     return path
