@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from stores.features import feature_table
+from stores.features import denied_keys, feature_table
 from stores.lease import write_lease
 from stores.schema import ARTIFACTS, INTERACTIONS, TIMESTAMP, sql_string
 from stores.workspace import Workspace
@@ -51,8 +51,6 @@ def write_table(ws: Workspace, name: str, data: pa.Table) -> int:
 
 def _refuse_forgotten(ws: Workspace, name: str, data: pa.Table) -> None:
     """Raise when `data` (split rows: user_id/item_id; graph edges: src/dst with their kinds) names a denied key."""
-    from stores.features import denied_keys
-
     keys: dict[str, set[str]] = {"user": set(), "item": set()}
     for col in ("user_id", "item_id"):
         if col in data.column_names:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from stores.erasure.keys import deny_list
 from stores.lease import write_lease
 from stores.schema import DENY_LIST, TIMESTAMP, TableSpec, sql_string
 from stores.workspace import Workspace
@@ -169,9 +170,7 @@ def denied_keys(ws: Workspace, kind: str, keys: Iterable[str]) -> set[str]:
     keys = set(keys)
     if not keys or not ws.exists(DENY_LIST.name):
         return set()
-    from stores.erasure.keys import deny_list  # keyed hashes: the same reader as ingest's
-
-    denied = deny_list(ws)
+    denied = deny_list(ws)  # keyed hashes: the same reader as ingest's
     return {k for k in keys if denied.has(kind, k)}
 
 
