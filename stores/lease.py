@@ -27,18 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stores.errors import TransientError
+
 DEFAULT_TIMEOUT_S = float(os.environ.get("MMFEAT_LEASE_TIMEOUT", "900"))
 DEFAULT_TTL_S = float(os.environ.get("MMFEAT_LEASE_TTL", "60"))
 _POLL_S = 0.05
 LEASE_DIR = "_lease"
 
 
-class LeaseLost(RuntimeError):
-    """The lease expired or another writer took it over: the caller must not commit."""
+class LeaseLost(TransientError):
+    """The lease expired or another writer took it over: the caller must not commit (a rerun can succeed)."""
 
 
-class LeaseTimeout(TimeoutError):
-    """The lease could not be acquired within the timeout; the message names the holder and how to clear it."""
+class LeaseTimeout(TransientError):
+    """The lease could not be acquired within the timeout; the message names the holder and how to clear it.
+    Transient: the flow retries once the other writer is done."""
 
 
 @dataclass
