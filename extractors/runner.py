@@ -8,7 +8,9 @@ the inputs in CPU tasks (image bytes taken by row id at the pinned version, then
 run the model in a pool of actors that never claims every CPU; and upsert results in chunks of `chunk_rows` while
 Ray is still producing them, so a crash loses at most the chunk in flight. Bad rows go to `extract_failures` with a
 reason code and the job goes on; items without input are counted as "no input". `engine="local"` runs the same
-stages in this process, without Ray.
+stages in this process, without Ray. Each chunk commits under the workspace's write lease after re-checking that
+its items are still in the input tables and not on the deny-list (stores/features.py `OutputWriter`): results of
+items forgotten while the model ran are dropped and counted as `skipped_forgotten`.
 
 The model's provenance is needed before hashing, so the driver builds the extractor once to read it ("the probe";
 on a GPU cluster in a GPU task, since precision depends on the device). A first run, with nothing stored to compare
