@@ -22,15 +22,6 @@ NO_POSTER = {"330", "387", "563", "767", "868", "907", "1026", "1331", "1340", "
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def ml_ws(tmp_path_factory, ml100k, ray_local) -> Workspace:
     ws = Workspace(tmp_path_factory.mktemp("ml") / "ws")
     assert ingest_ml100k(ws, ml100k).balanced
