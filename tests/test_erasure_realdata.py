@@ -22,7 +22,7 @@ from recipes.unlearning.split import build_unlearning_split
 from stores import artifacts
 from stores.erasure.requests import ForgetRequest
 from stores.erasure.verify import verify
-from stores.schema import TIMESTAMP, TableSpec
+from stores.features import CAPTIONS, feature_spec
 from stores.workspace import Workspace
 from tests.conftest import ingest_ml100k
 
@@ -51,44 +51,6 @@ GENRES = [
 ]
 
 
-def _feature_spec(name: str, dim: int) -> TableSpec:
-    return TableSpec(
-        f"feat_{name}",
-        pa.schema(
-            [
-                pa.field("item_id", pa.string(), nullable=False),
-                pa.field("vector", pa.list_(pa.float32(), dim)),
-                pa.field("model", pa.string()),
-                pa.field("revision", pa.string()),
-                pa.field("params", pa.string()),
-                pa.field("input_hash", pa.string(), nullable=False),
-                pa.field("created_at", TIMESTAMP),
-            ]
-        ),
-        key=("item_id",),
-        compare=("input_hash",),
-    )
-
-
-CAPTIONS = TableSpec(
-    "captions",
-    pa.schema(
-        [
-            pa.field("item_id", pa.string(), nullable=False),
-            pa.field("caption", pa.string()),
-            pa.field("model", pa.string()),
-            pa.field("revision", pa.string()),
-            pa.field("prompt", pa.string()),
-            pa.field("params", pa.string()),
-            pa.field("input_hash", pa.string(), nullable=False),
-            pa.field("created_at", TIMESTAMP),
-        ]
-    ),
-    key=("item_id",),
-    compare=("input_hash",),
-)
-
-
 def _noise(key: str, dim: int) -> np.ndarray:
     seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
     return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
@@ -98,7 +60,7 @@ def add_features(ws: Workspace) -> None:
     """Image vectors from the poster bytes (a byte histogram), text vectors from the genres, captions from the
     posters: stand-ins for CLIP, a text encoder and a captioner with the same provenance columns."""
     images = ws.read("item_images", columns=["item_id", "image", "sha256"]).to_pylist()
-    spec = _feature_spec("clip_image", 32)
+    spec = feature_spec("clip_image", 32)
     rows = []
     for r in images:
         hist = np.bincount(np.frombuffer(r["image"], np.uint8) >> 3, minlength=32).astype(np.float32)
@@ -116,7 +78,7 @@ def add_features(ws: Workspace) -> None:
         )
     ws.upsert(spec, pa.Table.from_pylist(rows, schema=spec.schema))
     items = ws.read("items", columns=["item_id", "title", "attributes"]).to_pylist()
-    spec = _feature_spec("text", 24)
+    spec = feature_spec("text", 24)
     rows = []
     for r in items:
         genres = set(json.loads(r["attributes"])["genres"])
