@@ -61,8 +61,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmfeat-cli-") as tmp:
         ws = f"{tmp}/ws"
         d = args.data
-        cpu_seconds([*MMFEAT, "--workspace", ws, "ingest", "movielens", str(d / "ml-100k"),
-                     "--items-csv", str(d / "items_tmdb.csv"), "--posters", str(d / "posters")])
+        cpu_seconds(
+            [
+                *MMFEAT,
+                "--workspace",
+                ws,
+                "ingest",
+                "movielens",
+                str(d / "ml-100k"),
+                "--items-csv",
+                str(d / "items_tmdb.csv"),
+                "--posters",
+                str(d / "posters"),
+            ]
+        )
         variants = {
             "`mmfeat --help`": [*MMFEAT, "--help"],
             f'`mmfeat sql "{QUERY}"`': [*MMFEAT, "--workspace", ws, "sql", QUERY],
@@ -84,7 +96,9 @@ def main() -> None:
     ratio = med[sql_name] / med["bare python: duckdb over lance.dataset"]
     lines = ["| run | CPU s (median) | CPU s (min) | wall s (median) |", "|---|---:|---:|---:|"]
     for name in variants:
-        lines.append(f"| {name} | {med[name]:.3f} | {min(cpu[name]):.3f} | {statistics.median(wall[name]):.3f} |")
+        lines.append(
+            f"| {name} | {med[name]:.3f} | {min(cpu[name]):.3f} | {statistics.median(wall[name]):.3f} |"
+        )
     help_ok = "met" if med["`mmfeat --help`"] < 0.5 else "NOT met"
     sql_ok = "met" if ratio <= 1.5 else "NOT met"
     summary = (

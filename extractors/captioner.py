@@ -168,7 +168,9 @@ class Captioner:
             # Explicitly False: a model folder with custom code must never run it (transformers would otherwise
             # ask on stdin, and a "y" there runs arbitrary code).
             processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
-            net = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype, trust_remote_code=False)
+            net = AutoModelForImageTextToText.from_pretrained(
+                model, dtype=self.dtype, trust_remote_code=False
+            )
             self._revision = model_revision(model)
         self.processor = processor
         self.model = net.to(self.device, self.dtype).eval()

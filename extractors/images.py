@@ -53,15 +53,20 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
-        raise ImageError("unsupported_format", "not a recognisable image (allowed: JPEG, PNG, WebP, GIF)") from None
+        raise ImageError(
+            "unsupported_format", "not a recognisable image (allowed: JPEG, PNG, WebP, GIF)"
+        ) from None
     except Exception as exc:  # PIL raises many types on hostile headers
         raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
     if img.format not in ALLOWED_FORMATS:
-        raise ImageError("unsupported_format", f"{img.format} is not allowed (allowed: {', '.join(ALLOWED_FORMATS)})")
+        raise ImageError(
+            "unsupported_format", f"{img.format} is not allowed (allowed: {', '.join(ALLOWED_FORMATS)})"
+        )
     width, height = img.size
     if width * height > max_pixels or max(width, height) > MAX_SIDE:
         raise ImageError(
-            "decompression_bomb", f"{width}x{height} exceeds the limit of {max_pixels} pixels / {MAX_SIDE} px a side"
+            "decompression_bomb",
+            f"{width}x{height} exceeds the limit of {max_pixels} pixels / {MAX_SIDE} px a side",
         )
     return img
 
@@ -106,13 +111,19 @@ def resolve_inside(root: str | Path, relative: str) -> Path:
     if "\x00" in relative:
         raise ImageError("bad_path", "image path holds a NUL byte; fix the path in the source")
     if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in Path(relative).parts):
-        raise ImageError("bad_path", f"a name in the image path is over {NAME_MAX} bytes; shorten it in the source")
+        raise ImageError(
+            "bad_path", f"a name in the image path is over {NAME_MAX} bytes; shorten it in the source"
+        )
     try:
         candidate = (root_path / relative).resolve()
     except RuntimeError:  # Python 3.11 reports a symlink loop this way
-        raise ImageError("bad_path", f"{relative!r} is a symlink loop; fix the link under {root_path}") from None
+        raise ImageError(
+            "bad_path", f"{relative!r} is a symlink loop; fix the link under {root_path}"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise ImageError("bad_path", f"{relative!r} cannot be resolved ({exc}); fix the path in the source") from None
+        raise ImageError(
+            "bad_path", f"{relative!r} cannot be resolved ({exc}); fix the path in the source"
+        ) from None
     if not candidate.is_relative_to(root_path):
         raise ImageError("path_outside_root", f"{relative!r} resolves outside the image root {root_path}")
     return candidate
@@ -127,7 +138,9 @@ def read_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES)
     except FileNotFoundError:
         raise ImageError("missing_image", f"{relative!r} does not exist under {root}") from None
     except OSError as exc:  # ELOOP, ENAMETOOLONG, EACCES on a parent folder...
-        raise ImageError("unreadable_image", f"{relative!r}: {exc.strerror or exc}; fix the file or its permissions") from None
+        raise ImageError(
+            "unreadable_image", f"{relative!r}: {exc.strerror or exc}; fix the file or its permissions"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise ImageError("missing_image", f"{relative!r} is {kind}, not an image file")
@@ -137,7 +150,11 @@ def read_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES)
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)
     except OSError as exc:
-        raise ImageError("unreadable_image", f"{relative!r}: {exc.strerror or exc}; fix the file or its permissions") from None
+        raise ImageError(
+            "unreadable_image", f"{relative!r}: {exc.strerror or exc}; fix the file or its permissions"
+        ) from None
     if len(data) > max_bytes:
-        raise ImageError("image_too_large", f"{relative!r} grew past the {max_bytes}-byte limit while being read")
+        raise ImageError(
+            "image_too_large", f"{relative!r} grew past the {max_bytes}-byte limit while being read"
+        )
     return data

@@ -53,7 +53,9 @@ class LazyGroup(click.Group):
         module, _, attribute = self.lazy[cmd_name].partition(":")
         command = getattr(importlib.import_module(module), attribute)
         if command.name != cmd_name:
-            raise RuntimeError(f"{self.lazy[cmd_name]} is named {command.name!r}, not {cmd_name!r}; fix LAZY_COMMANDS")
+            raise RuntimeError(
+                f"{self.lazy[cmd_name]} is named {command.name!r}, not {cmd_name!r}; fix LAZY_COMMANDS"
+            )
         return command
 
 
@@ -122,7 +124,9 @@ def _source_errors(fn):
 
 @ingest.command("movielens")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--items-csv", type=click.Path(path_type=Path), help="TMDB-style items CSV with movie_id and overview.")
+@click.option(
+    "--items-csv", type=click.Path(path_type=Path), help="TMDB-style items CSV with movie_id and overview."
+)
 @click.option("--posters", type=click.Path(path_type=Path), help="Folder of <item_id>.jpg posters.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
@@ -159,10 +163,14 @@ def ingest_recbole(ctx, directory, as_json):
 
 
 @ingest.command("table")
-@click.option("--items", required=True, type=click.Path(path_type=Path), help="Items file (CSV, Parquet, JSONL).")
+@click.option(
+    "--items", required=True, type=click.Path(path_type=Path), help="Items file (CSV, Parquet, JSONL)."
+)
 @click.option("--interactions", type=click.Path(path_type=Path), help="Interactions file.")
 @click.option("--users", type=click.Path(path_type=Path), help="Users file.")
-@click.option("--images", type=click.Path(path_type=Path), help="Root folder that item image paths are under.")
+@click.option(
+    "--images", type=click.Path(path_type=Path), help="Root folder that item image paths are under."
+)
 @click.option("--map", "maps", multiple=True, help="Rename a column: SOURCE_COLUMN=FIELD (repeatable).")
 @click.option("--name", help="Source name recorded on every row.")
 @click.option("--json", "as_json", is_flag=True)
@@ -186,12 +194,24 @@ def ingest_table(ctx, items, interactions, users, images, maps, name, as_json):
     type=click.Choice(["table", "csv", "json", "parquet"]),
     help="Output format (default: table on the terminal; with --out, from the file's suffix).",
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Stream the whole result to this file (outside the workspace).")
-@click.option("--version", "pins", multiple=True, help="Pin a table to a version: TABLE=VERSION (repeatable).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Stream the whole result to this file (outside the workspace).",
+)
+@click.option(
+    "--version", "pins", multiple=True, help="Pin a table to a version: TABLE=VERSION (repeatable)."
+)
 @click.option("--snapshot", help="Read the tables as pinned by this snapshot.")
-@click.option("--timeout", default=60.0, show_default=True, help="Stop the query after this many seconds (0: never).")
-@click.option("--memory-limit", default="2GB", show_default=True, help="DuckDB's memory limit, e.g. 512MB or 4GB.")
-@click.option("--max-rows", default=1000, show_default=True, help="Print at most this many rows (--out writes all).")
+@click.option(
+    "--timeout", default=60.0, show_default=True, help="Stop the query after this many seconds (0: never)."
+)
+@click.option(
+    "--memory-limit", default="2GB", show_default=True, help="DuckDB's memory limit, e.g. 512MB or 4GB."
+)
+@click.option(
+    "--max-rows", default=1000, show_default=True, help="Print at most this many rows (--out writes all)."
+)
 @click.pass_context
 def sql(ctx, query, fmt, out, pins, snapshot, timeout, memory_limit, max_rows):
     """Read-only SQL (DuckDB) over every table of the workspace, bounded in time and memory."""
@@ -209,7 +229,9 @@ def sql(ctx, query, fmt, out, pins, snapshot, timeout, memory_limit, max_rows):
     fmt = fmt or (_format_of(out) if out else "table")
     if out is not None:
         if fmt == "table":
-            raise click.ClickException("--format table is for the terminal; write --out files as parquet, csv or json")
+            raise click.ClickException(
+                "--format table is for the terminal; write --out files as parquet, csv or json"
+            )
     elif fmt == "parquet":
         raise click.ClickException("--format parquet needs --out FILE")
     try:
@@ -230,8 +252,10 @@ def sql(ctx, query, fmt, out, pins, snapshot, timeout, memory_limit, max_rows):
 def _format_of(out: Path) -> str:
     formats = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
     if out.suffix.lower() not in formats:
-        raise click.ClickException(f"--out {out}: cannot tell the format from {out.suffix or 'no suffix'!r}; "
-                                   "use .parquet, .csv or .json, or pass --format")
+        raise click.ClickException(
+            f"--out {out}: cannot tell the format from {out.suffix or 'no suffix'!r}; "
+            "use .parquet, .csv or .json, or pass --format"
+        )
     return formats[out.suffix.lower()]
 
 
@@ -241,7 +265,9 @@ def _check_out(out: Path, ws) -> None:
     if ws.is_local and target.is_relative_to(Path(ws.uri)):
         raise click.ClickException(f"--out {out} is inside the workspace {ws.uri}; write results outside it")
     if target.is_dir():
-        raise click.ClickException(f"--out {out} is a folder; give a file name, e.g. {out / 'result.parquet'}")
+        raise click.ClickException(
+            f"--out {out} is a folder; give a file name, e.g. {out / 'result.parquet'}"
+        )
     if not target.parent.is_dir():
         raise click.ClickException(f"--out {out}: folder {target.parent} does not exist; create it first")
 

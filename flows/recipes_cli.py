@@ -16,13 +16,19 @@ def _show(info: dict) -> None:
     click.echo(json.dumps(brief, indent=2, default=str))
 
 
-
 @click.command()
 @click.option("--name", required=True, help="Split name (table split_<name>).")
-@click.option("--scheme", type=click.Choice(["random", "temporal", "loo", "cutoff"]), default="random", show_default=True)
+@click.option(
+    "--scheme",
+    type=click.Choice(["random", "temporal", "loo", "cutoff"]),
+    default="random",
+    show_default=True,
+)
 @click.option("--kcore", default=0, show_default=True, help="Iterative k-core on users and items (0 = none).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--ratios", default="0.8,0.1,0.1", show_default=True, help="train,valid,test for random/temporal.")
+@click.option(
+    "--ratios", default="0.8,0.1,0.1", show_default=True, help="train,valid,test for random/temporal."
+)
 @click.option("--cutoff", help="valid_start,test_start as ISO dates, for --scheme cutoff.")
 @click.option("--dedup", type=click.Choice(["first", "last", "all"]), default="first", show_default=True)
 @click.pass_context
@@ -62,9 +68,13 @@ def graph_ui(ctx, split_name, norm, name):
 @graph.command("knn")
 @click.option("--split", "split_name", required=True)
 @click.option("--feature", "features", multiple=True, required=True, help="Feature name(s); repeat to fuse.")
-@click.option("--weight", "weights", multiple=True, type=float, help="Per-feature fusion weight (FREEDOM: 0.1, 0.9).")
+@click.option(
+    "--weight", "weights", multiple=True, type=float, help="Per-feature fusion weight (FREEDOM: 0.1, 0.9)."
+)
 @click.option("-k", "--k", default=10, show_default=True)
-@click.option("--norm", type=click.Choice(["freedom", "lattice", "none"]), default="freedom", show_default=True)
+@click.option(
+    "--norm", type=click.Choice(["freedom", "lattice", "none"]), default="freedom", show_default=True
+)
 @click.option("--symmetric", is_flag=True, help="Add the reverse of every edge.")
 @click.option("--no-self-loops", is_flag=True, help="Pick k neighbours other than the item itself.")
 @click.option("--name")
@@ -74,8 +84,19 @@ def graph_knn(ctx, split_name, features, weights, k, norm, symmetric, no_self_lo
     """Item-item cosine top-k graph(s), MMRec-exact LATTICE / FREEDOM normalisation, optional fusion."""
     from recipes.pipeline import build_knn_graph
 
-    _show(build_knn_graph(_ws(ctx), split_name, list(features), k, norm, list(weights) or None, symmetric,
-                          not no_self_loops, name))
+    _show(
+        build_knn_graph(
+            _ws(ctx),
+            split_name,
+            list(features),
+            k,
+            norm,
+            list(weights) or None,
+            symmetric,
+            not no_self_loops,
+            name,
+        )
+    )
 
 
 @graph.command("cooccur")
@@ -113,7 +134,9 @@ def graph_hyper(ctx, split_name, kind, knn_graphs, name):
 @click.option("--out", required=True, type=click.Path())
 @click.option("--feature", "features", multiple=True, help="OUT_NAME=FEATURE, e.g. image_feat=clip_image.")
 @click.option("--name", help="Dataset name (default: the split name).")
-@click.option("--user-graph-k", default=0, help="MMRec: also write DualGNN's user graph with this k (e.g. 200).")
+@click.option(
+    "--user-graph-k", default=0, help="MMRec: also write DualGNN's user graph with this k (e.g. 200)."
+)
 @click.pass_context
 @_errors
 def export(ctx, fmt, split_name, out, features, name, user_graph_k):
@@ -124,7 +147,9 @@ def export(ctx, fmt, split_name, out, features, name, user_graph_k):
     for pair in features:
         out_name, sep, feature = pair.partition("=")
         if not sep:
-            raise click.ClickException(f"--feature {pair!r}: write OUT_NAME=FEATURE, e.g. image_feat=clip_image")
+            raise click.ClickException(
+                f"--feature {pair!r}: write OUT_NAME=FEATURE, e.g. image_feat=clip_image"
+            )
         mapping[out_name] = feature
     result = do_export(_ws(ctx), split_name, fmt, out, mapping, name, user_graph_k)
     click.echo(f"exported {fmt} to {out}: {result}")

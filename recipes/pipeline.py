@@ -28,8 +28,13 @@ from stores.steps import Step, run_step
 from stores.workspace import Workspace
 
 
-def build_split(ws: Workspace, name: str, cfg: splits.SplitConfig, interactions_version: int | None = None,
-                force: bool = False) -> dict:
+def build_split(
+    ws: Workspace,
+    name: str,
+    cfg: splits.SplitConfig,
+    interactions_version: int | None = None,
+    force: bool = False,
+) -> dict:
     """Split the workspace's interactions (at a pinned version) and store `split_<name>` with its manifest."""
     version = ws.version("interactions") if interactions_version is None else interactions_version
     if version is None:
@@ -44,16 +49,26 @@ def build_split(ws: Workspace, name: str, cfg: splits.SplitConfig, interactions_
 
 def _split_inputs(ws: Workspace, split_name: str) -> dict:
     """The pins of a graph built on split `split_name`: its name and the version its manifest names."""
-    return {"split": split_name, "split_version": artifacts.manifest(ws, "split", split_name)["table_version"]}
+    return {
+        "split": split_name,
+        "split_version": artifacts.manifest(ws, "split", split_name)["table_version"],
+    }
 
 
 def _load(ws: Workspace, inputs: dict) -> pa.Table:
     return artifacts.load_split(ws, inputs["split"], inputs["split_version"])
 
 
-def graph_step(ws: Workspace, name: str, inputs: dict, params: dict, node_kind: str,
-               build: Callable[[], tuple[sp.spmatrix, pa.Table]], extra: dict | None = None,
-               force: bool = False) -> dict:
+def graph_step(
+    ws: Workspace,
+    name: str,
+    inputs: dict,
+    params: dict,
+    node_kind: str,
+    build: Callable[[], tuple[sp.spmatrix, pa.Table]],
+    extra: dict | None = None,
+    force: bool = False,
+) -> dict:
     """Store graph `name` through the step runner. `build()` runs only when inputs or params changed and returns
     the matrix and the table that orders its nodes (the split, or any table with its user_id/item_id columns)."""
 
@@ -65,8 +80,9 @@ def graph_step(ws: Workspace, name: str, inputs: dict, params: dict, node_kind: 
     return run_step(ws, Step("graph", name, inputs, params, write), force)
 
 
-def build_ui_graph(ws: Workspace, split_name: str, norm: str = "sym", name: str | None = None,
-                   force: bool = False) -> dict:
+def build_ui_graph(
+    ws: Workspace, split_name: str, norm: str = "sym", name: str | None = None, force: bool = False
+) -> dict:
     """User-item graph from the split's train rows: raw, symmetric (FREEDOM/LightGCN) or LATTICE-normalised."""
     inputs = _split_inputs(ws, split_name)
 
@@ -106,10 +122,20 @@ def build_knn_graph(
             raise KeyError(f"feature {feature!r} not found (table {table}); run `mmfeat encode ...` first")
         mats[feature], mask, provenance[feature] = artifacts.feature_matrix(ws, feature, items)
         provenance[feature]["missing_items"] = int((~mask).sum())
-    inputs = inputs | {"features": {f: {"version": p["version"], "content_hash": p["content_hash"]}
-                                    for f, p in provenance.items()}}
-    params = {"type": "knn", "features": features, "weights": weights, "k": k, "norm": norm,
-              "symmetric": symmetric, "self_loops": self_loops}
+    inputs = inputs | {
+        "features": {
+            f: {"version": p["version"], "content_hash": p["content_hash"]} for f, p in provenance.items()
+        }
+    }
+    params = {
+        "type": "knn",
+        "features": features,
+        "weights": weights,
+        "k": k,
+        "norm": norm,
+        "symmetric": symmetric,
+        "self_loops": self_loops,
+    }
 
     def build() -> tuple[sp.spmatrix, pa.Table]:
         cfg = knn_graph.KnnConfig(k=k, norm=norm, symmetric=symmetric, self_loops=self_loops)
@@ -120,8 +146,15 @@ def build_knn_graph(
     return graph_step(ws, name, inputs, params, "item", build, {"feature_provenance": provenance}, force)
 
 
-def build_cooccur_graph(ws: Workspace, split_name: str, kind: str = "item", k: int = 10, weight: str = "count",
-                        name: str | None = None, force: bool = False) -> dict:
+def build_cooccur_graph(
+    ws: Workspace,
+    split_name: str,
+    kind: str = "item",
+    k: int = 10,
+    weight: str = "count",
+    name: str | None = None,
+    force: bool = False,
+) -> dict:
     """Item-item (shared users) or user-user (shared items) co-occurrence top-k graph from train rows."""
     if kind not in ("item", "user"):
         raise ValueError(f"kind={kind!r}; expected 'item' or 'user'")
@@ -139,8 +172,14 @@ def build_cooccur_graph(ws: Workspace, split_name: str, kind: str = "item", k: i
     return graph_step(ws, name, inputs, params, kind, build, force=force)
 
 
-def build_hypergraph(ws: Workspace, split_name: str, kind: str = "user", knn_graphs: list[str] | None = None,
-                     name: str | None = None, force: bool = False) -> dict:
+def build_hypergraph(
+    ws: Workspace,
+    split_name: str,
+    kind: str = "user",
+    knn_graphs: list[str] | None = None,
+    name: str | None = None,
+    force: bool = False,
+) -> dict:
     """MMHCL hypergraph operators: user-user from R R^T, or item-item from the incidence of stored kNN graphs."""
     if kind not in ("user", "item"):
         raise ValueError(f"kind={kind!r}; expected 'user' or 'item'")
@@ -149,7 +188,9 @@ def build_hypergraph(ws: Workspace, split_name: str, kind: str = "user", knn_gra
     if kind == "item":
         if not knn_graphs:
             raise ValueError("an item hypergraph needs --knn GRAPH (one or more stored kNN graphs)")
-        inputs = inputs | {"graphs": {g: artifacts.manifest(ws, "graph", g)["table_version"] for g in knn_graphs}}
+        inputs = inputs | {
+            "graphs": {g: artifacts.manifest(ws, "graph", g)["table_version"] for g in knn_graphs}
+        }
 
     def build() -> tuple[sp.spmatrix, pa.Table]:
         split = _load(ws, inputs)
@@ -161,8 +202,15 @@ def build_hypergraph(ws: Workspace, split_name: str, kind: str = "user", knn_gra
     return graph_step(ws, name or f"{split_name}_hyper_{kind}", inputs, params, kind, build, force=force)
 
 
-def export(ws: Workspace, split_name: str, fmt: str, out: str | Path, features: dict[str, str] | None = None,
-           name: str | None = None, user_graph_k: int = 0):
+def export(
+    ws: Workspace,
+    split_name: str,
+    fmt: str,
+    out: str | Path,
+    features: dict[str, str] | None = None,
+    name: str | None = None,
+    user_graph_k: int = 0,
+):
     """Export a split (and aligned features) as MMRec, RecBole or PyG; id maps are written beside the data."""
     from recipes import exports
 
@@ -173,25 +221,45 @@ def export(ws: Workspace, split_name: str, fmt: str, out: str | Path, features: 
         matrix, mask, _ = artifacts.feature_matrix(ws, feature, items)
         feats[out_name] = (items[mask], matrix[mask])
     name = name or split_name
-    if fmt in ("mmrec", "recbole", "pyg"):  # recorded before writing: forget lists it even if this stops half-way
+    if fmt in (
+        "mmrec",
+        "recbole",
+        "pyg",
+    ):  # recorded before writing: forget lists it even if this stops half-way
         from stores.erasure.log import record_export
 
         record_export(ws, Path(out) / f"{name}.pt" if fmt == "pyg" else out, fmt, split_name)
     if fmt == "mmrec":
         user_graph = cooccur.user_cooccurrence(split, k=user_graph_k) if user_graph_k else None
-        return exports.export_mmrec(split, feats, out, name, feature_files={k: k for k in feats},
-                                    user_graph=user_graph)
+        return exports.export_mmrec(
+            split, feats, out, name, feature_files={k: k for k in feats}, user_graph=user_graph
+        )
     if fmt == "recbole":
-        return exports.export_recbole(split, out, name, items=ws.read("items", columns=["item_id", "title"]),
-                                      users=ws.read("users", columns=["user_id"]))
+        return exports.export_recbole(
+            split,
+            out,
+            name,
+            items=ws.read("items", columns=["item_id", "title"]),
+            users=ws.read("users", columns=["user_id"]),
+        )
     if fmt == "pyg":
         return exports.export_pyg(split, feats, Path(out) / f"{name}.pt")
     raise ValueError(f"format {fmt!r}; expected mmrec, recbole or pyg")
 
 
 def feature_names(ws: Workspace) -> list[str]:
-    return [n[len(artifacts.VECTOR_PREFIX):] for n in ws.table_names() if n.startswith(artifacts.VECTOR_PREFIX)]
+    return [
+        n[len(artifacts.VECTOR_PREFIX) :] for n in ws.table_names() if n.startswith(artifacts.VECTOR_PREFIX)
+    ]
 
 
-__all__ = ["build_cooccur_graph", "build_hypergraph", "build_knn_graph", "build_split", "build_ui_graph", "export",
-           "feature_names", "graph_step"]
+__all__ = [
+    "build_cooccur_graph",
+    "build_hypergraph",
+    "build_knn_graph",
+    "build_split",
+    "build_ui_graph",
+    "export",
+    "feature_names",
+    "graph_step",
+]

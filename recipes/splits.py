@@ -97,7 +97,6 @@ class SplitConfig:
             raise ValueError(f"min_ratio_inters={self.min_ratio_inters}; expected >= 0")
 
 
-
 def _utc_midnight(value):
     """A date (or a date-only ISO string, as YAML configs write them) as midnight UTC; anything else unchanged."""
     if isinstance(value, str) and len(value) == 10:

@@ -67,7 +67,6 @@ class TrainConfig:
             raise ValueError(f"epochs={self.epochs}, eval_every={self.eval_every}; both must be >= 1")
 
 
-
 # ---- evaluation -------------------------------------------------------------------------------------------------
 
 

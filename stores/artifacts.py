@@ -22,7 +22,9 @@ from stores.lease import write_lease
 from stores.schema import ARTIFACTS, INTERACTIONS, TIMESTAMP, sql_string
 from stores.workspace import Workspace
 
-SPLIT_SCHEMA = pa.schema([*[INTERACTIONS.schema.field(n) for n in INTERACTIONS.schema.names], pa.field("label", pa.int8())])
+SPLIT_SCHEMA = pa.schema(
+    [*[INTERACTIONS.schema.field(n) for n in INTERACTIONS.schema.names], pa.field("label", pa.int8())]
+)
 GRAPH_SCHEMA = pa.schema(
     [
         pa.field("src", pa.string(), nullable=False),
@@ -73,7 +75,9 @@ def _refuse_forgotten(ws: Workspace, name: str, data: pa.Table) -> None:
 _write_table = write_table  # old name, still imported by tests/test_unlearning.py
 
 
-def record_artifact(ws: Workspace, kind: str, name: str, table_name: str, version: int, manifest: dict) -> dict:
+def record_artifact(
+    ws: Workspace, kind: str, name: str, table_name: str, version: int, manifest: dict
+) -> dict:
     manifest = {"kind": kind, "name": name, "table": table_name, "table_version": version} | manifest
     row = {
         "name": name,
@@ -91,7 +95,9 @@ def manifest(ws: Workspace, kind: str, name: str) -> dict:
     rows = ws.read("artifacts", where=f"kind = {sql_string(kind)} AND name = {sql_string(name)}").to_pylist()
     if not rows:
         have = ws.read("artifacts", columns=["name"], where=f"kind = '{kind}'")["name"].to_pylist()
-        raise KeyError(f"no {kind} named {name!r}; existing: {sorted(have) or 'none'} (create it with `mmfeat {kind} ...`)")
+        raise KeyError(
+            f"no {kind} named {name!r}; existing: {sorted(have) or 'none'} (create it with `mmfeat {kind} ...`)"
+        )
     return json.loads(rows[0]["manifest"])
 
 
@@ -105,8 +111,13 @@ def list_artifacts(ws: Workspace, kind: str | None = None) -> list[dict]:
 
 def write_split(ws: Workspace, name: str, split: pa.Table) -> int:
     """Write `split_<name>` (a new version); the caller records its manifest (stores/steps.py `run_step`)."""
-    data = pa.Table.from_arrays([split[f.name].cast(f.type) if f.name in split.column_names
-                                 else pa.nulls(split.num_rows, f.type) for f in SPLIT_SCHEMA], schema=SPLIT_SCHEMA)
+    data = pa.Table.from_arrays(
+        [
+            split[f.name].cast(f.type) if f.name in split.column_names else pa.nulls(split.num_rows, f.type)
+            for f in SPLIT_SCHEMA
+        ],
+        schema=SPLIT_SCHEMA,
+    )
     return write_table(ws, f"split_{name}", data)
 
 
@@ -143,8 +154,17 @@ def feature_matrix(
 
     digest = hashlib.sha256(np.ascontiguousarray(out).tobytes() + mask.tobytes()).hexdigest()
     models = sorted(set(table["model"].to_pylist()))
-    return out, mask, {"table": name, "version": version, "content_hash": digest, "models": models,
-                       "revisions": sorted(set(table["revision"].to_pylist()))}
+    return (
+        out,
+        mask,
+        {
+            "table": name,
+            "version": version,
+            "content_hash": digest,
+            "models": models,
+            "revisions": sorted(set(table["revision"].to_pylist())),
+        },
+    )
 
 
 # ---- graphs ------------------------------------------------------------------------------------------------
@@ -162,19 +182,25 @@ def node_ids(split: pa.Table, kind: str) -> tuple[np.ndarray, list[str]]:
     return np.concatenate([users, items]), ["user"] * len(users) + ["item"] * len(items)
 
 
-def save_graph(ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str, info: dict) -> dict:
+def save_graph(
+    ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str, info: dict
+) -> dict:
     """Store `matrix` (square, over `node_ids(split, node_kind)`) as a string-keyed edge table + manifest."""
     version, shape = write_graph(ws, name, matrix, split, node_kind)
     return record_artifact(ws, "graph", name, f"graph_{name}", version, info | shape)
 
 
-def write_graph(ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str) -> tuple[int, dict]:
+def write_graph(
+    ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str
+) -> tuple[int, dict]:
     """Write `graph_<name>` as a string-keyed edge table; returns its version and {node_kind, nodes, edges} for
     the manifest the caller records."""
     ids, kinds = node_ids(split, node_kind)
     coo = sp.coo_matrix(matrix)
     if coo.shape != (len(ids), len(ids)):
-        raise ValueError(f"graph shape {coo.shape} does not match the {len(ids)} {node_kind} nodes of the split")
+        raise ValueError(
+            f"graph shape {coo.shape} does not match the {len(ids)} {node_kind} nodes of the split"
+        )
     ids_arr = pa.array(ids, pa.string())
     kinds_arr = pa.array(kinds, pa.string())
     rows, cols = pa.array(coo.row.astype(np.int64)), pa.array(coo.col.astype(np.int64))

@@ -81,7 +81,10 @@ class Workspace:
     """A LanceDB root with the platform's tables. Cheap to construct; picklable (holds only its URI)."""
 
     def __init__(
-        self, uri: str | os.PathLike | None = None, storage_options: dict[str, str] | None = None, create: bool = True
+        self,
+        uri: str | os.PathLike | None = None,
+        storage_options: dict[str, str] | None = None,
+        create: bool = True,
     ):
         """Open the workspace at `uri`. Writers create it (`create=True`); readers pass `create=False`, which
         raises `WorkspaceNotFound` instead of creating an empty workspace where the path has a typo."""
@@ -156,7 +159,9 @@ class Workspace:
         """The Lance dataset behind a table, optionally checked out at `version` (read with pylance directly)."""
         if not self.exists(name):
             self.open(name)  # raises the clear error naming the tables that exist
-        return lance.dataset(self.table_uri(name), version=version, storage_options=self.storage_options or None)
+        return lance.dataset(
+            self.table_uri(name), version=version, storage_options=self.storage_options or None
+        )
 
     def table_uri(self, name: str) -> str:
         return f"{self.uri}/{name}.lance"
@@ -234,12 +239,14 @@ class Workspace:
             table.add(_batches(con, new_query, spec.schema))
         if spec.compare:
             differs = " OR ".join(f'n."{c}" IS DISTINCT FROM o."{c}"' for c in spec.compare)
-            changed = _fetch(con, f"SELECT {cols} FROM {relation} n JOIN old_rows o ON {on} WHERE {differs}", spec.schema)
+            changed = _fetch(
+                con, f"SELECT {cols} FROM {relation} n JOIN old_rows o ON {on} WHERE {differs}", spec.schema
+            )
             if changed.num_rows:
                 lease.check()
-                table.merge_insert(list(spec.key)).when_matched_update_all().when_not_matched_insert_all().execute(
-                    changed
-                )
+                table.merge_insert(
+                    list(spec.key)
+                ).when_matched_update_all().when_not_matched_insert_all().execute(changed)
             result.updated = changed.num_rows
         result.unchanged = total - result.inserted - result.updated
         result.version = table.version

@@ -29,7 +29,9 @@ def ws(tmp_path):
 def ml100k() -> Path:
     """The shared MovieLens-100K + posters folder; tests using it are skipped where it is absent."""
     if not (ML100K / "ml-100k" / "u.data").exists():
-        pytest.skip(f"shared dataset not found at {ML100K} (realdata tests need ../shared/data/ml100k-posters)")
+        pytest.skip(
+            f"shared dataset not found at {ML100K} (realdata tests need ../shared/data/ml100k-posters)"
+        )
     return ML100K
 
 

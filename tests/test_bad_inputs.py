@@ -63,9 +63,14 @@ class Case:
 
 def inter(body: str | bytes, name: str = "inter.csv", header: str | bytes = HEADER, **kw) -> Case:
     """An interactions file (after the valid items and users files)."""
-    data = (header.encode() if isinstance(header, str) else header) + (body.encode() if isinstance(body, str) else body)
-    return Case({"items.csv": ITEMS, "users.csv": USERS, name: data},
-                ["--items", "items.csv", "--users", "users.csv", "--interactions", name], **kw)
+    data = (header.encode() if isinstance(header, str) else header) + (
+        body.encode() if isinstance(body, str) else body
+    )
+    return Case(
+        {"items.csv": ITEMS, "users.csv": USERS, name: data},
+        ["--items", "items.csv", "--users", "users.csv", "--interactions", name],
+        **kw,
+    )
 
 
 def items(data: str | bytes, name: str = "items.csv", extra: list[str] | None = None, **kw) -> Case:
@@ -90,8 +95,14 @@ def sql(ws: Workspace, query: str) -> list:
 
 
 def ts_is(seconds: int) -> Callable[[Workspace], bool]:
-    return lambda ws: sql(ws, "select epoch(timestamp)::BIGINT t from interactions where user_id='u1' and item_id='i1'"
-                              " and source='case'") == [{"t": seconds}]
+    return lambda ws: (
+        sql(
+            ws,
+            "select epoch(timestamp)::BIGINT t from interactions where user_id='u1' and item_id='i1'"
+            " and source='case'",
+        )
+        == [{"t": seconds}]
+    )
 
 
 def rows(table: str, n: int, where: str = "source = 'case'") -> Callable[[Workspace], bool]:
@@ -135,58 +146,135 @@ E, S = "E", "S"
 
 CASES: dict[str, Case] = {
     # ---- interactions: structure -------------------------------------------------------------------------
-    "ragged_row_too_many": q(inter(GOOD + "u2,i2,1700000001,view,1,EXTRA\n" + "u2,i1,1700000002,view,1\n",
-                                   check=rows("interactions", 2)), "malformed_row", "inter.csv"),
-    "ragged_row_too_few": q(inter(GOOD + "u2,i2\n", check=rows("interactions", 1)), "malformed_row", "inter.csv"),
+    "ragged_row_too_many": q(
+        inter(
+            GOOD + "u2,i2,1700000001,view,1,EXTRA\n" + "u2,i1,1700000002,view,1\n",
+            check=rows("interactions", 2),
+        ),
+        "malformed_row",
+        "inter.csv",
+    ),
+    "ragged_row_too_few": q(
+        inter(GOOD + "u2,i2\n", check=rows("interactions", 1)), "malformed_row", "inter.csv"
+    ),
     "only_ragged_rows": q(inter("a,b\nc\n", check=rows("interactions", 0)), "malformed_row", "inter.csv"),
-    "empty_interactions_file": Case({"items.csv": ITEMS, "inter.csv": ""},
-                                    ["--items", "items.csv", "--interactions", "inter.csv"], E, file="inter.csv"),
-    "blank_lines_only": Case({"items.csv": ITEMS, "inter.csv": "\n\n\n"},
-                             ["--items", "items.csv", "--interactions", "inter.csv"], E, file="inter.csv"),
+    "empty_interactions_file": Case(
+        {"items.csv": ITEMS, "inter.csv": ""},
+        ["--items", "items.csv", "--interactions", "inter.csv"],
+        E,
+        file="inter.csv",
+    ),
+    "blank_lines_only": Case(
+        {"items.csv": ITEMS, "inter.csv": "\n\n\n"},
+        ["--items", "items.csv", "--interactions", "inter.csv"],
+        E,
+        file="inter.csv",
+    ),
     "header_only_is_zero_rows": inter("", outcome=S, check=rows("interactions", 0)),
-    "gzip_named_csv": Case({"items.csv": ITEMS, "users.csv": USERS, "inter.csv": _gz(HEADER + GOOD)},
-                           ["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.csv"], S,
-                           check=rows("interactions", 1)),
-    "gzip_named_csv_gz": Case({"items.csv": ITEMS, "users.csv": USERS, "inter.csv.gz": _gz(HEADER + GOOD)},
-                              ["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.csv.gz"], S,
-                              check=rows("interactions", 1)),
-    "truncated_gzip": Case({"items.csv": ITEMS, "inter.csv": _gz(HEADER + "".join(
-        f"u{k},i{k * 7919 % 1000},{1700000000 + k * 13},view,{k % 5}\n" for k in range(3000)))[:2000]},
-                           ["--items", "items.csv", "--interactions", "inter.csv"], E, file="inter.csv"),
-    "duplicate_header": inter(GOOD, header="user_id,item_id,timestamp,item_id,value\n", outcome=E, file="inter.csv"),
+    "gzip_named_csv": Case(
+        {"items.csv": ITEMS, "users.csv": USERS, "inter.csv": _gz(HEADER + GOOD)},
+        ["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.csv"],
+        S,
+        check=rows("interactions", 1),
+    ),
+    "gzip_named_csv_gz": Case(
+        {"items.csv": ITEMS, "users.csv": USERS, "inter.csv.gz": _gz(HEADER + GOOD)},
+        ["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.csv.gz"],
+        S,
+        check=rows("interactions", 1),
+    ),
+    "truncated_gzip": Case(
+        {
+            "items.csv": ITEMS,
+            "inter.csv": _gz(
+                HEADER
+                + "".join(
+                    f"u{k},i{k * 7919 % 1000},{1700000000 + k * 13},view,{k % 5}\n" for k in range(3000)
+                )
+            )[:2000],
+        },
+        ["--items", "items.csv", "--interactions", "inter.csv"],
+        E,
+        file="inter.csv",
+    ),
+    "duplicate_header": inter(
+        GOOD, header="user_id,item_id,timestamp,item_id,value\n", outcome=E, file="inter.csv"
+    ),
     "non_utf8_header": inter(GOOD, header=b"user_id,item_\xefd,timestamp\n", outcome=E, file="inter.csv"),
-    "non_utf8_cell": q(inter(GOOD.encode() + "u\xe9,i1,1700000000,view,1\n".encode("latin-1")), "non_utf8", "inter.csv"),
+    "non_utf8_cell": q(
+        inter(GOOD.encode() + "u\xe9,i1,1700000000,view,1\n".encode("latin-1")), "non_utf8", "inter.csv"
+    ),
     "non_utf8_ragged_row": inter(GOOD.encode() + "u\xe9,i1\n".encode("latin-1"), outcome=E, file="inter.csv"),
     "bom_interactions": inter(GOOD, header="\ufeff" + HEADER, outcome=S, check=rows("interactions", 1)),
     "missing_timestamp_column": inter("u1,i1\n", header="user_id,item_id\n", outcome=E, file="inter.csv"),
-    "semicolon_delimiter": inter("u1;i1;1700000000;view;1\n", header="user_id;item_id;timestamp;event;value\n",
-                                 outcome=E, file="inter.csv"),
-    "map_collides_two_columns": Case({"items.csv": ITEMS, "inter.csv": "user_id,item_id,sku,timestamp\nu1,i1,i1,1\n"},
-                                     ["--items", "items.csv", "--interactions", "inter.csv", "--map", "sku=item_id"],
-                                     E, file="inter.csv"),
-    "interactions_path_missing": Case({"items.csv": ITEMS}, ["--items", "items.csv", "--interactions", "nope.csv"],
-                                      E, file="nope.csv"),
-    "interactions_path_is_folder": Case({"items.csv": ITEMS, "dir.csv/x": "x"},
-                                        ["--items", "items.csv", "--interactions", "dir.csv"], E, file="dir.csv"),
-    "interactions_permission_denied": Case({"items.csv": ITEMS, "inter.csv": HEADER + GOOD},
-                                           ["--items", "items.csv", "--interactions", "inter.csv"], E,
-                                           file="inter.csv", setup=_deny("inter.csv"), needs_non_root=True),
-    "unbalanced_quote": q(inter(GOOD + 'u2,"i2,1700000000,view,1\n', check=rows("interactions", 1)),
-                          "malformed_row", "inter.csv"),
-    "non_utf8_file_names": Case({"it\udcffems.csv": ITEMS, "users.csv": USERS, "in\udcfe.csv": HEADER + GOOD},
-                                ["--items", "it\udcffems.csv", "--users", "users.csv", "--interactions", "in\udcfe.csv"],
-                                S, check=rows("interactions", 1)),
-    "ragged_row_in_non_utf8_file_name": q(inter(GOOD + "u2\n", name="in\udcfe.csv"), "malformed_row", "in\\xfe.csv"),
-    "utf16_file": inter("u1,i1,1700000000,view,1\n".encode("utf-16-le"), header=HEADER.encode("utf-16"),
-                        outcome=E, file="inter.csv"),
-    "crlf_line_endings": inter(GOOD.replace("\n", "\r\n"), header=HEADER.replace("\n", "\r\n"), outcome=S,
-                               check=rows("interactions", 1)),
-    "trailing_delimiter": q(inter(GOOD + "u2,i2,1700000000,view,1,\n", check=rows("interactions", 1)),
-                            "malformed_row", "inter.csv"),
-    "quoted_newline_in_field": q(inter(GOOD + 'u2,"i\n2",1700000000,view,1\n', check=rows("interactions", 1)),
-                                 "unknown_item", "inter.csv"),  # parsed as the value "i\n2", then checked
-    "same_key_conflicting_values_are_repeats": inter(GOOD + "u1,i1,1700000000,view,5\n", outcome=S,
-                                                     check=rows("interactions", 2)),
+    "semicolon_delimiter": inter(
+        "u1;i1;1700000000;view;1\n",
+        header="user_id;item_id;timestamp;event;value\n",
+        outcome=E,
+        file="inter.csv",
+    ),
+    "map_collides_two_columns": Case(
+        {"items.csv": ITEMS, "inter.csv": "user_id,item_id,sku,timestamp\nu1,i1,i1,1\n"},
+        ["--items", "items.csv", "--interactions", "inter.csv", "--map", "sku=item_id"],
+        E,
+        file="inter.csv",
+    ),
+    "interactions_path_missing": Case(
+        {"items.csv": ITEMS}, ["--items", "items.csv", "--interactions", "nope.csv"], E, file="nope.csv"
+    ),
+    "interactions_path_is_folder": Case(
+        {"items.csv": ITEMS, "dir.csv/x": "x"},
+        ["--items", "items.csv", "--interactions", "dir.csv"],
+        E,
+        file="dir.csv",
+    ),
+    "interactions_permission_denied": Case(
+        {"items.csv": ITEMS, "inter.csv": HEADER + GOOD},
+        ["--items", "items.csv", "--interactions", "inter.csv"],
+        E,
+        file="inter.csv",
+        setup=_deny("inter.csv"),
+        needs_non_root=True,
+    ),
+    "unbalanced_quote": q(
+        inter(GOOD + 'u2,"i2,1700000000,view,1\n', check=rows("interactions", 1)),
+        "malformed_row",
+        "inter.csv",
+    ),
+    "non_utf8_file_names": Case(
+        {"it\udcffems.csv": ITEMS, "users.csv": USERS, "in\udcfe.csv": HEADER + GOOD},
+        ["--items", "it\udcffems.csv", "--users", "users.csv", "--interactions", "in\udcfe.csv"],
+        S,
+        check=rows("interactions", 1),
+    ),
+    "ragged_row_in_non_utf8_file_name": q(
+        inter(GOOD + "u2\n", name="in\udcfe.csv"), "malformed_row", "in\\xfe.csv"
+    ),
+    "utf16_file": inter(
+        "u1,i1,1700000000,view,1\n".encode("utf-16-le"),
+        header=HEADER.encode("utf-16"),
+        outcome=E,
+        file="inter.csv",
+    ),
+    "crlf_line_endings": inter(
+        GOOD.replace("\n", "\r\n"),
+        header=HEADER.replace("\n", "\r\n"),
+        outcome=S,
+        check=rows("interactions", 1),
+    ),
+    "trailing_delimiter": q(
+        inter(GOOD + "u2,i2,1700000000,view,1,\n", check=rows("interactions", 1)),
+        "malformed_row",
+        "inter.csv",
+    ),
+    "quoted_newline_in_field": q(
+        inter(GOOD + 'u2,"i\n2",1700000000,view,1\n', check=rows("interactions", 1)),
+        "unknown_item",
+        "inter.csv",
+    ),  # parsed as the value "i\n2", then checked
+    "same_key_conflicting_values_are_repeats": inter(
+        GOOD + "u1,i1,1700000000,view,5\n", outcome=S, check=rows("interactions", 2)
+    ),
     # ---- interactions: timestamps ------------------------------------------------------------------------
     "ts_int64_max": q(inter("u1,i1,9223372036854775807,view,1\n"), "bad_timestamp", "inter.csv"),
     "ts_1e18_nanoseconds": inter("u1,i1,1e18,view,1\n", outcome=S, check=ts_is(1_000_000_000)),
@@ -207,7 +295,9 @@ CASES: dict[str, Case] = {
     "value_inf": q(inter("u1,i1,1700000000,view,-inf\n"), "bad_value", "inter.csv"),
     "value_overflow": q(inter("u1,i1,1700000000,view,1e400\n"), "bad_value", "inter.csv"),
     "value_text": q(inter("u1,i1,1700000000,view,five\n"), "bad_value", "inter.csv"),
-    "negative_rating_is_data": inter("u1,i1,1700000000,rating,-3\n", outcome=S, check=rows("interactions", 1)),
+    "negative_rating_is_data": inter(
+        "u1,i1,1700000000,rating,-3\n", outcome=S, check=rows("interactions", 1)
+    ),
     "empty_user_id": q(inter(",i1,1700000000,view,1\n"), "empty_id", "inter.csv"),
     "whitespace_item_id": q(inter("u1,   ,1700000000,view,1\n"), "empty_id", "inter.csv"),
     "unknown_item": q(inter("u1,i404,1700000000,view,1\n"), "unknown_item", "inter.csv"),
@@ -215,78 +305,177 @@ CASES: dict[str, Case] = {
     "huge_field": inter(f"u1,i1,1700000000,{'e' * 200_000},1\n", outcome=S, check=rows("interactions", 1)),
     "nul_in_cell": inter("u1,i1,1700000000,vi\x00ew,1\n", outcome=S, check=rows("interactions", 1)),
     # ---- interactions: JSON lines and Parquet ------------------------------------------------------------
-    "jsonl_object_as_value": q(inter(json.dumps({"user_id": "u1", "item_id": "i1", "timestamp": 1700000000,
-                                                 "value": {"stars": 5}}) + "\n", name="inter.jsonl", header=""),
-                               "bad_value", "inter.jsonl"),
-    "jsonl_array_as_id": q(inter(json.dumps({"user_id": ["u1"], "item_id": "i1", "timestamp": 1700000000}) + "\n",
-                                 name="inter.jsonl", header=""), "bad_value", "inter.jsonl"),
-    "jsonl_malformed_line": q(inter('{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n{"user_id": \n',
-                                    name="inter.jsonl", header="", check=rows("interactions", 1)),
-                              "malformed_row", "inter.jsonl"),
-    "jsonl_line_not_object": q(inter('[1, 2, 3]\n{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n',
-                                     name="inter.jsonl", header=""), "malformed_row", "inter.jsonl"),
-    "jsonl_non_utf8": q(inter(b'{"user_id": "u\xe9", "item_id": "i1", "timestamp": 1700000000}\n'
-                              b'{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n',
-                              name="inter.jsonl", header=""), "non_utf8", "inter.jsonl"),
-    "jsonl_bom": inter('{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n', name="inter.jsonl",
-                       header="\ufeff", outcome=S, check=rows("interactions", 1)),
-    "jsonl_gzip": Case({"items.csv": ITEMS, "users.csv": USERS,
-                        "inter.jsonl.gz": _gz('{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n')},
-                       ["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.jsonl.gz"], S,
-                       check=rows("interactions", 1)),
+    "jsonl_object_as_value": q(
+        inter(
+            json.dumps({"user_id": "u1", "item_id": "i1", "timestamp": 1700000000, "value": {"stars": 5}})
+            + "\n",
+            name="inter.jsonl",
+            header="",
+        ),
+        "bad_value",
+        "inter.jsonl",
+    ),
+    "jsonl_array_as_id": q(
+        inter(
+            json.dumps({"user_id": ["u1"], "item_id": "i1", "timestamp": 1700000000}) + "\n",
+            name="inter.jsonl",
+            header="",
+        ),
+        "bad_value",
+        "inter.jsonl",
+    ),
+    "jsonl_malformed_line": q(
+        inter(
+            '{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n{"user_id": \n',
+            name="inter.jsonl",
+            header="",
+            check=rows("interactions", 1),
+        ),
+        "malformed_row",
+        "inter.jsonl",
+    ),
+    "jsonl_line_not_object": q(
+        inter(
+            '[1, 2, 3]\n{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n',
+            name="inter.jsonl",
+            header="",
+        ),
+        "malformed_row",
+        "inter.jsonl",
+    ),
+    "jsonl_non_utf8": q(
+        inter(
+            b'{"user_id": "u\xe9", "item_id": "i1", "timestamp": 1700000000}\n'
+            b'{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n',
+            name="inter.jsonl",
+            header="",
+        ),
+        "non_utf8",
+        "inter.jsonl",
+    ),
+    "jsonl_bom": inter(
+        '{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n',
+        name="inter.jsonl",
+        header="\ufeff",
+        outcome=S,
+        check=rows("interactions", 1),
+    ),
+    "jsonl_gzip": Case(
+        {
+            "items.csv": ITEMS,
+            "users.csv": USERS,
+            "inter.jsonl.gz": _gz('{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000}\n'),
+        },
+        ["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.jsonl.gz"],
+        S,
+        check=rows("interactions", 1),
+    ),
     # ---- items -------------------------------------------------------------------------------------------
-    "items_bom_keeps_leading_zeros": items("\ufeffitem_id,title\n001,Zero\n", outcome=S,
-                                           check=lambda ws: sql(ws, "select item_id from items where source='case'")
-                                           == [{"item_id": "001"}]),
+    "items_bom_keeps_leading_zeros": items(
+        "\ufeffitem_id,title\n001,Zero\n",
+        outcome=S,
+        check=lambda ws: sql(ws, "select item_id from items where source='case'") == [{"item_id": "001"}],
+    ),
     "items_duplicate_header": items("item_id,title,title\ni1,a,b\n", outcome=E, file="items.csv"),
     "items_empty_file": items("", outcome=E, file="items.csv"),
     "items_header_only": items("item_id,title\n", outcome=S, check=rows("items", 0)),
-    "items_ragged_row": q(items("item_id,title\ni1,One\ni2,Two,extra\ni3,Three\n", check=rows("items", 2)),
-                          "malformed_row", "items.csv"),
+    "items_ragged_row": q(
+        items("item_id,title\ni1,One\ni2,Two,extra\ni3,Three\n", check=rows("items", 2)),
+        "malformed_row",
+        "items.csv",
+    ),
     "items_non_utf8_header": items("item_id,t\xeftle\ni1,a\n".encode("latin-1"), outcome=E, file="items.csv"),
-    "items_non_utf8_title": q(items(b"item_id,title\ni1,caf\xe9\ni2,ok\n", check=rows("items", 1)),
-                              "non_utf8", "items.csv"),
+    "items_non_utf8_title": q(
+        items(b"item_id,title\ni1,caf\xe9\ni2,ok\n", check=rows("items", 1)), "non_utf8", "items.csv"
+    ),
     "items_gzip": items(_gz("item_id,title\ni1,One\n"), outcome=S, check=rows("items", 1)),
-    "items_conflicting_duplicate": q(items("item_id,title\ni1,One\ni1,Other\n", check=rows("items", 1)),
-                                     "duplicate_conflict", "items.csv"),
-    "items_identical_duplicate_merges": items("item_id,title\ni1,One\ni1,One\n", outcome=S, check=rows("items", 1)),
+    "items_conflicting_duplicate": q(
+        items("item_id,title\ni1,One\ni1,Other\n", check=rows("items", 1)), "duplicate_conflict", "items.csv"
+    ),
+    "items_identical_duplicate_merges": items(
+        "item_id,title\ni1,One\ni1,One\n", outcome=S, check=rows("items", 1)
+    ),
     "items_empty_id": q(items("item_id,title\n,One\n"), "empty_id", "items.csv"),
     "items_whitespace_id": q(items("item_id,title\n   ,One\n"), "empty_id", "items.csv"),
     "items_no_item_id_column": items("id,title\ni1,One\n", outcome=E, file="items.csv"),
-    "items_jsonl_object_as_title": q(items(json.dumps({"item_id": "i1", "title": {"en": "One"}}) + "\n"
-                                           + json.dumps({"item_id": "i2", "title": "Two", "tags": ["a"]}) + "\n",
-                                           name="items.jsonl", check=rows("items", 1)), "bad_value", "items.jsonl"),
-    "items_parquet_struct_id": q(items(_parquet(pa.table({"item_id": pa.array([{"a": 1}, None]),
-                                                          "title": ["x", "y"]})), name="items.parquet"),
-                                 "bad_value", "items.parquet"),
-    "items_jsonl_whole_file_invalid": items('[{"item_id": "i1"', name="items.json", outcome=E, file="items.json"),
+    "items_jsonl_object_as_title": q(
+        items(
+            json.dumps({"item_id": "i1", "title": {"en": "One"}})
+            + "\n"
+            + json.dumps({"item_id": "i2", "title": "Two", "tags": ["a"]})
+            + "\n",
+            name="items.jsonl",
+            check=rows("items", 1),
+        ),
+        "bad_value",
+        "items.jsonl",
+    ),
+    "items_parquet_struct_id": q(
+        items(
+            _parquet(pa.table({"item_id": pa.array([{"a": 1}, None]), "title": ["x", "y"]})),
+            name="items.parquet",
+        ),
+        "bad_value",
+        "items.parquet",
+    ),
+    "items_jsonl_whole_file_invalid": items(
+        '[{"item_id": "i1"', name="items.json", outcome=E, file="items.json"
+    ),
     # (a NUL cannot reach argv from a shell; NUL in a path inside the data is image_nul_in_path)
     "items_path_name_over_255_bytes": Case({}, ["--items", "x" * 300 + ".csv"], E, file="xxx.csv"),
-    "users_conflicting_duplicate": q(Case({"items.csv": ITEMS, "users.csv": "user_id,age\nu1,30\nu1,31\n"},
-                                          ["--items", "items.csv", "--users", "users.csv"], "Q"),
-                                     "duplicate_conflict", "users.csv"),
-    "users_non_utf8": q(Case({"items.csv": ITEMS, "users.csv": b"user_id,city\nu\xf61,Koeln\nu2,Bonn\n"},
-                             ["--items", "items.csv", "--users", "users.csv"], "Q"), "non_utf8", "users.csv"),
+    "users_conflicting_duplicate": q(
+        Case(
+            {"items.csv": ITEMS, "users.csv": "user_id,age\nu1,30\nu1,31\n"},
+            ["--items", "items.csv", "--users", "users.csv"],
+            "Q",
+        ),
+        "duplicate_conflict",
+        "users.csv",
+    ),
+    "users_non_utf8": q(
+        Case(
+            {"items.csv": ITEMS, "users.csv": b"user_id,city\nu\xf61,Koeln\nu2,Bonn\n"},
+            ["--items", "items.csv", "--users", "users.csv"],
+            "Q",
+        ),
+        "non_utf8",
+        "users.csv",
+    ),
     # ---- images ------------------------------------------------------------------------------------------
     "image_ok": image("ok.jpg", JPEG, outcome=S, check=rows("item_images", 1)),
     "image_name_over_255_bytes": q(image("x" * 300 + ".jpg"), "bad_path", "images"),
-    "image_name_non_utf8": q(Case({"items.csv": b"item_id,title,image\ni9,Nine,caf\xe9.jpg\n"},
-                                  ["--items", "items.csv", "--images", "images"], "Q"), "non_utf8", "items.csv"),
+    "image_name_non_utf8": q(
+        Case(
+            {"items.csv": b"item_id,title,image\ni9,Nine,caf\xe9.jpg\n"},
+            ["--items", "items.csv", "--images", "images"],
+            "Q",
+        ),
+        "non_utf8",
+        "items.csv",
+    ),
     "image_nul_in_path": q(image("a\x00b.jpg"), "bad_path", "images"),
     "image_symlink_loop": q(image("a.jpg", setup=_symlink_loop), "bad_path", "images"),
     "image_too_large_by_stat": q(image("huge.jpg", setup=_sparse), "image_too_large", "images"),
     "image_truncated_jpeg": q(image("t.jpg", JPEG[: len(JPEG) // 2]), "corrupt_image", "images"),
-    "image_text_named_jpg": q(image("t.jpg", b"just some text, not a picture"), "unsupported_format", "images"),
+    "image_text_named_jpg": q(
+        image("t.jpg", b"just some text, not a picture"), "unsupported_format", "images"
+    ),
     "image_zero_bytes": q(image("z.jpg", b""), "corrupt_image", "images"),
     "image_folder_named_jpg": q(image("folder.jpg", setup=_mkdir_image), "missing_image", "images"),
     "image_fifo_named_jpg": q(image("pipe.jpg", setup=_fifo), "missing_image", "images"),
     "image_missing": q(image("nowhere.jpg"), "missing_image", "images"),
     "image_dotdot": q(image("../items.csv"), "path_outside_root", "images"),
     "image_absolute_path": q(image("/etc/hostname"), "path_outside_root", "images"),
-    "image_permission_denied": q(image("locked.jpg", JPEG, setup=_deny("images/locked.jpg"), needs_non_root=True),
-                                 "unreadable_image", "images"),
-    "image_without_images_option": q(Case({"items.csv": "item_id,title,image\ni9,Nine,a.jpg\n"},
-                                          ["--items", "items.csv"], "Q"), "missing_image", "images"),
+    "image_permission_denied": q(
+        image("locked.jpg", JPEG, setup=_deny("images/locked.jpg"), needs_non_root=True),
+        "unreadable_image",
+        "images",
+    ),
+    "image_without_images_option": q(
+        Case({"items.csv": "item_id,title,image\ni9,Nine,a.jpg\n"}, ["--items", "items.csv"], "Q"),
+        "missing_image",
+        "images",
+    ),
 }
 
 
@@ -299,10 +488,22 @@ def seeded(tmp_path_factory) -> Path:
     (root / "inter.csv").write_text("user_id,item_id,timestamp\nsu1,s1,1600000000\n")
     (root / "q.csv").write_text("item_id,title\n,empty\n")
     runner = CliRunner()
-    for args in (["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.csv"],
-                 ["--items", "q.csv"]):
-        out = runner.invoke(cli, ["--workspace", str(root / "ws"), "ingest", "table", "--name", "seed",
-                                  *[str(root / a) if a.endswith(".csv") else a for a in args]])
+    for args in (
+        ["--items", "items.csv", "--users", "users.csv", "--interactions", "inter.csv"],
+        ["--items", "q.csv"],
+    ):
+        out = runner.invoke(
+            cli,
+            [
+                "--workspace",
+                str(root / "ws"),
+                "ingest",
+                "table",
+                "--name",
+                "seed",
+                *[str(root / a) if a.endswith(".csv") else a for a in args],
+            ],
+        )
         assert out.exit_code == 0, out.output
     return root / "ws"
 
@@ -320,8 +521,10 @@ def _write(d: Path, case: Case) -> None:
 
 
 def _args(d: Path, args: list[str]) -> list[str]:
-    return [str(d / a) if i and args[i - 1] in ("--items", "--users", "--interactions", "--images") else a
-            for i, a in enumerate(args)]
+    return [
+        str(d / a) if i and args[i - 1] in ("--items", "--users", "--interactions", "--images") else a
+        for i, a in enumerate(args)
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -337,8 +540,10 @@ def test_bad_input_is_data_or_one_line_error(name: str, seeded: Path, tmp_path: 
     ws_path = tmp_path / "ws"
     shutil.copytree(seeded, ws_path)
     before = Workspace(ws_path).versions()
-    result = CliRunner().invoke(cli, ["--workspace", str(ws_path), "ingest", "table", "--name", "case", "--json",
-                                      *_args(d, case.args)])
+    result = CliRunner().invoke(
+        cli,
+        ["--workspace", str(ws_path), "ingest", "table", "--name", "case", "--json", *_args(d, case.args)],
+    )
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     ws = Workspace(ws_path)
@@ -347,8 +552,21 @@ def test_bad_input_is_data_or_one_line_error(name: str, seeded: Path, tmp_path: 
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("Error: ") and case.file in lines[0], lines[0]
-        assert any(w in lines[0].lower() for w in ("add ", "check", "re-encode", "rename", "map", "fix", "give",
-                                                   "write", "re-compress", "pass")), lines[0]
+        assert any(
+            w in lines[0].lower()
+            for w in (
+                "add ",
+                "check",
+                "re-encode",
+                "rename",
+                "map",
+                "fix",
+                "give",
+                "write",
+                "re-compress",
+                "pass",
+            )
+        ), lines[0]
         assert ws.versions() == before, "an error case committed something"
         return
     assert result.exit_code == 0, result.output
@@ -357,7 +575,9 @@ def test_bad_input_is_data_or_one_line_error(name: str, seeded: Path, tmp_path: 
     for tally in report["files"].values():
         assert tally["read"] == tally["stored"] + tally["merged"] + tally["quarantined"], tally
     quarantined = sql(ws, "select reason, file from quarantine where source = 'case'")
-    assert len(quarantined) == sum(t["quarantined"] for t in report["files"].values()), "a quarantined row was lost"
+    assert len(quarantined) == sum(t["quarantined"] for t in report["files"].values()), (
+        "a quarantined row was lost"
+    )
     if case.outcome == S:
         assert quarantined == [], quarantined
     else:
@@ -381,9 +601,23 @@ def test_error_exit_path_in_a_real_process(tmp_path: Path):
     (tmp_path / "items.csv").write_text(ITEMS)
     (tmp_path / "inter.csv").write_bytes((HEADER + GOOD).encode() + "u\xe9,i1\n".encode("latin-1"))
     proc = subprocess.run(
-        [sys.executable, "-c", "from flows.cli import main; main()", "--workspace", str(tmp_path / "ws"),
-         "ingest", "table", "--items", str(tmp_path / "items.csv"), "--interactions", str(tmp_path / "inter.csv")],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-c",
+            "from flows.cli import main; main()",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "ingest",
+            "table",
+            "--items",
+            str(tmp_path / "items.csv"),
+            "--interactions",
+            str(tmp_path / "inter.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout

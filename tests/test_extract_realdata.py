@@ -53,7 +53,9 @@ def test_every_feature_has_exactly_one_row_per_item_with_input(ml_ws):
     cap = mmfeat(ws, "caption", "--model", "tiny-test", "--max-new-tokens", "8")
     assert (cap["done"], cap["no_input"], cap["failed"]) == (1663, 19, 0)
     assert ws.count("captions") == 1663
-    missing = run_sql(ws, "select item_id from items anti join captions using (item_id)")["item_id"].to_pylist()
+    missing = run_sql(ws, "select item_id from items anti join captions using (item_id)")[
+        "item_id"
+    ].to_pylist()
     assert set(missing) == NO_POSTER
 
     image = mmfeat(ws, "encode", "image", "--model", "tiny-test")
@@ -100,7 +102,9 @@ def test_minilm_neighbours_share_genres(ml_ws):
     ws = ml_ws
     s = mmfeat(ws, "encode", "text", "--fields", "title,text", "--feature", "text")
     assert s["done"] + s["skipped"] == 1682
-    rows = run_sql(ws, "select v.item_id, v.vector, i.attributes from feat_text v join items i using (item_id)")
+    rows = run_sql(
+        ws, "select v.item_id, v.vector, i.attributes from feat_text v join items i using (item_id)"
+    )
     vectors = np.array(rows["vector"].to_pylist(), np.float32)
     genres = [set(json.loads(a)["genres"]) for a in rows["attributes"].to_pylist()]
     n = len(genres)

@@ -38,7 +38,12 @@ def _png_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
@@ -142,8 +147,12 @@ def test_every_bad_input_kind_is_quarantined_and_counts_add_up(ws, bad_source):
     assert ws.count("item_images") == 2  # ok.jpg and the rotated one
     assert ws.count("interactions") == 5
     images = {r["item_id"]: r for r in ws.read("item_images").to_pylist()}
-    assert (images["0002"]["width"], images["0002"]["height"]) == (40, 20), "EXIF orientation applied to the size"
-    assert images["0001"]["image"] == (bad_source.image_root / "ok.jpg").read_bytes(), "bytes stored as they are"
+    assert (images["0002"]["width"], images["0002"]["height"]) == (40, 20), (
+        "EXIF orientation applied to the size"
+    )
+    assert images["0001"]["image"] == (bad_source.image_root / "ok.jpg").read_bytes(), (
+        "bytes stored as they are"
+    )
     total_quarantined = sum(t.quarantined for t in files.values())
     assert total_quarantined == len(q)
 
@@ -162,7 +171,10 @@ def test_string_ids_iso_dates_and_repeat_purchases(ws, bad_source):
     ingest(ws, bad_source)
     ids = set(ws.read("items", columns=["item_id"])["item_id"].to_pylist())
     assert "0001" in ids and "1" not in ids
-    rows = run_sql(ws, "select seq, epoch(timestamp) ts from interactions where user_id='u2' and item_id='0010' order by seq")
+    rows = run_sql(
+        ws,
+        "select seq, epoch(timestamp) ts from interactions where user_id='u2' and item_id='0010' order by seq",
+    )
     assert rows["seq"].to_pylist() == [0, 1]
     iso = run_sql(ws, "select epoch(timestamp) t from interactions where user_id='u1' and item_id='0002'")
     assert iso["t"].to_pylist() == [1700006400]
@@ -170,7 +182,9 @@ def test_string_ids_iso_dates_and_repeat_purchases(ws, bad_source):
 
 def test_changed_content_updates_in_place(ws, tmp_path):
     """Re-ingesting a source whose item text changed updates that one row (no duplicate key)."""
-    f = _write_csv(tmp_path / "items.csv", ["item_id", "title", "text"], [["a", "A", "one"], ["b", "B", "two"]])
+    f = _write_csv(
+        tmp_path / "items.csv", ["item_id", "title", "text"], [["a", "A", "one"], ["b", "B", "two"]]
+    )
     ingest(ws, table(f))
     _write_csv(f, ["item_id", "title", "text"], [["a", "A", "one"], ["b", "B", "changed"]])
     report = ingest(ws, table(f))
@@ -181,11 +195,16 @@ def test_changed_content_updates_in_place(ws, tmp_path):
 
 def test_parquet_jsonl_and_column_mapping(ws, tmp_path):
     """Parquet and JSONL inputs work, and --map renames source columns to the platform's fields."""
-    pq.write_table(pa.table({"article_id": ["0108775015", "0108775044"], "prod_name": ["Tee", "Top"]}), tmp_path / "a.parquet")
+    pq.write_table(
+        pa.table({"article_id": ["0108775015", "0108775044"], "prod_name": ["Tee", "Top"]}),
+        tmp_path / "a.parquet",
+    )
     with open(tmp_path / "t.jsonl", "w") as fh:
         for row in [{"customer_id": "c1", "article_id": "0108775015", "t_dat": "2020-09-01"}]:
             fh.write(json.dumps(row) + "\n")
-    mapping = parse_mapping(["article_id=item_id", "prod_name=title", "customer_id=user_id", "t_dat=timestamp"])
+    mapping = parse_mapping(
+        ["article_id=item_id", "prod_name=title", "customer_id=user_id", "t_dat=timestamp"]
+    )
     report = ingest(ws, table(tmp_path / "a.parquet", tmp_path / "t.jsonl", mapping=mapping))
     assert report.balanced
     assert sorted(ws.read("items")["item_id"].to_pylist()) == ["0108775015", "0108775044"]
@@ -206,13 +225,24 @@ def test_mmrec_and_recbole_layouts(ws, tmp_path):
     """MMRec .inter (with x_label) and RecBole typed atomic files ingest with derived or given items/users."""
     mm = tmp_path / "mm"
     mm.mkdir()
-    (mm / "baby.inter").write_text("userID\titemID\trating\ttimestamp\tx_label\n0\t5\t4\t1500000000\t0\n1\t5\t5\t1500000100\t2\n")
+    (mm / "baby.inter").write_text(
+        "userID\titemID\trating\ttimestamp\tx_label\n0\t5\t4\t1500000000\t0\n1\t5\t5\t1500000100\t2\n"
+    )
     report = ingest(ws, mmrec(mm))
-    assert report.balanced and ws.count("interactions") == 2 and ws.count("items") == 1 and ws.count("users") == 2
+    assert (
+        report.balanced
+        and ws.count("interactions") == 2
+        and ws.count("items") == 1
+        and ws.count("users") == 2
+    )
     rb = tmp_path / "rb"
     rb.mkdir()
-    (rb / "ml.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\nu9\ti9\t3\t1600000000\n")
-    (rb / "ml.item").write_text("item_id:token\tmovie_title:token_seq\tgenre:token_seq\ni9\tHeat\tAction Crime\n")
+    (rb / "ml.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\nu9\ti9\t3\t1600000000\n"
+    )
+    (rb / "ml.item").write_text(
+        "item_id:token\tmovie_title:token_seq\tgenre:token_seq\ni9\tHeat\tAction Crime\n"
+    )
     report = ingest(ws, recbole(rb))
     assert report.balanced
     row = run_sql(ws, "select title, attributes from items where item_id='i9'").to_pylist()[0]
@@ -225,7 +255,9 @@ def test_derived_items_never_overwrite_real_ones(ws, tmp_path):
     ingest(ws, table(f))
     mm = tmp_path / "mm"
     mm.mkdir()
-    (mm / "x.inter").write_text("userID\titemID\trating\ttimestamp\tx_label\n0\t5\t4\t1500000000\t0\n0\t6\t4\t1500000001\t0\n")
+    (mm / "x.inter").write_text(
+        "userID\titemID\trating\ttimestamp\tx_label\n0\t5\t4\t1500000000\t0\n0\t6\t4\t1500000001\t0\n"
+    )
     ingest(ws, mmrec(mm))
     rows = {r["item_id"]: r for r in ws.read("items").to_pylist()}
     assert rows["5"]["title"] == "Heat" and rows["5"]["text"] == "a heist"
@@ -256,7 +288,28 @@ def test_plausible_timestamps_window():
     from recipes.ingest.interactions import plausible_seconds
 
     now = 1_750_000_000
-    t = pa.array([0, 1_700_000_000, -1, 1_700_000_000_123, 1_700_000_000_000_000, 10**18, 2**63 - 1, 30_000_000_000,
-                  None], pa.int64())
-    assert plausible_seconds(t, now=now).to_pylist() == [0, 1_700_000_000, None, 1_700_000_000, 1_700_000_000,
-                                                  1_000_000_000, None, None, None]
+    t = pa.array(
+        [
+            0,
+            1_700_000_000,
+            -1,
+            1_700_000_000_123,
+            1_700_000_000_000_000,
+            10**18,
+            2**63 - 1,
+            30_000_000_000,
+            None,
+        ],
+        pa.int64(),
+    )
+    assert plausible_seconds(t, now=now).to_pylist() == [
+        0,
+        1_700_000_000,
+        None,
+        1_700_000_000,
+        1_700_000_000,
+        1_000_000_000,
+        None,
+        None,
+        None,
+    ]

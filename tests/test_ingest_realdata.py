@@ -23,9 +23,13 @@ def test_ml100k_counts_and_idempotent_reingest(ws, ml100k):
     assert ws.count("item_images") == 1663
     assert ws.count("quarantine") == 0
     assert report.files["items_tmdb.csv"].merged == 64
-    no_poster = run_sql(ws, "select item_id from items anti join item_images using (item_id) order by item_id::int")
+    no_poster = run_sql(
+        ws, "select item_id from items anti join item_images using (item_id) order by item_id::int"
+    )
     assert no_poster["item_id"].to_pylist()[:3] == ["330", "387", "563"] and no_poster.num_rows == 19
-    overview = run_sql(ws, "select count(*) n from items where text is not null and length(text) > 0")["n"][0].as_py()
+    overview = run_sql(ws, "select count(*) n from items where text is not null and length(text) > 0")["n"][
+        0
+    ].as_py()
     assert overview > 1600
     again = ingest_ml100k(ws, ml100k)
     assert sum(r.inserted + r.updated for r in again.tables.values()) == 0
@@ -36,13 +40,27 @@ def test_cli_sql_on_ml100k(tmp_path, ml100k):
     ws = str(tmp_path / "ws")
     mmfeat = [sys.executable, "-m", "flows.cli", "--workspace", ws]
     subprocess.run(
-        mmfeat + ["ingest", "movielens", str(ml100k), "--items-csv", str(ml100k / "items_tmdb.csv"),
-                  "--posters", str(ml100k / "posters")],
-        check=True, cwd=REPO, capture_output=True,
+        mmfeat
+        + [
+            "ingest",
+            "movielens",
+            str(ml100k),
+            "--items-csv",
+            str(ml100k / "items_tmdb.csv"),
+            "--posters",
+            str(ml100k / "posters"),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
     )
-    out = subprocess.run(mmfeat + ["sql", "select count(*) from interactions"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        mmfeat + ["sql", "select count(*) from interactions"], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode == 0 and "100000" in out.stdout
     bad = subprocess.run(mmfeat + ["sql", "delete from items"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode != 0 and "read-only" in bad.stderr
-    left = subprocess.run(mmfeat + ["sql", "select count(*) from items"], cwd=REPO, capture_output=True, text=True)
+    left = subprocess.run(
+        mmfeat + ["sql", "select count(*) from items"], cwd=REPO, capture_output=True, text=True
+    )
     assert "1682" in left.stdout

@@ -48,7 +48,9 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
                 anchor = name.split(".") if is_package else name.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -132,9 +134,9 @@ def test_no_import_cycle_between_project_modules(graph):
     """No group of project modules imports each other in a circle, lazily or not."""
     found = cycles(graph)
     detail = [
-        " <-> ".join(c) + "\n    " + "\n    ".join(
-            f"{m} imports {t} (line {line})" for m in c for t, line in graph[m] if t in c
-        )
+        " <-> ".join(c)
+        + "\n    "
+        + "\n    ".join(f"{m} imports {t} (line {line})" for m in c for t, line in graph[m] if t in c)
         for c in found
     ]
     assert not found, "import cycles:\n" + "\n".join(detail)
@@ -158,7 +160,9 @@ def _probe(*args: str, heavy: tuple[str, ...]) -> dict:
     import sys
 
     code = PROBE.replace("sys.argv[0]", repr(",".join(heavy)))
-    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

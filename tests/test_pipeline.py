@@ -29,9 +29,15 @@ def _demo(ws, tmp_path):
 def _write_feature(ws, name: str, items: list[str], dim: int = 8, seed: int = 0) -> np.ndarray:
     spec = feature_spec(name, dim)
     vecs = np.random.default_rng(seed).normal(size=(len(items), dim)).astype(np.float32)
-    data = pa.table({"item_id": items, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
-                     "model": ["random"] * len(items), "revision": ["untrained"] * len(items),
-                     "input_hash": [f"{seed}:{i}" for i in items]})
+    data = pa.table(
+        {
+            "item_id": items,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
+            "model": ["random"] * len(items),
+            "revision": ["untrained"] * len(items),
+            "input_hash": [f"{seed}:{i}" for i in items],
+        }
+    )
     ws.upsert(spec, conform(data, spec.schema))
     return vecs
 
@@ -48,10 +54,15 @@ def test_graphs_come_from_train_rows_only_and_round_trip(ws, tmp_path):
     assert (mat != expected).nnz == 0
     users, items = id_maps(split)
     held = split.filter(pa.compute.not_equal(split["label"], 0)).to_pylist()
-    train = {(r["user_id"], r["item_id"]) for r in split.filter(pa.compute.equal(split["label"], 0)).to_pylist()}
+    train = {
+        (r["user_id"], r["item_id"]) for r in split.filter(pa.compute.equal(split["label"], 0)).to_pylist()
+    }
     edges = {(r["src"], r["dst"]) for r in ws.read(f"graph_{g['name']}").to_pylist()}
-    leaked = [(r["user_id"], r["item_id"]) for r in held
-              if (r["user_id"], r["item_id"]) in edges and (r["user_id"], r["item_id"]) not in train]
+    leaked = [
+        (r["user_id"], r["item_id"])
+        for r in held
+        if (r["user_id"], r["item_id"]) in edges and (r["user_id"], r["item_id"]) not in train
+    ]
     assert not leaked
     for label_row in held[:20]:
         u = int(np.searchsorted(users, label_row["user_id"]))

@@ -42,6 +42,7 @@ CHROMIUM_FLAGS = [
     "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: the page must render from the file alone
 ]
 
+
 def feature_rows(ids: list[str], vectors: np.ndarray, model: str) -> pa.Table:
     flat = pa.array(vectors.astype(np.float32).ravel())
     now = datetime.now(UTC)

@@ -720,10 +720,18 @@ def test_reingest_after_modality_and_pair_forgets_brings_neither_back(sws, tmp_p
     src = RawSource(
         "again",
         image_root=root,
-        items=pa.table({"item_id": ["i01"], "title": ["t"], "image": ["i01.png"], "__file": ["items.csv"],
-                        "__line": [1]}),
-        interactions=pa.table({"user_id": [u, u], "item_id": [i, other], "timestamp": ["1700000000"] * 2,
-                               "__file": ["inter.csv"] * 2, "__line": [1, 2]}),
+        items=pa.table(
+            {"item_id": ["i01"], "title": ["t"], "image": ["i01.png"], "__file": ["items.csv"], "__line": [1]}
+        ),
+        interactions=pa.table(
+            {
+                "user_id": [u, u],
+                "item_id": [i, other],
+                "timestamp": ["1700000000"] * 2,
+                "__file": ["inter.csv"] * 2,
+                "__line": [1, 2],
+            }
+        ),
         derive_users=True,
     )
     report = ingest(sws, src)

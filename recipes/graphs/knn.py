@@ -62,7 +62,6 @@ class KnnConfig:
             )
 
 
-
 def l2_normalize(features: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32, C-contiguous); all-zero rows stay zero."""
     x = np.ascontiguousarray(features, dtype=np.float32)

@@ -17,12 +17,42 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CATEGORIES = {
-    "outdoor": ("triangle", [(34, 139, 34), (85, 107, 47)], ["tent", "backpack", "trail boots", "compass"], "rugged"),
-    "kitchen": ("circle", [(220, 20, 60), (255, 140, 0)], ["skillet", "kettle", "chef knife", "mixing bowl"], "durable"),
-    "office": ("square", [(30, 60, 160), (70, 130, 180)], ["notebook", "desk lamp", "stapler", "monitor stand"], "ergonomic"),
-    "toys": ("star", [(255, 215, 0), (238, 130, 238)], ["puzzle", "robot kit", "plush bear", "building blocks"], "colourful"),
-    "garden": ("stripes", [(107, 142, 35), (160, 82, 45)], ["watering can", "pruning shears", "seed tray", "hose"], "weatherproof"),
-    "audio": ("ring", [(20, 20, 20), (128, 0, 128)], ["headphones", "speaker", "turntable", "microphone"], "high-fidelity"),
+    "outdoor": (
+        "triangle",
+        [(34, 139, 34), (85, 107, 47)],
+        ["tent", "backpack", "trail boots", "compass"],
+        "rugged",
+    ),
+    "kitchen": (
+        "circle",
+        [(220, 20, 60), (255, 140, 0)],
+        ["skillet", "kettle", "chef knife", "mixing bowl"],
+        "durable",
+    ),
+    "office": (
+        "square",
+        [(30, 60, 160), (70, 130, 180)],
+        ["notebook", "desk lamp", "stapler", "monitor stand"],
+        "ergonomic",
+    ),
+    "toys": (
+        "star",
+        [(255, 215, 0), (238, 130, 238)],
+        ["puzzle", "robot kit", "plush bear", "building blocks"],
+        "colourful",
+    ),
+    "garden": (
+        "stripes",
+        [(107, 142, 35), (160, 82, 45)],
+        ["watering can", "pruning shears", "seed tray", "hose"],
+        "weatherproof",
+    ),
+    "audio": (
+        "ring",
+        [(20, 20, 20), (128, 0, 128)],
+        ["headphones", "speaker", "turntable", "microphone"],
+        "high-fidelity",
+    ),
 }
 
 
@@ -50,8 +80,13 @@ def _draw(shape: str, colour: tuple[int, int, int], rng: np.random.Generator, si
         d.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=fill)
     elif shape == "star":
         cx, cy, r = 32 + jitter[0] // 2, 32 + jitter[1] // 2, 24
-        pts = [(cx + (r if i % 2 == 0 else r // 2) * np.cos(np.pi * i / 5 - np.pi / 2),
-                cy + (r if i % 2 == 0 else r // 2) * np.sin(np.pi * i / 5 - np.pi / 2)) for i in range(10)]
+        pts = [
+            (
+                cx + (r if i % 2 == 0 else r // 2) * np.cos(np.pi * i / 5 - np.pi / 2),
+                cy + (r if i % 2 == 0 else r // 2) * np.sin(np.pi * i / 5 - np.pi / 2),
+            )
+            for i in range(10)
+        ]
         d.polygon(pts, fill=fill)
     elif shape == "stripes":
         for x in range(0, size, 12):
@@ -61,8 +96,9 @@ def _draw(shape: str, colour: tuple[int, int, int], rng: np.random.Generator, si
     return img
 
 
-def generate_catalog(out_dir: str | Path, n_items: int = 120, n_users: int = 60, seed: int = 0,
-                     interactions_per_user: int = 20) -> DemoCatalog:
+def generate_catalog(
+    out_dir: str | Path, n_items: int = 120, n_users: int = 60, seed: int = 0, interactions_per_user: int = 20
+) -> DemoCatalog:
     """Write items.csv, users.csv, interactions.csv and images/ under `out_dir`; deterministic for a seed."""
     rng = np.random.default_rng(seed)
     root = Path(out_dir)
@@ -83,8 +119,10 @@ def generate_catalog(out_dir: str | Path, n_items: int = 120, n_users: int = 60,
             fmt = "png" if int(iid) % 5 == 0 else "jpg"
             img.save(images / f"{iid}.{fmt}", quality=90)
             title = f"{adjective.capitalize()} {noun} {iid[-3:]}"
-            text = (f"A {adjective} {noun} for {cat} lovers. Part of our {cat} range: "
-                    f"{', '.join(nouns)}. Colour code {colour}.")
+            text = (
+                f"A {adjective} {noun} for {cat} lovers. Part of our {cat} range: "
+                f"{', '.join(nouns)}. Colour code {colour}."
+            )
             rights = "cc-by-4.0" if int(iid) % 7 else "partner-licence"
             w.writerow([iid, title, text, f"{iid}.{fmt}", cat, f"{rng.uniform(5, 200):.2f}", rights])
     prefs = rng.dirichlet(np.full(len(names), 0.3), size=n_users)

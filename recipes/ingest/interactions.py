@@ -96,9 +96,12 @@ class CsvStream:
 
     def batches(self) -> Iterator[pa.Table]:
         names = self.header
-        read = pacsv.ReadOptions(block_size=BATCH_BYTES, column_names=self.column_names,
-                                 autogenerate_column_names=False)
-        convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=False)
+        read = pacsv.ReadOptions(
+            block_size=BATCH_BYTES, column_names=self.column_names, autogenerate_column_names=False
+        )
+        convert = pacsv.ConvertOptions(
+            column_types={n: pa.binary() for n in names}, strings_can_be_null=False
+        )
 
         def skip(row: pacsv.InvalidRow) -> str:
             self.malformed.append(row.text)
@@ -106,8 +109,9 @@ class CsvStream:
 
         parse = pacsv.ParseOptions(delimiter=self.delimiter, invalid_row_handler=skip)
         with quiet_invalid_row_decoding():
-            reader = pacsv.open_csv(open_input(self.path), read_options=read, convert_options=convert,
-                                    parse_options=parse)
+            reader = pacsv.open_csv(
+                open_input(self.path), read_options=read, convert_options=convert, parse_options=parse
+            )
             line = 1
             for batch in reader:
                 table = pa.Table.from_batches([batch])
@@ -126,8 +130,10 @@ def quiet_invalid_row_decoding() -> Iterator[None]:
     previous = sys.unraisablehook
 
     def hook(info) -> None:
-        if not (isinstance(info.exc_value, UnicodeDecodeError) and "invalid_row" in repr(info.object)
-                + "".join(traceback.format_tb(info.exc_traceback))):
+        if not (
+            isinstance(info.exc_value, UnicodeDecodeError)
+            and "invalid_row" in repr(info.object) + "".join(traceback.format_tb(info.exc_traceback))
+        ):
             previous(info)
 
     sys.unraisablehook = hook
@@ -156,10 +162,12 @@ def open_input(path: Path) -> pa.NativeFile:
 def first_line(path: Path) -> bytes:
     """The first line of a (possibly gzipped) file; `SourceError` when the file is empty or unreadable."""
     try:
-        with (gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")) as fh:
+        with gzip.open(path, "rb") if is_gzip(path) else open(path, "rb") as fh:
             first = fh.readline()
     except (OSError, EOFError, zlib.error) as exc:
-        raise SourceError(f"cannot read {path}: {exc}; check that the file (or its compression) is intact") from None
+        raise SourceError(
+            f"cannot read {path}: {exc}; check that the file (or its compression) is intact"
+        ) from None
     if not first.strip():
         raise SourceError(f"{path} is empty or has no header row; add a header naming the columns")
     return first
@@ -170,9 +178,13 @@ def parse_header(first: bytes, path: Path, delimiter: str) -> list[str]:
     try:
         first.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"the header of {path} is not UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
+        raise SourceError(
+            f"the header of {path} is not UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
     try:
-        names = pacsv.read_csv(pa.py_buffer(first), parse_options=pacsv.ParseOptions(delimiter=delimiter)).column_names
+        names = pacsv.read_csv(
+            pa.py_buffer(first), parse_options=pacsv.ParseOptions(delimiter=delimiter)
+        ).column_names
     except pa.ArrowInvalid as exc:
         raise SourceError(f"cannot parse the header of {path}: {exc}; fix the header row") from None
     check_unique(names, path)
@@ -183,8 +195,10 @@ def check_unique(names: list[str], path: Path | str) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise SourceError(f"column {name!r} appears twice in the header of {path}; rename or drop one of them "
-                              "(or fix the --map that maps two columns onto it)")
+            raise SourceError(
+                f"column {name!r} appears twice in the header of {path}; rename or drop one of them "
+                "(or fix the --map that maps two columns onto it)"
+            )
         seen.add(name)
 
 
@@ -199,7 +213,9 @@ def check_readable(interactions: pa.Table | CsvStream) -> None:
                     while fh.read(16 << 20):
                         pass
             except (OSError, EOFError, zlib.error) as exc:
-                raise SourceError(f"{name} is a damaged gzip file ({exc}); re-compress or unpack it") from None
+                raise SourceError(
+                    f"{name} is a damaged gzip file ({exc}); re-compress or unpack it"
+                ) from None
     else:
         fields = interactions.column_names
         name = interactions["__file"][0].as_py() if interactions.num_rows else "interactions"
@@ -233,8 +249,10 @@ def _utf8(batch: pa.Table) -> tuple[pa.Table, list[int]]:
                             value.decode("utf-8")
                     except UnicodeDecodeError:
                         bad.add(idx)
-                col = pa.array([None if i in bad or v is None else v.decode("utf-8") for i, v in enumerate(values)],
-                               pa.string())
+                col = pa.array(
+                    [None if i in bad or v is None else v.decode("utf-8") for i, v in enumerate(values)],
+                    pa.string(),
+                )
         columns[name] = col
     table = pa.table(columns)
     if bad:
@@ -264,7 +282,9 @@ def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
         return pc.cast(ts, pa.int64())
     except pa.ArrowInvalid:
         pass
-    is_int = pc.fill_null(pc.match_substring_regex(ts, r"^-?[0-9]{1,18}$"), False)  # longer ones overflow int64
+    is_int = pc.fill_null(
+        pc.match_substring_regex(ts, r"^-?[0-9]{1,18}$"), False
+    )  # longer ones overflow int64
     ints = pc.cast(pc.if_else(is_int, ts, pa.scalar(None, pa.string())), pa.int64())
     rest = pc.and_(pc.invert(is_int), pc.is_valid(ts))
     if not pc.any(rest).as_py():
@@ -303,7 +323,9 @@ def _floats(v: pa.Array) -> pa.Array:
     try:
         return pc.cast(v, pa.float64())
     except pa.ArrowInvalid:
-        ok = pc.fill_null(pc.match_substring_regex(v, r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"), False)
+        ok = pc.fill_null(
+            pc.match_substring_regex(v, r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"), False
+        )
         return pc.cast(pc.if_else(ok, v, pa.scalar(None, pa.string())), pa.float64())
 
 
@@ -325,8 +347,14 @@ def _denied_pairs(u: pa.Array, i: pa.Array, denied: DenyList) -> pa.Array:
     return pa.array(mask)
 
 
-def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: str, denied: DenyList,
-              known_items: pa.Array | None, known_users: pa.Array | None) -> pa.Table:
+def _classify(
+    con: duckdb.DuckDBPyConnection,
+    batch: pa.Table,
+    default_event: str,
+    denied: DenyList,
+    known_items: pa.Array | None,
+    known_users: pa.Array | None,
+) -> pa.Table:
     """Arrow-native validation of one batch: typed columns, a reason code per bad row (first rule wins) and a
     64-bit hash of the (user, item, time, event) key."""
     n = batch.num_rows
@@ -352,8 +380,20 @@ def _classify(con: duckdb.DuckDBPyConnection, batch: pa.Table, default_event: st
     con.register("keys", pa.table({"u": u, "i": i, "t": t, "e": e}))
     h1 = con.sql("SELECT hash(u, i, t, e) AS h FROM keys").to_arrow_table()["h"]
     con.unregister("keys")
-    return pa.table({"u": u, "i": i, "t": t, "e": e, "val": val, "__line": batch["__line"], "ts": ts, "v": v,
-                     "reason": reason, "h1": h1})
+    return pa.table(
+        {
+            "u": u,
+            "i": i,
+            "t": t,
+            "e": e,
+            "val": val,
+            "__line": batch["__line"],
+            "ts": ts,
+            "v": v,
+            "reason": reason,
+            "h1": h1,
+        }
+    )
 
 
 class _Seen:
@@ -404,8 +444,14 @@ def _known(ws: Workspace, name: str, column: str, extra: list[str] | None) -> pa
     return pa.concat_arrays([ids, pa.array(extra or [], pa.string())]) if extra else ids
 
 
-def ingest_interactions(ws: Workspace, src, q, denied: DenyList, new_items: list[str] | None = None,
-                        new_users: list[str] | None = None) -> tuple[UpsertResult, set[str], set[str]]:
+def ingest_interactions(
+    ws: Workspace,
+    src,
+    q,
+    denied: DenyList,
+    new_items: list[str] | None = None,
+    new_users: list[str] | None = None,
+) -> tuple[UpsertResult, set[str], set[str]]:
     """Stream `src.interactions` into the interactions table in one commit; returns the upsert result and the
     clean ids. `new_items`/`new_users` are ids of this source not yet written, known alongside the workspace's."""
     table = ws.ensure(INTERACTIONS)
@@ -428,8 +474,11 @@ def ingest_interactions(ws: Workspace, src, q, denied: DenyList, new_items: list
             yield from iter_batches(src.interactions)
         except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            fix = ("re-encode the file as UTF-8 (a row with the wrong number of fields also holds non-UTF-8 bytes)"
-                   if "parse error" in text.lower() else "check the file's format and compression")
+            fix = (
+                "re-encode the file as UTF-8 (a row with the wrong number of fields also holds non-UTF-8 bytes)"
+                if "parse error" in text.lower()
+                else "check the file's format and compression"
+            )
             failure.append(SourceError(f"cannot read {file or 'interactions'}: {text[:200]}; {fix}"))
             raise failure[-1] from None
 
@@ -454,8 +503,12 @@ def ingest_interactions(ws: Workspace, src, q, denied: DenyList, new_items: list
             for pos in bad_utf8:
                 row = selected.slice(pos, 1).to_pylist()[0]
                 line = row.pop("__line")
-                excerpt = json.dumps({k: v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v
-                                      for k, v in row.items()})[:300]
+                excerpt = json.dumps(
+                    {
+                        k: v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v
+                        for k, v in row.items()
+                    }
+                )[:300]
                 q.add(name, line, None, "non_utf8", DETAILS["non_utf8"], excerpt)
             for col in ("user_id", "item_id", "timestamp"):
                 if col not in raw.column_names:
@@ -468,9 +521,23 @@ def ingest_interactions(ws: Workspace, src, q, denied: DenyList, new_items: list
                 if r == "forgotten":
                     q.add(name, row["__line"], None, r, DETAILS[r], None)
                 else:
-                    excerpt = json.dumps({"user_id": row["u"], "item_id": row["i"], "timestamp": row["ts"],
-                                          "event": row["e"], "value": row["v"]})[:300]
-                    q.add(name, row["__line"], f"{row['u'] or ''}|{row['i'] or ''}", r, f"{DETAILS[r]}: {excerpt}", excerpt)
+                    excerpt = json.dumps(
+                        {
+                            "user_id": row["u"],
+                            "item_id": row["i"],
+                            "timestamp": row["ts"],
+                            "event": row["e"],
+                            "value": row["v"],
+                        }
+                    )[:300]
+                    q.add(
+                        name,
+                        row["__line"],
+                        f"{row['u'] or ''}|{row['i'] or ''}",
+                        r,
+                        f"{DETAILS[r]}: {excerpt}",
+                        excerpt,
+                    )
             good = out.filter(pc.is_null(reason))
             tally.stored += good.num_rows
             if not good.num_rows:
@@ -503,7 +570,9 @@ def ingest_interactions(ws: Workspace, src, q, denied: DenyList, new_items: list
     try:
         first = next(stream, None)  # nothing to insert: no write, no new version
         if first is not None:
-            table.add(pa.RecordBatchReader.from_batches(INTERACTIONS.schema, itertools.chain([first], stream)))
+            table.add(
+                pa.RecordBatchReader.from_batches(INTERACTIONS.schema, itertools.chain([first], stream))
+            )
     except Exception:
         if failure:  # Lance wraps errors raised inside its reader: surface ours, one line
             raise failure[-1] from None
@@ -512,9 +581,9 @@ def ingest_interactions(ws: Workspace, src, q, denied: DenyList, new_items: list
         quarantine_malformed(src.interactions.file)
     if updates:
         changed = pa.concat_tables(updates)
-        table.merge_insert(list(INTERACTIONS.key)).when_matched_update_all().when_not_matched_insert_all().execute(
-            changed
-        )
+        table.merge_insert(
+            list(INTERACTIONS.key)
+        ).when_matched_update_all().when_not_matched_insert_all().execute(changed)
         result.updated = changed.num_rows
     result.version = table.version
     con.close()
@@ -561,8 +630,9 @@ def _existing_hashes(table) -> tuple[np.ndarray, np.ndarray]:
     return keys[order], rows[order]
 
 
-def _split_existing(rows: pa.Table, existing: tuple[np.ndarray, np.ndarray],
-                    result: UpsertResult, updates: list[pa.Table]) -> pa.Table:
+def _split_existing(
+    rows: pa.Table, existing: tuple[np.ndarray, np.ndarray], result: UpsertResult, updates: list[pa.Table]
+) -> pa.Table:
     """Keep the rows to insert; count unchanged rows; collect rows whose value changed for a merge."""
     con = duckdb.connect()
     con.register("fresh", rows)

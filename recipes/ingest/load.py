@@ -38,7 +38,9 @@ from stores.schema import ITEM_IMAGES, ITEMS, QUARANTINE, USERS
 from stores.workspace import UpsertResult, Workspace, conform
 
 
-def _validate_items(src: RawSource, q: Quarantine, denied: DenyList) -> tuple[list[dict], list[tuple[str, str, str, int]]]:
+def _validate_items(
+    src: RawSource, q: Quarantine, denied: DenyList
+) -> tuple[list[dict], list[tuple[str, str, str, int]]]:
     """Items → clean rows; also returns (item_id, image path, file, line) for every item that names an image."""
     rows: dict[str, dict] = {}
     images: list[tuple[str, str, str, int]] = []
@@ -54,10 +56,24 @@ def _validate_items(src: RawSource, q: Quarantine, denied: DenyList) -> tuple[li
             rights = decode_cell(raw.get("rights"), "utf-8")
             image = decode_cell(raw.get("image"), "utf-8")
         except UnicodeDecodeError as exc:
-            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", excerpt(raw))
+            q.add(
+                file,
+                line,
+                None,
+                "non_utf8",
+                f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8",
+                excerpt(raw),
+            )
             continue
         if not item_id:
-            q.add(file, line, None, "empty_id", "item_id is empty; every item needs a non-empty string id", excerpt(raw))
+            q.add(
+                file,
+                line,
+                None,
+                "empty_id",
+                "item_id is empty; every item needs a non-empty string id",
+                excerpt(raw),
+            )
             continue
         if denied and denied.has("item", item_id):
             q.add(file, line, None, "forgotten", "item was erased by a forget request; not re-ingested", None)
@@ -104,11 +120,15 @@ def _validate_images(
     for item_id, rel, _file, _line in tqdm(refs, desc="images", unit="img", disable=len(refs) < 500):
         q.tally(label).read += 1
         if denied and denied.has("image", item_id):  # a modality forget: the item stays, its image not
-            q.add(label, "-", None, "forgotten", "image was erased by a forget request; not re-ingested", None)
+            q.add(
+                label, "-", None, "forgotten", "image was erased by a forget request; not re-ingested", None
+            )
             continue
         try:
             if root is None:
-                raise ImageError("missing_image", "the source names images but no image root was given (--images DIR)")
+                raise ImageError(
+                    "missing_image", "the source names images but no image root was given (--images DIR)"
+                )
             data = read_image_file(root, rel)
             info = inspect_image(data)
         except ImageError as exc:
@@ -140,7 +160,14 @@ def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dic
             user_id = (decode_cell(raw.get("user_id"), "utf-8") or "").strip()
             attributes = decode_cell(raw.get("attributes"), src.text_encoding)
         except UnicodeDecodeError as exc:
-            q.add(file, line, None, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", excerpt(raw))
+            q.add(
+                file,
+                line,
+                None,
+                "non_utf8",
+                f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8",
+                excerpt(raw),
+            )
             continue
         if not user_id:
             q.add(file, line, None, "empty_id", "user_id is empty", excerpt(raw))
@@ -152,7 +179,14 @@ def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dic
             if rows[user_id]["attributes"] == attributes:
                 q.tally(file).merged += 1
             else:
-                q.add(file, line, user_id, "duplicate_conflict", f"user_id {user_id!r} appears again with different attributes", excerpt(raw))
+                q.add(
+                    file,
+                    line,
+                    user_id,
+                    "duplicate_conflict",
+                    f"user_id {user_id!r} appears again with different attributes",
+                    excerpt(raw),
+                )
             continue
         rows[user_id] = {"user_id": user_id, "attributes": attributes, "source": src.name, "created_at": now}
         q.tally(file).stored += 1
@@ -173,7 +207,6 @@ def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
     tables: dict[str, UpsertResult] = {}
     denied = deny_list(ws)
 
-
     # Everything that can stop the job is checked before the first write: no source is committed half-way.
     items = image_refs = images = users = None
     if src.items is not None:
@@ -186,14 +219,20 @@ def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
         # Interactions stream first, in one commit: a file that turns out unreadable half-way (a ragged non-UTF-8
         # row) then stops the job before anything at all is written.
         result, seen_items, seen_users = ingest_interactions(
-            ws, src, q, denied,
-            new_items=[r["item_id"] for r in items or []], new_users=[r["user_id"] for r in users or []],
+            ws,
+            src,
+            q,
+            denied,
+            new_items=[r["item_id"] for r in items or []],
+            new_users=[r["user_id"] for r in users or []],
         )
 
     if items is not None:
         tables["items"] = ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
     if images is not None:
-        tables["item_images"] = ws.upsert(ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema))
+        tables["item_images"] = ws.upsert(
+            ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema)
+        )
     if users is not None:
         tables["users"] = ws.upsert(USERS, pa.Table.from_pylist(users, schema=USERS.schema))
 
@@ -206,14 +245,18 @@ def _ingest_locked(ws: Workspace, src: RawSource) -> IngestReport:
             n = derived.num_rows
             derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
             derived = derived.append_column("content_hash", pa.array([content_hash()] * n, pa.string()))
-            derived = derived.append_column("created_at", pa.array([now] * n, ITEMS.schema.field("created_at").type))
+            derived = derived.append_column(
+                "created_at", pa.array([now] * n, ITEMS.schema.field("created_at").type)
+            )
             tables["items"] = ws.upsert(ITEMS, conform(derived, ITEMS.schema))
         if src.derive_users:
             users -= set(ws.read("users", columns=["user_id"])["user_id"].to_pylist())
             derived = pa.table({"user_id": sorted(users)})
             n = derived.num_rows
             derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
-            derived = derived.append_column("created_at", pa.array([now] * n, USERS.schema.field("created_at").type))
+            derived = derived.append_column(
+                "created_at", pa.array([now] * n, USERS.schema.field("created_at").type)
+            )
             tables["users"] = ws.upsert(USERS, conform(derived, USERS.schema))
         tables["interactions"] = result
 

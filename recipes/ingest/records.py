@@ -79,7 +79,10 @@ class IngestReport:
         return {
             "source": self.source,
             "tables": {k: vars(v) | {"written": v.written} for k, v in self.tables.items()},
-            "files": {k: vars(v) | {"reasons": dict(v.reasons), "balanced": v.balanced} for k, v in self.files.items()},
+            "files": {
+                k: vars(v) | {"reasons": dict(v.reasons), "balanced": v.balanced}
+                for k, v in self.files.items()
+            },
             "balanced": self.balanced,
         }
 
@@ -110,8 +113,16 @@ class Quarantine:
             tally = self.source.tallies[file] = FileTally()
         return tally
 
-    def add(self, file: str, line: int | str, key: str | None, reason: str, detail: str, raw: str | None,
-            into: list[dict] | None = None) -> None:
+    def add(
+        self,
+        file: str,
+        line: int | str,
+        key: str | None,
+        reason: str,
+        detail: str,
+        raw: str | None,
+        into: list[dict] | None = None,
+    ) -> None:
         qid = hashlib.sha256(f"{self.source.name}|{file}|{line}|{reason}".encode()).hexdigest()[:32]
         (self.rows if into is None else into).append(
             {

@@ -34,7 +34,27 @@ from recipes.ingest.records import FileTally, RawSource, SourceError, content_ha
 ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
 USER_FIELDS = ("user_id",)
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy", "FilmNoir", "Horror", "Musical", "Mystery", "Romance", "SciFi", "Thriller", "War", "Western"]
+GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "FilmNoir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "SciFi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 Reject = tuple[int | str, str, str, str]
@@ -49,7 +69,9 @@ def _require(path: Path, what: str, fix: str) -> Path:
     if not found:
         raise SourceError(f"{what} not found: {path}. {fix}")
     if path.is_file() and path.stat().st_size == 0:
-        raise SourceError(f"{path} is empty (0 bytes); give a file with a header row, or leave the option out")
+        raise SourceError(
+            f"{path} is empty (0 bytes); give a file with a header row, or leave the option out"
+        )
     return path
 
 
@@ -106,7 +128,9 @@ def _read_jsonl(path: Path, scalar: set[str], rejects: list[Reject]) -> pa.Table
         if isinstance(parsed, list):
             lines = [json.dumps(x, ensure_ascii=False).encode() for x in parsed]
     rows: list[dict] = []
-    names: dict[str, None] = {}  # every key seen, rejected lines included: a file of only bad rows keeps its columns
+    names: dict[
+        str, None
+    ] = {}  # every key seen, rejected lines included: a file of only bad rows keeps its columns
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -114,19 +138,39 @@ def _read_jsonl(path: Path, scalar: set[str], rejects: list[Reject]) -> pa.Table
         try:
             obj = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            rejects.append((number, "non_utf8", f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8", excerpt))
+            rejects.append(
+                (
+                    number,
+                    "non_utf8",
+                    f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8",
+                    excerpt,
+                )
+            )
             continue
         except (ValueError, RecursionError) as exc:
             rejects.append((number, "malformed_row", f"not a JSON object ({exc}); fix the line", excerpt))
             continue
         if not isinstance(obj, dict):
-            rejects.append((number, "malformed_row", "line is JSON but not an object; write one object per line", excerpt))
+            rejects.append(
+                (
+                    number,
+                    "malformed_row",
+                    "line is JSON but not an object; write one object per line",
+                    excerpt,
+                )
+            )
             continue
         names.update(dict.fromkeys(obj))
         nested = sorted(k for k, v in obj.items() if k in scalar and isinstance(v, dict | list))
         if nested:
-            rejects.append((number, "bad_value", f"{nested[0]} holds a JSON object or array; it must be a single value",
-                            excerpt))
+            rejects.append(
+                (
+                    number,
+                    "bad_value",
+                    f"{nested[0]} holds a JSON object or array; it must be a single value",
+                    excerpt,
+                )
+            )
             continue
         rows.append({k: _cell(v) for k, v in obj.items()} | {"__line": number})
     columns = {n: pa.array([row.get(n) for row in rows], pa.string()) for n in names if n != "__line"}
@@ -152,12 +196,19 @@ def _read_parquet(path: Path, scalar: set[str], rejects: list[Reject]) -> pa.Tab
     columns["__line"] = pa.array(np.arange(1, n + 1, dtype=np.int64))
     out = pa.table(columns)
     for number in np.flatnonzero(bad):
-        rejects.append((int(number) + 1, "bad_value", "a JSON-like object or list where a single value belongs", None))
+        rejects.append(
+            (int(number) + 1, "bad_value", "a JSON-like object or list where a single value belongs", None)
+        )
     return out.filter(pa.array(~bad)) if bad.any() else out
 
 
-def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None = None,
-                    rejects: list[Reject] | None = None, scalar: set[str] | None = None) -> pa.Table:
+def read_table_file(
+    path: Path,
+    as_binary: bool = False,
+    delimiter: str | None = None,
+    rejects: list[Reject] | None = None,
+    scalar: set[str] | None = None,
+) -> pa.Table:
     """CSV/TSV/Parquet/JSONL (optionally gzipped) → Arrow with every column as string (or binary for CSV, to check
     the encoding per row). Unparseable rows go to `rejects`; without a list, the first one is a `SourceError`."""
     path = _require(Path(path), "source file", "check the path")
@@ -174,28 +225,43 @@ def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None =
             kind = pa.binary() if as_binary else pa.string()
 
             def skip(row: pacsv.InvalidRow) -> str:
-                found.append((f"malformed-{len(found) + 1}", "malformed_row",
-                              f"expected {row.expected_columns} fields, got {row.actual_columns}; fix the quoting "
-                              "or the delimiter", row.text[:300]))
+                found.append(
+                    (
+                        f"malformed-{len(found) + 1}",
+                        "malformed_row",
+                        f"expected {row.expected_columns} fields, got {row.actual_columns}; fix the quoting "
+                        "or the delimiter",
+                        row.text[:300],
+                    )
+                )
                 return "skip"
 
             with quiet_invalid_row_decoding():
                 table = pacsv.read_csv(
                     open_input(path),
-                    parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=skip),
-                    convert_options=pacsv.ConvertOptions(column_types={name: kind for name in header},
-                                                         strings_can_be_null=False, quoted_strings_can_be_null=False),
+                    parse_options=pacsv.ParseOptions(
+                        delimiter=sep, newlines_in_values=True, invalid_row_handler=skip
+                    ),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={name: kind for name in header},
+                        strings_can_be_null=False,
+                        quoted_strings_can_be_null=False,
+                    ),
                 )
     except SourceError:
         raise
     except (pa.ArrowInvalid, OSError, EOFError) as exc:
         text = str(exc).splitlines()[0][:200]
         if "parse error" in text.lower():
-            raise SourceError(f"cannot read {path}: {text}; a row with the wrong number of fields also holds "
-                              "non-UTF-8 bytes: re-encode the file as UTF-8") from None
+            raise SourceError(
+                f"cannot read {path}: {text}; a row with the wrong number of fields also holds "
+                "non-UTF-8 bytes: re-encode the file as UTF-8"
+            ) from None
         if "UTF8" in text.upper():
             raise SourceError(f"{path} is not UTF-8 ({text}); re-encode the file as UTF-8") from None
-        raise SourceError(f"cannot read {path}: {text}. Check the file's format (CSV with a header, Parquet, JSONL).") from None
+        raise SourceError(
+            f"cannot read {path}: {text}. Check the file's format (CSV with a header, Parquet, JSONL)."
+        ) from None
     if found:
         if rejects is None:
             line, _, detail, _ = found[0]
@@ -203,8 +269,12 @@ def read_table_file(path: Path, as_binary: bool = False, delimiter: str | None =
         rejects.extend(found)
     if _format(path) == "csv" or as_binary:
         return table
-    return table.cast(pa.schema([pa.field(f.name, pa.int64() if f.name == "__line" else pa.string())
-                                 for f in table.schema]), safe=False)
+    return table.cast(
+        pa.schema(
+            [pa.field(f.name, pa.int64() if f.name == "__line" else pa.string()) for f in table.schema]
+        ),
+        safe=False,
+    )
 
 
 def _record(src: RawSource, file: str, rejects: list[Reject]) -> None:
@@ -230,8 +300,14 @@ def _pack_attributes(table: pa.Table, keep: tuple[str, ...]) -> pa.Table:
         return table
     values = table.select(extra).to_pylist()
     attrs = [
-        json.dumps({k: (v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v) for k, v in row.items()},
-                   ensure_ascii=False, default=str)
+        json.dumps(
+            {
+                k: (v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v)
+                for k, v in row.items()
+            },
+            ensure_ascii=False,
+            default=str,
+        )
         for row in values
     ]
     table = table.drop_columns(extra)
@@ -259,7 +335,9 @@ def _fields(interactions: pa.Table | CsvStream) -> list[str]:
 # ---- MovieLens ---------------------------------------------------------------------------------------------
 
 
-def movielens(directory: str | Path, items_csv: str | Path | None = None, posters: str | Path | None = None) -> RawSource:
+def movielens(
+    directory: str | Path, items_csv: str | Path | None = None, posters: str | Path | None = None
+) -> RawSource:
     """ML-100K layout: latin-1 `u.item`, `u.user`, tab-separated `u.data`; optional TMDB items CSV (`movie_id`,
     `overview`, ...) merged on the movie id, and a posters folder of `<item_id>.jpg`."""
     root = _require(Path(directory), "MovieLens folder", "pass the folder holding u.data, u.item and u.user")
@@ -291,8 +369,16 @@ def movielens(directory: str | Path, items_csv: str | Path | None = None, poster
     items = []
     for r in rows:
         extra = overviews.get(r["item_id"], {})
-        attrs = {"genres": r["genres"], "release_date": r["release_date"], "imdb_url": r["imdb_url"]} | extra.get("attrs", {})
-        image = f"{r['item_id']}.jpg" if poster_dir is not None and (poster_dir / f"{r['item_id']}.jpg").exists() else None
+        attrs = {
+            "genres": r["genres"],
+            "release_date": r["release_date"],
+            "imdb_url": r["imdb_url"],
+        } | extra.get("attrs", {})
+        image = (
+            f"{r['item_id']}.jpg"
+            if poster_dir is not None and (poster_dir / f"{r['item_id']}.jpg").exists()
+            else None
+        )
         items.append(
             {
                 "item_id": r["item_id"],
@@ -314,7 +400,9 @@ def movielens(directory: str | Path, items_csv: str | Path | None = None, poster
             if len(parts) < 5:
                 parts += [""] * (5 - len(parts))
             attrs = {"age": parts[1], "gender": parts[2], "occupation": parts[3], "zip": parts[4]}
-            users.append({"user_id": parts[0], "attributes": json.dumps(attrs), "__file": "u.user", "__line": line_no})
+            users.append(
+                {"user_id": parts[0], "attributes": json.dumps(attrs), "__file": "u.user", "__line": line_no}
+            )
         src.users = pa.Table.from_pylist(users)
     else:
         src.derive_users = True
@@ -346,14 +434,28 @@ def _tmdb(path: Path, src: RawSource, known: set[str]) -> dict[str, dict]:
         if not movie_id:
             q.add(path.name, line_no, None, "empty_id", "movie_id is empty", json.dumps(row)[:300])
         elif movie_id not in known:
-            q.add(path.name, line_no, movie_id, "unknown_item", "movie_id is not in u.item", json.dumps(row)[:300])
+            q.add(
+                path.name,
+                line_no,
+                movie_id,
+                "unknown_item",
+                "movie_id is not in u.item",
+                json.dumps(row)[:300],
+            )
         elif movie_id in out:
-            if content_hash(json.dumps(out[movie_id], sort_keys=True)) == content_hash(json.dumps(entry, sort_keys=True)):
+            if content_hash(json.dumps(out[movie_id], sort_keys=True)) == content_hash(
+                json.dumps(entry, sort_keys=True)
+            ):
                 tally.merged += 1
             else:
-                q.add(path.name, line_no, movie_id, "duplicate_conflict",
-                      f"movie_id {movie_id!r} appears again with different content; the first row was kept",
-                      json.dumps(row)[:300])
+                q.add(
+                    path.name,
+                    line_no,
+                    movie_id,
+                    "duplicate_conflict",
+                    f"movie_id {movie_id!r} appears again with different content; the first row was kept",
+                    json.dumps(row)[:300],
+                )
         else:
             out[movie_id] = entry
             tally.stored += 1
@@ -369,9 +471,13 @@ def mmrec(directory: str | Path) -> RawSource:
     root = _require(Path(directory), "MMRec folder", "pass the folder holding <name>.inter")
     inter = sorted(root.glob("*.inter"))
     if not inter:
-        raise SourceError(f"no <name>.inter file in {root}; MMRec datasets keep their interactions in <name>.inter")
+        raise SourceError(
+            f"no <name>.inter file in {root}; MMRec datasets keep their interactions in <name>.inter"
+        )
     mapping = {"userID": "user_id", "itemID": "item_id", "rating": "value"}
-    src = RawSource(name=f"mmrec:{inter[0].stem}", derive_items=True, derive_users=True, default_event="rating")
+    src = RawSource(
+        name=f"mmrec:{inter[0].stem}", derive_items=True, derive_users=True, default_event="rating"
+    )
     src.interactions = _interactions(inter[0], mapping, src)
     return src
 
@@ -390,7 +496,9 @@ def recbole(directory: str | Path) -> RawSource:
     name = inter[0].stem
     src = RawSource(name=f"recbole:{name}", default_event="rating")
     stream = CsvStream(inter[0], "\t")
-    stream.mapping = {h: ("value" if h.split(":", 1)[0] == "rating" else h.split(":", 1)[0]) for h in stream.header}
+    stream.mapping = {
+        h: ("value" if h.split(":", 1)[0] == "rating" else h.split(":", 1)[0]) for h in stream.header
+    }
     if "timestamp" not in stream.fields:
         raise SourceError(f"{inter[0]} has no timestamp:float column; add one (unix seconds)")
     src.interactions = stream
@@ -422,7 +530,9 @@ def parse_mapping(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     for pair in pairs:
         column, sep, target = pair.partition("=")
         if not sep or not column or not target:
-            raise SourceError(f"--map {pair!r} is malformed; write SOURCE_COLUMN=FIELD, e.g. article_id=item_id")
+            raise SourceError(
+                f"--map {pair!r} is malformed; write SOURCE_COLUMN=FIELD, e.g. article_id=item_id"
+            )
         out[column] = target
     return out
 
@@ -439,9 +549,13 @@ def table(
     attributes; `image` is a path under `images`). Interactions: `user_id, item_id, timestamp` (+ `event, value`)."""
     mapping = mapping or {}
     items_path = Path(items)
-    src = RawSource(name=name or f"table:{file_label(items_path.stem)}", image_root=Path(images) if images else None)
+    src = RawSource(
+        name=name or f"table:{file_label(items_path.stem)}", image_root=Path(images) if images else None
+    )
     rejects: list[Reject] = []
-    item_table = read_table_file(items_path, as_binary=True, rejects=rejects, scalar=_scalar_columns(ITEM_FIELDS, mapping))
+    item_table = read_table_file(
+        items_path, as_binary=True, rejects=rejects, scalar=_scalar_columns(ITEM_FIELDS, mapping)
+    )
     _record(src, items_path.name, rejects)
     item_table = _rename(item_table, mapping, items_path)
     if "item_id" not in item_table.column_names:
@@ -452,8 +566,9 @@ def table(
     if users:
         users_path = Path(users)
         rejects = []
-        user_table = read_table_file(users_path, as_binary=True, rejects=rejects,
-                                     scalar=_scalar_columns(USER_FIELDS, mapping))
+        user_table = read_table_file(
+            users_path, as_binary=True, rejects=rejects, scalar=_scalar_columns(USER_FIELDS, mapping)
+        )
         _record(src, users_path.name, rejects)
         user_table = _rename(user_table, mapping, users_path)
         if "user_id" not in user_table.column_names:
@@ -466,6 +581,8 @@ def table(
         inter = _interactions(inter_path, mapping, src)
         missing = {"user_id", "item_id", "timestamp"} - set(_fields(inter))
         if missing:
-            raise SourceError(f"{inter_path} lacks columns {sorted(missing)}; pass --map COLUMN=FIELD for each")
+            raise SourceError(
+                f"{inter_path} lacks columns {sorted(missing)}; pass --map COLUMN=FIELD for each"
+            )
         src.interactions = inter
     return src

@@ -351,9 +351,7 @@ def knn_graphs(d: ReportData, cfg: ReportConfig) -> list[Graph]:
         n, total = len(feat.ids), len(feat.all_ids)
         where = f"on {n:,} of {total:,} items" if n < total else f"on all {n:,} items"
         origin = f"computed top-{cfg.k} cosine {where}"
-        computed.append(
-            charts.knn_to_graph(name, feat.ids, feat.vectors, cfg.k, origin, feat.modality)
-        )
+        computed.append(charts.knn_to_graph(name, feat.ids, feat.vectors, cfg.k, origin, feat.modality))
     return stored + computed
 
 

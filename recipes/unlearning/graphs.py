@@ -279,7 +279,9 @@ def refresh_artifacts(
             old_manifests[info["name"]] = info
         body["erasures"] = [*body.get("erasures", []), request_id]
         built = (info["table"], version, body)
-        run_step(ws, Step("split", info["name"], inputs, body.get("params", {}), lambda b=built: b), force=True)
+        run_step(
+            ws, Step("split", info["name"], inputs, body.get("params", {}), lambda b=built: b), force=True
+        )
         report["splits"][info["name"]] = {
             "table_version": version,
             "rows": body.get("counts", {}).get("rows"),

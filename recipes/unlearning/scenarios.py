@@ -115,7 +115,6 @@ class ScenarioConfig:
         return self.parts or ("all" if self.scenario == "cure4rec" else "train")
 
 
-
 @dataclass(frozen=True)
 class Selection:
     """A scenario's outcome: the split-row mask, the chosen users and items (in draw order) and, for
