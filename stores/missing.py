@@ -37,7 +37,9 @@ def fill_missing(matrix: np.ndarray, mask: np.ndarray, how: str = "mean") -> tup
     "zero": every item kept, missing rows zero; "drop": only the present items.
     """
     if how not in FILL_CHOICES:
-        raise ValueError(f"missing-feature policy {how!r} is unknown; choose one of {', '.join(FILL_CHOICES)}")
+        raise ValueError(
+            f"missing-feature policy {how!r} is unknown; choose one of {', '.join(FILL_CHOICES)}"
+        )
     matrix = np.asarray(matrix)
     mask = np.asarray(mask, dtype=bool)
     if matrix.ndim != 2 or mask.shape != (matrix.shape[0],):
