@@ -253,5 +253,3 @@ def unlearn_split(
     click.echo(json.dumps(brief, indent=2, default=str))
 
 
-COMMANDS = (forget, verify_erasure, unlearn_split)
-"""What flows/cli.py registers: `for command in COMMANDS: cli.add_command(command)`."""

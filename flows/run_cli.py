@@ -1,7 +1,7 @@
 """`mmfeat run CONFIG` (one refresh through Prefect), `mmfeat serve CONFIG` (its cron schedules, served) and
 `mmfeat demo` (the demo config end to end, as `make demo` runs it).
 
-Registered in flows/cli.py with `cli.add_command(...)` for `run`, `serve` and `demo`. Prefect is imported inside the
+Registered lazily in flows/cli.py (LAZY_COMMANDS) for `run`, `serve` and `demo`. Prefect is imported inside the
 commands (so `mmfeat --help` stays fast) after PREFECT_HOME defaults to a folder beside the workspace: each
 workspace gets its own Prefect database unless PREFECT_HOME or PREFECT_API_URL (a Prefect server) is set.
 

@@ -72,7 +72,6 @@ def _refuse_forgotten(ws: Workspace, name: str, data: pa.Table) -> None:
         )
 
 
-_write_table = write_table  # old name, still imported by tests/test_unlearning.py
 
 
 def record_artifact(

@@ -618,20 +618,10 @@ def test_unlearning_split_gold_and_retained_graphs(sws):
 
 def test_cli_forget_verify_and_unlearn_split(sws):
     """`mmfeat forget user`, `verify-erasure` and `unlearn-split` run end to end and print JSON."""
-    import click
     from click.testing import CliRunner
 
-    from flows.forget_cli import COMMANDS
+    from flows.cli import cli
 
-    @click.group()
-    @click.option("--workspace")
-    @click.pass_context
-    def cli(ctx, workspace):
-        ctx.ensure_object(dict)
-        ctx.obj["workspace"] = workspace
-
-    for command in COMMANDS:
-        cli.add_command(command)
     runner = CliRunner()
     base = ["--workspace", sws.uri]
     out = runner.invoke(cli, [*base, "forget", "user", "u07", "--request-id", "cli-1", "--reason", "test"])
@@ -666,7 +656,7 @@ def test_cli_forget_verify_and_unlearn_split(sws):
 def test_graph_without_rebuild_rule_loses_its_rows(sws):
     """A graph erasure cannot re-derive (unknown type) still loses every edge of the forgotten user, is purged
     to one version, and its manifest says it is stale."""
-    from stores.artifacts import GRAPH_SCHEMA, _write_table
+    from stores.artifacts import GRAPH_SCHEMA, write_table
 
     edges = pa.table(
         {
@@ -678,7 +668,7 @@ def test_graph_without_rebuild_rule_loses_its_rows(sws):
         },
         schema=GRAPH_SCHEMA,
     )
-    version = _write_table(sws, "graph_custom", edges)
+    version = write_table(sws, "graph_custom", edges)
     split_version = artifacts.manifest(sws, "split", "main")["table_version"]
     artifacts.record_artifact(
         sws,
