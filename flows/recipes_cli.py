@@ -25,6 +25,13 @@ def _show(info: dict) -> None:
     show_default=True,
 )
 @click.option("--kcore", default=0, show_default=True, help="Iterative k-core on users and items (0 = none).")
+@click.option(
+    "--kcore-counts",
+    type=click.Choice(["partners", "rows"]),
+    default="partners",
+    show_default=True,
+    help="What k counts when a user-item pair repeats (--dedup all): distinct partners, or every row.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--ratios", default="0.8,0.1,0.1", show_default=True, help="train,valid,test for random/temporal."
@@ -33,7 +40,7 @@ def _show(info: dict) -> None:
 @click.option("--dedup", type=click.Choice(["first", "last", "all"]), default="first", show_default=True)
 @click.pass_context
 @_errors
-def split(ctx, name, scheme, kcore, seed, ratios, cutoff, dedup):
+def split(ctx, name, scheme, kcore, kcore_counts, seed, ratios, cutoff, dedup):
     """Filter and split the interactions into a versioned split table with a manifest."""
     from recipes.pipeline import build_split
     from recipes.splits import SplitConfig
@@ -43,7 +50,15 @@ def split(ctx, name, scheme, kcore, seed, ratios, cutoff, dedup):
     if cutoff:
         a, b = cutoff.split(",")
         cut = tuple(datetime.fromisoformat(x).replace(tzinfo=UTC) for x in (a, b))
-    cfg = SplitConfig(scheme=scheme, kcore=kcore, seed=seed, ratios=parts, cutoff=cut, dedup=dedup)
+    cfg = SplitConfig(
+        scheme=scheme,
+        kcore=kcore,
+        kcore_counts=kcore_counts,
+        seed=seed,
+        ratios=parts,
+        cutoff=cut,
+        dedup=dedup,
+    )
     _show(build_split(_ws(ctx), name, cfg))
 
 
@@ -137,9 +152,16 @@ def graph_hyper(ctx, split_name, kind, knn_graphs, name):
 @click.option(
     "--user-graph-k", default=0, help="MMRec: also write DualGNN's user graph with this k (e.g. 200)."
 )
+@click.option(
+    "--missing",
+    type=click.Choice(["mean", "zero", "drop"]),
+    default="mean",
+    show_default=True,
+    help="Items without a feature: the mean vector (MMRec's convention), zeros, or drop them and their rows.",
+)
 @click.pass_context
 @_errors
-def export(ctx, fmt, split_name, out, features, name, user_graph_k):
+def export(ctx, fmt, split_name, out, features, name, user_graph_k, missing):
     """Export a split to MMRec, RecBole or PyG format (id maps saved beside it)."""
     from recipes.pipeline import export as do_export
 
@@ -151,5 +173,11 @@ def export(ctx, fmt, split_name, out, features, name, user_graph_k):
                 f"--feature {pair!r}: write OUT_NAME=FEATURE, e.g. image_feat=clip_image"
             )
         mapping[out_name] = feature
-    result = do_export(_ws(ctx), split_name, fmt, out, mapping, name, user_graph_k)
-    click.echo(f"exported {fmt} to {out}: {result}")
+    report = do_export(_ws(ctx), split_name, fmt, out, mapping, name, user_graph_k, missing)
+    for line in report.warnings:
+        click.echo(f"warning: {line}", err=True)
+    written = ", ".join(sorted(p.name for p in report.files.values()))
+    click.echo(
+        f"exported {fmt} to {out}: {report.n_rows} rows, {report.n_users} users, {report.n_items} items "
+        f"({written})"
+    )

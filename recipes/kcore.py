@@ -18,6 +18,8 @@ from stores.ids import seconds, sorted_codes
 
 DedupPolicy = Literal["first", "last", "all"]
 DEDUP_POLICIES: tuple[str, ...] = ("first", "last", "all")
+KcoreCounts = Literal["partners", "rows"]
+KCORE_COUNTS: tuple[str, ...] = ("partners", "rows")
 REQUIRED_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp")
 
 
@@ -83,29 +85,42 @@ def dedup_mask(
     return mask
 
 
-def kcore_mask(user: np.ndarray, item: np.ndarray, k_user: int, k_item: int) -> np.ndarray:
+def kcore_mask(
+    user: np.ndarray, item: np.ndarray, k_user: int, k_item: int, counts: KcoreCounts = "partners"
+) -> np.ndarray:
     """Boolean row mask of the (k_user, k_item)-core, iterated to its fixed point.
 
     Each round counts users and items over the same surviving rows, drops every row whose user has fewer
-    than k_user rows or whose item has fewer than k_item, and repeats until a round drops nothing: the
-    MMRec preprocessing / RecBole `filter_by_inter_num` rule. Counts are rows, so with duplicates kept a
-    repeated pair counts twice, as in both of those.
+    than k_user or whose item has fewer than k_item, and repeats until a round drops nothing: the MMRec
+    preprocessing / RecBole `filter_by_inter_num` rule. `counts` says what a degree is where a (user, item)
+    pair repeats: "partners" (default) counts distinct items of a user and distinct users of an item, which is
+    what MMRec and RecBole see after their de-duplication, so a user with five purchases of one item is not in
+    the 5-core; "rows" counts every row, a repeated pair once per row. Without repeated pairs both agree.
     """
     if k_user < 0 or k_item < 0:
         raise ValueError(f"k-core thresholds must be >= 0, got users={k_user} items={k_item}")
+    if counts not in KCORE_COUNTS:
+        raise ValueError(f"counts={counts!r}; expected one of {KCORE_COUNTS}")
     alive = np.arange(len(user), dtype=np.int64)
     if (k_user <= 1 and k_item <= 1) or len(user) == 0:
         return np.ones(len(user), dtype=bool)
     n_users, n_items = int(user.max()) + 1, int(item.max()) + 1
-    u, i = user, item
+    # A pair's rows live or die together (same user, same item), so "the first row of each pair" is fixed once:
+    # counting only those rows counts distinct partners in every round.
+    first = np.ones(len(user), dtype=bool)
+    if counts == "partners":
+        key, order = pair_order(user, item)
+        sorted_key = key[order]
+        first[order[1:][sorted_key[1:] == sorted_key[:-1]]] = False
+    u, i, f = user, item, first
     while len(alive):
-        bad_u = np.bincount(u, minlength=n_users) < k_user
-        bad_i = np.bincount(i, minlength=n_items) < k_item
+        bad_u = np.bincount(u[f], minlength=n_users) < k_user
+        bad_i = np.bincount(i[f], minlength=n_items) < k_item
         drop = bad_u[u] | bad_i[i]
         if not drop.any():
             break
         keep = ~drop
-        alive, u, i = alive[keep], u[keep], i[keep]
+        alive, u, i, f = alive[keep], u[keep], i[keep], f[keep]
     mask = np.zeros(len(user), dtype=bool)
     mask[alive] = True
     return mask
@@ -129,8 +144,9 @@ def dedup(table: pa.Table, keep: DedupPolicy = "first") -> pa.Table:
     return table if mask.all() else table.filter(pa.array(mask))
 
 
-def kcore(table: pa.Table, k: int | tuple[int, int] = 5) -> pa.Table:
-    """The iterative k-core of an interaction table (k for users and items, or (k_user, k_item)).
+def kcore(table: pa.Table, k: int | tuple[int, int] = 5, counts: KcoreCounts = "partners") -> pa.Table:
+    """The iterative k-core of an interaction table (k for users and items, or (k_user, k_item)); `counts`
+    as in `kcore_mask`: distinct partners by default, or rows.
 
     >>> kcore(ml100k, 5).num_rows   # ML-100K: 99,287 rows, 943 users, 1,349 items
     """
@@ -138,5 +154,5 @@ def kcore(table: pa.Table, k: int | tuple[int, int] = 5) -> pa.Table:
     k_user, k_item = _pair(k)
     user, _ = sorted_codes(table["user_id"], with_uniques=False)
     item, _ = sorted_codes(table["item_id"], with_uniques=False)
-    mask = kcore_mask(user, item, k_user, k_item)
+    mask = kcore_mask(user, item, k_user, k_item, counts)
     return table if mask.all() else table.filter(pa.array(mask))

@@ -18,7 +18,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import field_validator
 
-from recipes.kcore import DEDUP_POLICIES, DedupPolicy, check_interactions, dedup_mask, kcore_mask, pair_order
+from recipes.kcore import (
+    DEDUP_POLICIES,
+    KCORE_COUNTS,
+    DedupPolicy,
+    KcoreCounts,
+    check_interactions,
+    dedup_mask,
+    kcore_mask,
+    pair_order,
+)
 from stores.ids import id_maps, seconds, sorted_codes
 from stores.strict import strict_config
 
@@ -37,6 +46,9 @@ class SplitConfig:
         (leave-one-out by time) or "cutoff" (global time cut).
     kcore: minimum interactions per user and item, iterated to a fixed point; an int for both or
         (k_user, k_item); 0 or 1 = no filter.
+    kcore_counts: what k counts where a (user, item) pair repeats (dedup="all"): "partners" (default: distinct
+        items of a user, distinct users of an item, what MMRec and RecBole see after de-duplication) or "rows"
+        (every row, so five purchases of one item make a 5-core user). With dedup "first"/"last" both agree.
     ratios: (train, valid, test), summing to 1; used by "random" and "temporal" (see `holdout_counts`).
     seed: seed of numpy's PCG64 Generator (`np.random.default_rng(seed)`), used by "random" only.
     cutoff: (valid_start, test_start) as timezone-aware datetimes, for "cutoff"; a date (or an ISO date string)
@@ -51,6 +63,7 @@ class SplitConfig:
 
     scheme: Scheme = "random"
     kcore: int | tuple[int, int] = 0
+    kcore_counts: KcoreCounts = "partners"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     cutoff: tuple[datetime, datetime] | None = None
@@ -70,6 +83,8 @@ class SplitConfig:
             raise ValueError(f"scheme={self.scheme!r}; expected one of {SCHEMES}")
         if self.dedup not in DEDUP_POLICIES:
             raise ValueError(f"dedup={self.dedup!r}; expected one of {DEDUP_POLICIES}")
+        if self.kcore_counts not in KCORE_COUNTS:
+            raise ValueError(f"kcore_counts={self.kcore_counts!r}; expected one of {KCORE_COUNTS}")
         k = (self.kcore, self.kcore) if isinstance(self.kcore, int) else tuple(self.kcore)
         if len(k) != 2 or any((not isinstance(v, int)) or v < 0 for v in k):
             raise ValueError(f"kcore={self.kcore!r}; expected an int >= 0 or a pair (k_user, k_item)")
@@ -206,7 +221,7 @@ def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
     k_user, k_item = (cfg.kcore, cfg.kcore) if isinstance(cfg.kcore, int) else cfg.kcore
     if k_user > 1 or k_item > 1:
         idx = np.flatnonzero(keep)
-        core = kcore_mask(user[idx], item[idx], k_user, k_item)
+        core = kcore_mask(user[idx], item[idx], k_user, k_item, cfg.kcore_counts)
         keep[idx[~core]] = False
     table = interactions if keep.all() else interactions.filter(pa.array(keep))
     if table.num_rows == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -202,6 +203,69 @@ def test_split_config_is_strict():
     assert cfg.kcore == (5, 3) and cfg.ratios == (0.7, 0.1, 0.2)
     with pytest.raises(ValueError, match="exactly one"):
         SplitConfig(scheme="cutoff")
+
+
+def test_kcore_counts_partners_not_repeat_rows():
+    """With repeated pairs kept, k counts distinct partners by default: five purchases of one item do not make a
+    5-core user (nor the item a 5-core item); `counts="rows"` counts each row, and both equal the reference loop
+    run on the de-duplicated pairs (partners) or on every row (rows)."""
+    rows = [("r", "x", t) for t in range(5)]  # one user, one item, five purchases
+    rows += [(f"u{j}", f"i{n}", 10 + n) for j in range(5) for n in range(5)]  # a real 5x5 core
+    table = inter(rows)
+    partners = kcore(table, 5)
+    assert "r" not in partners["user_id"].to_pylist() and partners.num_rows == 25
+    by_rows = kcore(table, 5, counts="rows")
+    assert by_rows.num_rows == 30 and by_rows["user_id"].to_pylist()[:5] == ["r"] * 5
+    assert pairs(by_rows) == reference_kcore(pairs(table), 5, 5)
+    # a user with 4 distinct items, one bought twice: 5 rows, 4 partners
+    rows = [("u", "a", 1), ("u", "a", 2), ("u", "b", 3), ("u", "c", 4), ("u", "d", 5)]
+    rows += [(f"v{j}", it, 6) for j in range(4) for it in "abcd"]
+    got = kcore(inter(rows), (5, 1))
+    assert got.num_rows == 0
+    assert set(kcore(inter(rows), (5, 1), counts="rows")["user_id"].to_pylist()) == {"u"}
+    ref = reference_kcore(sorted(set(pairs(inter(rows)))), 4, 5)
+    assert sorted(set(pairs(kcore(inter(rows), (4, 5))))) == sorted(ref)
+
+
+def test_split_kcore_counts_config_and_cli_default():
+    """SplitConfig.kcore_counts defaults to "partners", rejects other values naming them, and decides the
+    k-core of a dedup="all" split; `mmfeat split --kcore-counts` offers the same two choices, same default."""
+    from click.testing import CliRunner
+
+    from flows.recipes_cli import split as split_cmd
+
+    assert SplitConfig().kcore_counts == "partners"
+    with pytest.raises(ValueError, match="kcore_counts"):
+        SplitConfig(kcore_counts="distinct")
+    rows = [("r", "x", t) for t in range(5)]
+    rows += [(f"u{j}", f"i{n}", 10 + n) for j in range(5) for n in range(5)]
+    kept = make_split(inter(rows), SplitConfig(scheme="loo", kcore=5, dedup="all"))
+    assert "r" not in kept["user_id"].to_pylist()
+    rows_cfg = SplitConfig(scheme="loo", kcore=5, dedup="all", kcore_counts="rows")
+    assert make_split(inter(rows), rows_cfg)["user_id"].to_pylist()[:5] == ["r"] * 5
+    help_text = CliRunner().invoke(split_cmd, ["--help"]).output
+    assert "--kcore-counts [partners|rows]" in help_text and "default: partners" in help_text
+
+
+def test_hm_fashion_split_does_what_its_comments_say():
+    """The shipped hm_fashion split keeps repeat purchases as rows (dedup: all) while its 5-core counts distinct
+    articles per customer: a customer with five purchases of one article is not in the split, a repeat purchase
+    of a 5-core customer stays two rows, and the last two weeks are validation and test."""
+    from recipes.config import load_config
+
+    cfg = load_config("hm_fashion").splits[0].to_split_config()
+    assert (cfg.dedup, cfg.kcore_counts, cfg.kcore) == ("all", "partners", (5, 5))
+    day = 1_598_918_400  # 2020-09-01
+    rows = [("0000sock", "0108775015", day + t) for t in range(5)]
+    rows += [(f"c{j}", f"010877{n:04d}", day + 86400 * (3 * n + j % 2)) for j in range(5) for n in range(6)]
+    rows += [(f"c{j}", "0108775015", day + 1) for j in range(5)]  # the sock article has 6 customers
+    rows += [("c0", "0108770000", day)]  # c0 buys its first article twice on the same day
+    split = make_split(inter(rows), cfg)
+    users = split["user_id"].to_pylist()
+    assert "0000sock" not in users and users.count("c0") == 8
+    assert set(split["label"].to_pylist()) == {0, 1, 2}
+    by_rows = make_split(inter(rows), dataclasses.replace(cfg, kcore_counts="rows"))
+    assert by_rows["user_id"].to_pylist().count("0000sock") == 5
 
 
 @pytest.mark.realdata

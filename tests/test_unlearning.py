@@ -20,6 +20,7 @@ import pytest
 import scipy.sparse as sp
 
 from recipes.graphs.knn import KnnConfig, knn_edges
+from recipes.splits import TRAIN
 from recipes.unlearning.forget import forget
 from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained
 from recipes.unlearning.scenarios import ScenarioConfig, forget_retain, select, train_degrees
@@ -570,6 +571,49 @@ def test_cure4rec_selection_rules(sws):
             assert sel.users == list(np.random.RandomState(3).choice(users, 3, replace=False))
         theirs = pc.is_in(split["user_id"], pa.array(sel.users)).to_numpy(zero_copy_only=False)
         assert (sel.mask == theirs).all()
+
+
+def cure4rec_delete(ratings, del_type: str, del_per: float) -> list:
+    """CURE4Rec's `read.py: delete(ratings, del_type, del_per)`, transcribed: pandas `value_counts` over the
+    train DataFrame as it is ordered, then a seeded draw ("random"), the head ("core") or the ascending head
+    ("edge")."""
+    np.random.seed(42)
+    user_counts = ratings["uid"].value_counts(ascending=del_type == "edge")
+    num_delete_users = int(len(user_counts) * del_per / 100)
+    if del_type == "random":
+        return np.random.choice(user_counts.index, num_delete_users, replace=False).tolist()
+    return user_counts.index[:num_delete_users].tolist()
+
+
+def test_cure4rec_users_match_its_value_counts_order_with_ties():
+    """CURE4Rec parity with ties: on a split whose train rows are interleaved, with several users per degree,
+    first-seen order unlike id order, and validation/test rows that must not count, the random / most / least
+    active users are exactly CURE4Rec's `delete()` on a DataFrame of the same train rows in the same order
+    (pandas >= 3: value_counts sorts stably over first appearance)."""
+    pd = pytest.importorskip("pandas", minversion="3.0", reason="stable value_counts ties need pandas 3")
+    rng = np.random.RandomState(5)
+    degrees = [6, 3, 3, 1, 3, 6, 1, 1, 2, 6, 3, 2, 1, 3, 6, 1, 2, 3, 1, 1]  # ties in every group
+    ids = [f"u{n:02d}" for n in rng.permutation(len(degrees))]
+    rows = [(u, f"i{j}", TRAIN) for u, d in zip(ids, degrees, strict=True) for j in range(d)]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    rows += [(u, "held", label) for u, label in zip(ids[::3], [1, 2] * 4, strict=False)]
+    split = pa.table(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "timestamp": pa.array([0] * len(rows), pa.timestamp("s", tz="UTC")),
+            "label": pa.array([r[2] for r in rows], pa.int8()),
+        }
+    )
+    train = pd.DataFrame({"uid": [r[0] for r in rows if r[2] == TRAIN]})
+    for mode, del_type in (("random", "random"), ("most_active", "core"), ("least_active", "edge")):
+        for percent in (10, 25, 40):
+            theirs = cure4rec_delete(train, del_type, percent)
+            sel = select(split, ScenarioConfig("cure4rec", percent=percent, seed=42, mode=mode))
+            assert sel.users == theirs, (mode, percent)
+    users, deg = train_degrees(split)
+    assert list(users) == train["uid"].value_counts().index.tolist()
+    assert sorted(deg.tolist(), reverse=True) == deg.tolist() and sorted(users) != list(users)
 
 
 def test_l2unrank_and_erase_rules(sws):

@@ -130,27 +130,36 @@ class Selection:
         return hashlib.sha256(json.dumps([self.users, self.items], sort_keys=True).encode()).hexdigest()
 
 
-def train_degrees(split: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(user ids, train-row counts), ordered as CURE4Rec's `value_counts()`: degree high to low, ties by id."""
+def train_degrees(split: pa.Table, ascending: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(user ids, train-row counts) in the order of CURE4Rec's `ratings['uid'].value_counts(ascending=...)`.
+
+    That order is defined by the train rows as the split holds them: degree high to low (low to high with
+    `ascending=True`), and users of equal degree in the order of their first train row. pandas >= 3.0 sorts
+    `value_counts` stably over its hash table's first-appearance order (pandas#63158; before 3.0 the tie order
+    was numpy quicksort's, unspecified), so CURE4Rec's `delete()` on a DataFrame of these rows picks the same
+    users. Note that the ascending order is not the descending one reversed: ties stay first-seen first.
+    """
     train = split.filter(pc.equal(split["label"], TRAIN))
-    counts = pc.value_counts(train["user_id"])
-    users = counts.field("values").to_numpy(zero_copy_only=False)
-    deg = counts.field("counts").to_numpy()
-    order = np.lexsort((users.astype(str), -deg))
+    ids = train["user_id"].to_numpy(zero_copy_only=False)
+    users, first, deg = np.unique(ids, return_index=True, return_counts=True)
+    seen = np.argsort(first, kind="stable")
+    users, deg = users[seen], deg[seen]
+    order = np.argsort(deg if ascending else -deg, kind="stable")
     return users[order], deg[order]
 
 
 def cure4rec_users(split: pa.Table, mode: str, percent: float, seed: int) -> list[str]:
-    """CURE4Rec's forgotten users: `int(n_users * percent / 100)` random / most active / least active ones."""
-    users, _ = train_degrees(split)
+    """CURE4Rec's forgotten users (`read.py: delete`): `int(n_users * percent / 100)` of the train users, drawn
+    with `RandomState(seed).choice(..., replace=False)` over the degree-descending order ("random"), or the
+    first ones of the descending ("most_active", CURE4Rec's "core") or ascending ("least_active", "edge")
+    `value_counts` order; `train_degrees` says what defines that order."""
+    if mode not in CURE_MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {CURE_MODES}")
+    users, _ = train_degrees(split, ascending=mode == "least_active")
     n = int(len(users) * percent / 100)
     if mode == "random":
         return [str(u) for u in np.random.RandomState(seed).choice(users, n, replace=False)]
-    if mode == "most_active":
-        return [str(u) for u in users[:n]]
-    if mode == "least_active":
-        return [str(u) for u in users[::-1][:n]]
-    raise ValueError(f"mode={mode!r}; expected one of {CURE_MODES}")
+    return [str(u) for u in users[:n]]
 
 
 def select(split: pa.Table, cfg: ScenarioConfig, items: pa.Table | None = None) -> Selection:

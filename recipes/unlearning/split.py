@@ -12,7 +12,8 @@ generators follow their published rules:
 - CURE4Rec (`read.py: delete`): `int(n_users * p / 100)` users of the train part, random
   (`RandomState(seed).choice(users, n, replace=False)` over users ordered by train degree, high to low), most
   active ("core": the highest train degrees) or least active ("edge": the lowest); all their interactions. Ties
-  in degree are broken by user id, where pandas' `value_counts` leaves them in hash order.
+  in degree keep the order of each user's first train row, as pandas >= 3 `value_counts` does
+  (`scenarios.train_degrees`).
 - L2UnRank (`main.py: compute_edges_to_remove`): "interaction": `int(n_users * p / 100)` random users, each losing
   `max(1, int(n_u * 0.2))` random train interactions; "item": `int(n_items * p / 100)` random items with all their
   train interactions. numpy RandomState(seed) replaces the paper's torch.randperm.
