@@ -24,6 +24,7 @@ from recipes.graphs.user_item import edges_to_csr
 from stores import artifacts
 from stores.features import feature_table
 from stores.ids import id_maps
+from stores.missing import POLICY_VERSION, missing_counts, present_rows
 from stores.steps import Step, run_step
 from stores.workspace import Workspace
 
@@ -106,7 +107,10 @@ def build_knn_graph(
     name: str | None = None,
     force: bool = False,
 ) -> dict:
-    """Item-item cosine top-k graph per feature, fused with `weights` when several features are given."""
+    """Item-item cosine top-k graph per feature, fused with `weights` when several features are given.
+
+    Items lacking a feature follow stores/missing.py: each feature's graph spans only the items that have it,
+    fused weights are renormalised per item over the features it has, and the manifest's `missing` counts them."""
     if weights is None:
         weights = [1.0 / len(features)] * len(features)
     if len(weights) != len(features):
@@ -115,13 +119,17 @@ def build_knn_graph(
     inputs = _split_inputs(ws, split_name)
     split = _load(ws, inputs)
     _, items = id_maps(split)
-    mats, provenance = {}, {}
+    mats, masks, provenance = {}, {}, {}
     for feature in features:  # the vectors' content hash is an input: read them before deciding to skip
         table = feature_table(feature)
         if not ws.exists(table):
             raise KeyError(f"feature {feature!r} not found (table {table}); run `mmfeat encode ...` first")
         mats[feature], mask, provenance[feature] = artifacts.feature_matrix(ws, feature, items)
-        provenance[feature]["missing_items"] = int((~mask).sum())
+        # the content hash covers the mask, so who lacks the feature is part of the fingerprint
+        masks[feature] = present_rows(mats[feature], mask)
+    missing = missing_counts(masks)
+    for feature in features:
+        provenance[feature]["missing_items"] = missing[feature]
     inputs = inputs | {
         "features": {
             f: {"version": p["version"], "content_hash": p["content_hash"]} for f, p in provenance.items()
@@ -135,15 +143,18 @@ def build_knn_graph(
         "norm": norm,
         "symmetric": symmetric,
         "self_loops": self_loops,
+        "missing_policy": POLICY_VERSION,
     }
 
     def build() -> tuple[sp.spmatrix, pa.Table]:
         cfg = knn_graph.KnnConfig(k=k, norm=norm, symmetric=symmetric, self_loops=self_loops)
-        graphs = [knn_graph.knn_graph(mats[f], cfg) for f in features]
-        single = len(graphs) == 1 and weights[0] == 1.0
-        return (graphs[0] if single else knn_graph.fuse_graphs(graphs, weights)), split
+        graphs = [knn_graph.knn_graph(mats[f], cfg, masks[f]) for f in features]
+        if len(graphs) == 1 and weights[0] == 1.0:
+            return graphs[0], split
+        return knn_graph.fuse_graphs(graphs, weights, [masks[f] for f in features]), split
 
-    return graph_step(ws, name, inputs, params, "item", build, {"feature_provenance": provenance}, force)
+    extra = {"feature_provenance": provenance, "missing": missing}
+    return graph_step(ws, name, inputs, params, "item", build, extra, force)
 
 
 def build_cooccur_graph(

@@ -327,3 +327,166 @@ def test_no_heldout_interaction_reaches_any_graph():
     assert mmhcl_user_graph(split)[b, c] == 0
     with pytest.raises(ValueError, match="label"):
         ui_adjacency(t)
+
+
+# ---------------------------------------------------------------- missing modalities (stores/missing.py)
+
+
+def ref_present_freedom(x: np.ndarray, have: np.ndarray, k: int) -> np.ndarray:
+    """FREEDOM's top-k graph (self included, weights (k + 1e-7)^-1) computed densely in NumPy among the items
+    that have the modality; the others get an empty row and column."""
+    n = len(x)
+    rows = np.flatnonzero(have)
+    xn = x[rows].astype(np.float64)
+    xn /= np.linalg.norm(xn, axis=1, keepdims=True)
+    sim = xn @ xn.T
+    out = np.zeros((n, n))
+    for a, i in enumerate(rows):
+        out[i, rows[np.argsort(-sim[a], kind="stable")[:k]]] = 1.0 / (k + 1e-7)
+    return out
+
+
+def clear_rows(x: np.ndarray, have: np.ndarray, k: int) -> np.ndarray:
+    """Bool [n]: items whose k-th and (k+1)-th similarities (among the items with the modality) differ by more
+    than 1e-5, so the top-k set is unambiguous; items without the modality are trivially clear."""
+    out = np.ones(len(x), dtype=bool)
+    rows = np.flatnonzero(have)
+    xn = x[rows] / np.linalg.norm(x[rows], axis=1, keepdims=True)
+    s = -np.sort(-(xn @ xn.T), axis=1)
+    out[rows] = s[:, k - 1] - s[:, k] > 1e-5
+    return out
+
+
+def incomplete_catalogue(
+    n: int = 200, seed: int = 12
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(image [n, 8], text [n, 8], has_image, has_text): 60% of the items lack text, 10% an image; a missing
+    vector is a zero row, as `artifacts.feature_matrix` returns it."""
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((n, 8)).astype(np.float32)
+    text = rng.standard_normal((n, 8)).astype(np.float32)
+    has_text = np.ones(n, bool)
+    has_text[rng.choice(n, int(0.6 * n), replace=False)] = False
+    has_image = np.ones(n, bool)
+    has_image[rng.choice(n, int(0.1 * n), replace=False)] = False
+    image[~has_image] = 0
+    text[~has_text] = 0
+    return image, text, has_image, has_text
+
+
+def test_fused_graph_with_missing_modalities_has_no_hubs_and_matches_dense_policy():
+    """60% of items lack text and 10% an image. The fused FREEDOM graph: no item gets more than 3k incoming
+    edges (before the policy, every item without text had the same k "text neighbours"); an item missing one
+    modality keeps exactly k neighbours from the other, at full weight (row sum 1); an item missing both has
+    none; and the graph equals the policy computed densely: per-modality top-k among the items that have it,
+    fused with each item's weights renormalised over the modalities it has."""
+    k = 10
+    image, text, has_image, has_text = incomplete_catalogue()
+    masks = {"image": has_image, "text": has_text}
+    ours = freedom_mm_graph(image, text, KnnConfig(k=k, block_rows=16, max_tile=16 * 50), 0.1, masks)
+    dense = ours.toarray()
+
+    in_degree = (dense > 0).sum(axis=0)
+    assert in_degree.max() <= 3 * k, np.sort(in_degree)[-5:]
+    out_degree = (dense > 0).sum(axis=1)
+    one = has_image ^ has_text
+    assert one.sum() > 100 and (out_degree[one] == k).all()
+    np.testing.assert_allclose(dense[one].sum(axis=1), 1.0, atol=1e-5)
+    assert (out_degree[~has_image & ~has_text] == 0).all()
+    both = has_image & has_text
+    assert ((out_degree[both] >= k) & (out_degree[both] <= 2 * k)).all()
+
+    # the reference: weights written per case, not through stores.missing
+    w_image = np.where(both, 0.1, np.where(has_image, 1.0, 0.0))
+    w_text = np.where(both, 0.9, np.where(has_text, 1.0, 0.0))
+    ref = w_image[:, None] * ref_present_freedom(image, has_image, k) + w_text[:, None] * ref_present_freedom(
+        text, has_text, k
+    )
+    clear = clear_rows(image, has_image, k) & clear_rows(text, has_text, k)
+    assert clear.mean() > 0.9
+    np.testing.assert_allclose(dense[clear], ref[clear], atol=1e-6)
+    # without masks the zero rows are recognised as missing: the same graph
+    implicit = freedom_mm_graph(image, text, KnnConfig(k=k), 0.1)
+    assert abs(implicit - ours).max() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        KnnConfig(k=4, norm="freedom"),
+        KnnConfig(k=4, norm="lattice", symmetric=True),
+        KnnConfig(k=4, norm="none", self_loops=False),
+    ],
+)
+def test_per_modality_graph_has_no_edge_to_or_from_items_without_it(cfg):
+    """A modality's graph spans only the items that have it: no edge leaves or reaches an item without it
+    (even when its placeholder vector is not zero), every item with it keeps k neighbours, and on those items
+    the graph equals the graph of the sub-matrix (MMRec's normalisation among the present items)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((60, 8)).astype(np.float32)
+    have = rng.random(60) > 0.4
+    g = knn_graph(x, cfg, have)
+    absent = np.flatnonzero(~have)
+    assert g[absent].nnz == 0 and g[:, absent].nnz == 0
+    out_degree = np.diff(g.indptr)
+    assert (out_degree[have] >= cfg.k).all()
+    sub = knn_graph(x[have], cfg).toarray()
+    np.testing.assert_allclose(g.toarray()[np.ix_(have, have)], sub, atol=1e-6)
+
+
+def test_knn_graph_manifest_counts_missing_items_and_fingerprint_follows_the_mask(ws, tmp_path):
+    """build_knn_graph over a text feature that most items lack: the manifest records how many items lacked each
+    input, the stored graph equals the in-memory policy graph, and giving one more item a text vector changes
+    the fingerprint and rebuilds the graph (who lacks what is an input)."""
+    from recipes.ingest.demo_data import generate_catalog
+    from recipes.ingest.load import ingest
+    from recipes.ingest.sources import table
+    from recipes.pipeline import build_knn_graph, build_split
+    from stores import artifacts
+    from stores.features import feature_spec
+    from stores.workspace import conform
+
+    cat = generate_catalog(tmp_path / "src", n_items=40, n_users=20, seed=1)
+    ingest(ws, table(cat.items, cat.interactions, cat.users, cat.images))
+    build_split(ws, "s", SplitConfig(scheme="random", seed=1))
+    _, items = id_maps(artifacts.load_split(ws, "s"))
+
+    def write(name: str, ids: list[str], seed: int) -> None:
+        spec = feature_spec(name, 8)
+        vecs = np.random.default_rng(seed).normal(size=(len(ids), 8)).astype(np.float32)
+        data = pa.table(
+            {
+                "item_id": ids,
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 8),
+                "model": ["random"] * len(ids),
+                "revision": ["untrained"] * len(ids),
+                "input_hash": [f"{seed}:{i}" for i in ids],
+            }
+        )
+        ws.upsert(spec, conform(data, spec.schema))
+
+    ids = [str(i) for i in items]
+    write("img", ids[3:], seed=1)  # 3 items without an image
+    write("txt", ids[::3], seed=2)  # two thirds without text
+    info = build_knn_graph(ws, "s", ["img", "txt"], k=3, weights=[0.1, 0.9], name="fused")
+    n_text = len(ids[::3])
+    assert info["missing"] == {"img": 3, "txt": len(ids) - n_text}
+    assert info["feature_provenance"]["txt"]["missing_items"] == len(ids) - n_text
+
+    img, img_mask, _ = artifacts.feature_matrix(ws, "img", items)
+    txt, txt_mask, _ = artifacts.feature_matrix(ws, "txt", items)
+    ref = multimodal_knn_graph(
+        {"img": img, "txt": txt}, {"img": 0.1, "txt": 0.9}, KnnConfig(k=3), {"img": img_mask, "txt": txt_mask}
+    )
+    stored, _ = artifacts.load_graph(ws, "fused")
+    assert abs(stored - ref).max() < 1e-6
+    assert stored[[1, 2]].nnz == 0 and stored[:, [1, 2]].nnz == 0  # items 1 and 2 lack both features
+
+    again = build_knn_graph(ws, "s", ["img", "txt"], k=3, weights=[0.1, 0.9], name="fused")
+    assert again["skipped"]
+    write("txt", [ids[1]], seed=3)  # one more item has text now
+    rebuilt = build_knn_graph(ws, "s", ["img", "txt"], k=3, weights=[0.1, 0.9], name="fused")
+    assert not rebuilt["skipped"] and rebuilt["fingerprint"] != info["fingerprint"]
+    assert rebuilt["missing"]["txt"] == len(ids) - n_text - 1
+    stored, _ = artifacts.load_graph(ws, "fused")
+    assert np.diff(stored.indptr)[1] == 3 and stored[2].nnz == 0  # item 1 has text now: k text neighbours

@@ -17,7 +17,10 @@ What MMRec computes (and this module reproduces):
   With `symmetric=True` the row sums of the union graph vary and the same formula gives a true
   symmetric normalisation.
 - Fused (FREEDOM): `image_weight * image_adj + (1 - image_weight) * text_adj`, default image weight 0.1.
-Zero feature rows: MMRec divides by a zero norm and gets NaN; here they stay zero (similarity 0 to all).
+Missing features (the policy is stores/missing.py): a modality's graph is built only among the items that have
+it (the `present` mask; an all-zero row counts as missing, where MMRec would divide by its zero norm and get NaN).
+An item without the modality has no out-edges and is nobody's neighbour there; `fuse_graphs` renormalises each
+item's weights over the modalities it has. Items with every modality get exactly MMRec's graphs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from recipes.graphs.user_item import edges_table
+from stores.missing import modality_weights, present_rows
 from stores.strict import strict_config
 
 KnnNorm = Literal["freedom", "lattice", "none"]
@@ -166,44 +170,78 @@ def normalize_knn(
     return src, dst, w.astype(np.float32)
 
 
-def knn_edges(features: np.ndarray, cfg: KnnConfig = KnnConfig()) -> pa.Table:
-    """The normalised top-k graph as an Arrow edge table (src, dst, weight), rows aligned to `features`."""
-    idx, sim = knn_topk(
-        features, cfg.k, exclude_self=not cfg.self_loops, block_rows=cfg.block_rows, max_tile=cfg.max_tile
-    )
-    n = idx.shape[0]
-    src = np.repeat(np.arange(n, dtype=np.int64), cfg.k)
-    src, dst, w = normalize_knn(src, idx.ravel(), sim.ravel(), n, cfg.norm, cfg.symmetric)
-    return edges_table(src, dst, w)
+def topk_edges(
+    features: np.ndarray, cfg: KnnConfig, present: np.ndarray | None = None, k: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised top-k edges (src, dst, weight) over all rows' indices, searched among the present rows only.
 
-
-def knn_graph(features: np.ndarray, cfg: KnnConfig = KnnConfig()) -> sp.csr_matrix:
-    """The normalised top-k graph as an N x N float32 CSR matrix."""
-    edges = knn_edges(features, cfg)
+    `present` (bool [n]; None: all) marks the items that have the feature; all-zero rows count as absent too.
+    Absent rows get no edge either way. `k` overrides cfg.k (the retained graphs of unlearning shrink it).
+    """
+    rows = np.flatnonzero(present_rows(features, present))
+    k = cfg.k if k is None else k
     n = features.shape[0]
-    return sp.csr_matrix(
-        (edges["weight"].to_numpy(), (edges["src"].to_numpy(), edges["dst"].to_numpy())), shape=(n, n)
+    if k == 0 or len(rows) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    sub = features if len(rows) == n else features[rows]
+    idx, sim = knn_topk(
+        sub, k, exclude_self=not cfg.self_loops, block_rows=cfg.block_rows, max_tile=cfg.max_tile
     )
+    return normalize_knn(np.repeat(rows, k), rows[idx.ravel()], sim.ravel(), n, cfg.norm, cfg.symmetric)
 
 
-def fuse_graphs(graphs: Sequence[sp.spmatrix], weights: Sequence[float]) -> sp.csr_matrix:
-    """Weighted sum of same-shaped graphs, sum_m weights[m] * graphs[m] (an edge in several graphs adds up)."""
+def knn_edges(
+    features: np.ndarray, cfg: KnnConfig = KnnConfig(), present: np.ndarray | None = None
+) -> pa.Table:
+    """The normalised top-k graph as an Arrow edge table (src, dst, weight), rows aligned to `features`; only
+    the `present` items (default: rows that are not all zero) take part."""
+    return edges_table(*topk_edges(features, cfg, present))
+
+
+def knn_graph(
+    features: np.ndarray, cfg: KnnConfig = KnnConfig(), present: np.ndarray | None = None
+) -> sp.csr_matrix:
+    """The normalised top-k graph as an N x N float32 CSR matrix (absent items: empty rows and columns)."""
+    src, dst, w = topk_edges(features, cfg, present)
+    n = features.shape[0]
+    return sp.csr_matrix((w, (src, dst)), shape=(n, n), dtype=np.float32)
+
+
+def fuse_graphs(
+    graphs: Sequence[sp.spmatrix], weights: Sequence[float], present: Sequence[np.ndarray] | None = None
+) -> sp.csr_matrix:
+    """Weighted sum of same-shaped graphs, sum_m weights[m] * graphs[m] (an edge in several graphs adds up).
+
+    With `present` (one bool mask per graph: the items that have that modality), row i of graph m is weighed
+    by `stores.missing.modality_weights`: the weights renormalised over the modalities item i has."""
     if len(graphs) != len(weights) or not graphs:
         raise ValueError(f"got {len(graphs)} graphs and {len(weights)} weights; give one weight per graph")
     shapes = {g.shape for g in graphs}
     if len(shapes) != 1:
         raise ValueError(f"graphs have different shapes {sorted(shapes)}; build them over the same item ids")
+    if present is None:
+        per_item = np.tile(np.asarray(weights, np.float64), (graphs[0].shape[0], 1))
+    else:
+        per_item = modality_weights(present, weights)
     out = sp.csr_matrix(graphs[0].shape, dtype=np.float32)
-    for g, w in zip(graphs, weights, strict=True):
-        out = out + sp.csr_matrix(g, dtype=np.float32) * np.float32(w)
+    for m, g in enumerate(graphs):
+        g = sp.csr_matrix(g, dtype=np.float32)
+        # w * g in float32, row by row: the product MMRec's `w * adj` computes
+        scale = np.repeat(per_item[:, m].astype(np.float32), np.diff(g.indptr))
+        out = out + sp.csr_matrix((g.data * scale, g.indices, g.indptr), shape=g.shape)
     out.sum_duplicates()
     return sp.csr_matrix(out, dtype=np.float32)
 
 
 def multimodal_knn_graph(
-    features: Mapping[str, np.ndarray], weights: Mapping[str, float], cfg: KnnConfig = KnnConfig()
+    features: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    cfg: KnnConfig = KnnConfig(),
+    present: Mapping[str, np.ndarray] | None = None,
 ) -> sp.csr_matrix:
-    """One normalised top-k graph per modality, fused with per-modality weights (names must match)."""
+    """One normalised top-k graph per modality, each among the items that have it, fused with per-modality
+    weights renormalised per item over the modalities it has (names must match; `present` default: non-zero
+    rows)."""
     if set(features) != set(weights):
         raise ValueError(
             f"features {sorted(features)} and weights {sorted(weights)} name different modalities"
@@ -212,15 +250,22 @@ def multimodal_knn_graph(
     n = {features[m].shape[0] for m in names}
     if len(n) != 1:
         raise ValueError(f"modalities have different item counts {n}; align them to the same item ids first")
-    return fuse_graphs([knn_graph(features[m], cfg) for m in names], [weights[m] for m in names])
+    masks = [present_rows(features[m], None if present is None else present.get(m)) for m in names]
+    graphs = [knn_graph(features[m], cfg, mask) for m, mask in zip(names, masks, strict=True)]
+    return fuse_graphs(graphs, [weights[m] for m in names], masks)
 
 
 def freedom_mm_graph(
-    image: np.ndarray, text: np.ndarray, cfg: KnnConfig = KnnConfig(), image_weight: float = 0.1
+    image: np.ndarray,
+    text: np.ndarray,
+    cfg: KnnConfig = KnnConfig(),
+    image_weight: float = 0.1,
+    present: Mapping[str, np.ndarray] | None = None,
 ) -> sp.csr_matrix:
-    """FREEDOM's frozen item graph `mm_adj`: image_weight * image_adj + (1 - image_weight) * text_adj."""
+    """FREEDOM's frozen item graph `mm_adj`: image_weight * image_adj + (1 - image_weight) * text_adj, with the
+    missing-modality policy (`present`: {"image": mask, "text": mask}) for items lacking one of them."""
     return multimodal_knn_graph(
-        {"image": image, "text": text}, {"image": image_weight, "text": 1 - image_weight}, cfg
+        {"image": image, "text": text}, {"image": image_weight, "text": 1 - image_weight}, cfg, present
     )
 
 

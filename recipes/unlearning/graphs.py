@@ -22,6 +22,7 @@ from recipes.graphs.knn import KnnConfig, fuse_graphs
 from recipes.splits import TEST, TRAIN, VALID
 from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained, ui_weights
 from stores.features import feature_table
+from stores.missing import missing_counts, present_rows
 from stores.steps import Step, run_step
 
 if TYPE_CHECKING:
@@ -76,48 +77,55 @@ def retained_knn_graph(
         "split_version": split_info["table_version"],
         "features": {},
     }
-    provenance = {}
+    provenance, missing = {}, {}
     same_nodes = name in (None, info["name"]) and ws.exists(info["table"]) and _same_nodes(ws, info, nodes)
     for feature in params["features"]:
         mat, mask, prov = artifacts.feature_matrix(ws, feature, nodes)
-        prov["missing_items"] = int((~mask).sum())
+        prov["missing_items"] = missing[feature] = missing_counts({feature: mask})[feature]
         provenance[feature] = prov
         inputs["features"][feature] = {"version": prov["version"], "content_hash": prov["content_hash"]}
         same_nodes &= info["inputs"]["features"].get(feature, {}).get("content_hash") == prov["content_hash"]
     if same_nodes and not any(set(nodes.tolist()) & excluded(f) for f in params["features"]):
         # Same items, same vectors: the stored edges are the retained graph; only the pins move.
-        body = manifest_body(info) | inputs | {"feature_provenance": provenance}
+        body = manifest_body(info) | inputs | {"feature_provenance": provenance, "missing": missing}
         built = (info["table"], info["table_version"], body)
         out = run_step(ws, Step("graph", info["name"], inputs, params, lambda: built))
         return out | {"recomputed_items": 0, "unchanged": True}
     retained: dict[str, int] = {}
 
     def build() -> tuple[Any, pa.Table]:
-        graphs, retained["recomputed_items"] = [], 0
+        graphs, masks, retained["recomputed_items"] = [], [], 0
         for feature in params["features"]:
-            matrix, recomputed = _retained_feature_graph(ws, info, feature, nodes, excluded(feature), cfg)
+            matrix, keep, recomputed = _retained_feature_graph(
+                ws, info, feature, nodes, excluded(feature), cfg
+            )
             graphs.append(matrix)
+            masks.append(keep)
             retained["recomputed_items"] += recomputed
         weights = params["weights"]
-        matrix = graphs[0] if len(graphs) == 1 and weights[0] == 1.0 else fuse_graphs(graphs, weights)
+        # the missing-modality policy (stores/missing.py), as build_knn_graph applies it
+        single = len(graphs) == 1 and weights[0] == 1.0
+        matrix = graphs[0] if single else fuse_graphs(graphs, weights, masks)
         # write_graph only takes the item order from the split: hand it the nodes, not the 10M-row split
         order = pa.table({"user_id": pa.array(nodes, pa.string()), "item_id": pa.array(nodes, pa.string())})
         return matrix, order
 
-    extra = {"feature_provenance": provenance, "retained": retained}
+    extra = {"feature_provenance": provenance, "retained": retained, "missing": missing}
     out = graph_step(ws, name or info["name"], inputs, params, "item", build, extra, force=True)
     return out | {"recomputed_items": retained["recomputed_items"]}
 
 
 def _retained_feature_graph(
     ws, info: dict, feature: str, nodes: np.ndarray, gone: set[str], cfg: KnnConfig
-) -> tuple[Any, int]:
-    """One feature's kNN graph over `nodes` without the items `gone`, and how many items were searched again:
-    a single-feature graph is patched from its stored edges, a fused one rebuilt on the retained items."""
+) -> tuple[Any, np.ndarray, int]:
+    """One feature's kNN graph over `nodes` without the items `gone` nor those lacking the feature, the mask of
+    the items it spans, and how many items were searched again: a single-feature graph is patched from its
+    stored edges, a fused one rebuilt on the retained items."""
     from stores import artifacts
 
-    mat, _, _ = artifacts.feature_matrix(ws, feature, nodes)
+    mat, mask, _ = artifacts.feature_matrix(ws, feature, nodes)
     keep = ~np.isin(nodes, np.array(sorted(gone), dtype=object)) if gone else np.ones(len(nodes), bool)
+    keep = present_rows(mat, mask & keep)
     if len(info["params"]["features"]) == 1 and ws.exists(info["table"]):
         old = ws.read(info["table"], columns=["src", "dst"], version=info["table_version"])
         src, dst, w, recomputed = knn_patch(
@@ -126,7 +134,7 @@ def _retained_feature_graph(
     else:
         src, dst, w = knn_retained(mat, keep, cfg)
         recomputed = int(keep.sum())
-    return edges_matrix(src, dst, w, len(nodes)), recomputed
+    return edges_matrix(src, dst, w, len(nodes)), keep, recomputed
 
 
 def rebuild_graph(ws, info: dict, split_name: str, name: str | None = None) -> dict:

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recipes.graphs.knn import KnnConfig, knn_topk, l2_normalize, normalize_knn
+from recipes.graphs.knn import KnnConfig, l2_normalize, normalize_knn, topk_edges
+from stores.missing import present_rows
 
 # ---- retained kNN graphs -------------------------------------------------------------------------------------
 
@@ -24,16 +25,10 @@ def _k_eff(cfg: KnnConfig, n_kept: int) -> int:
 
 def knn_retained(features: np.ndarray, keep: np.ndarray, cfg: KnnConfig) -> tuple[np.ndarray, ...]:
     """The kNN graph rebuilt on the kept rows only, as (src, dst, weight) over all rows' indices: removed rows
-    have no edge. k shrinks to the kept count when fewer rows remain."""
-    kept = np.flatnonzero(keep)
-    k = _k_eff(cfg, len(kept))
-    if k == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    idx, sim = knn_topk(
-        features[kept], k, exclude_self=not cfg.self_loops, block_rows=cfg.block_rows, max_tile=cfg.max_tile
-    )
-    src = np.repeat(kept, k)
-    return normalize_knn(src, kept[idx.ravel()], sim.ravel(), len(features), cfg.norm, cfg.symmetric)
+    have no edge. k shrinks to the kept count when fewer rows remain. `keep` should already exclude the items
+    without the feature (stores/missing.py); all-zero rows are left out here as in every kNN graph."""
+    keep = present_rows(features, keep)
+    return topk_edges(features, cfg, keep, k=_k_eff(cfg, int(keep.sum())))
 
 
 def _topk_rows(
@@ -71,6 +66,7 @@ def knn_patch(
     weights depend on neighbours' degrees). Equals `knn_retained(features, keep, cfg)`.
     """
     n = len(features)
+    keep = present_rows(features, keep)  # an all-zero row has no neighbours, as in knn_retained
     kept = np.flatnonzero(keep)
     k = _k_eff(cfg, len(kept))
     if k == 0:
