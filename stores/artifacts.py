@@ -72,8 +72,6 @@ def _refuse_forgotten(ws: Workspace, name: str, data: pa.Table) -> None:
         )
 
 
-
-
 def record_artifact(
     ws: Workspace, kind: str, name: str, table_name: str, version: int, manifest: dict
 ) -> dict:
@@ -139,7 +137,8 @@ def feature_matrix(
     ws: Workspace, feature: str, items: np.ndarray, version: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Vectors of `feature` aligned to `items` (float32 [n, d]; zero rows where missing), the presence mask, and
-    provenance (table version, model, content hash of the vectors)."""
+    provenance (table version, model, content hash of the vectors and the mask). A zero row is a placeholder,
+    not a vector: what to do with it is stores/missing.py's policy (graphs skip it, exports fill it)."""
     name = feature_table(feature)
     version = ws.version(name) if version is None else version
     table = ws.read(name, columns=["item_id", "vector", "model", "revision"], version=version)

@@ -166,7 +166,8 @@ class FeatureReader:
     # ---- features -------------------------------------------------------------------------------------------------
 
     def feature_array(self, feature: str) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [n_items, d] vectors of `feature` aligned to `items` (zero rows where missing) and the bool mask."""
+        """float32 [n_items, d] vectors of `feature` aligned to `items` (zero rows where missing) and the bool mask.
+        A zero row is a placeholder: `stores.missing.fill_missing(matrix, mask, "mean")` gives MMRec's fill."""
         feature = feature.removeprefix(artifacts.VECTOR_PREFIX)
         if feature not in self.manifest["features"]:
             raise KeyError(
