@@ -41,11 +41,13 @@ from stores.features import (
     CAPTION_FEATURE,
     CAPTIONS,
     FAILURES,
+    UNTRAINED,
     OutputWriter,
     delete_items,
     ensure_feature,
     feature_table,
     hashes,
+    is_untrained,
     merge_small_fragments,
     refresh_index,
     stored_dim,
@@ -197,11 +199,30 @@ def check_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ---- the model stage ---------------------------------------------------------------------------------------------
 
 
-def output_params(provenance: dict[str, Any], source: Source, fields: tuple[str, ...]) -> str:
-    """The `params` JSON stored with each row and hashed into `input_hash`: the model's settings plus the input."""
+def output_params(
+    provenance: dict[str, Any], source: Source, fields: tuple[str, ...], untrained_input: bool = False
+) -> str:
+    """The `params` JSON stored with each row and hashed into `input_hash`: the model's settings plus the input.
+    `untrained_input` (captions written by an untrained model) is recorded as `input.untrained`, so a feature
+    embedded from them reads as untrained even when its own encoder is real (stores.features.is_untrained)."""
     params = dict(provenance.get("params") or {})
     params["input"] = {"source": source, "fields": list(fields)} if source == "text" else {"source": source}
+    if untrained_input:
+        params["input"][UNTRAINED] = True
     return json.dumps(params, sort_keys=True, default=str)
+
+
+def untrained_captions(ws: Workspace, source: Source, versions: dict[str, int]) -> bool:
+    """Whether any caption at the pinned version came from untrained weights (only for `source` "caption"):
+    then everything embedded from the captions is marked untrained too."""
+    if source != "caption":
+        return False
+    rows = ws.read(CAPTIONS.name, columns=["revision", "params"], version=versions[CAPTIONS.name])
+    distinct = rows.group_by(["revision", "params"]).aggregate([])
+    return any(
+        is_untrained(r, p)
+        for r, p in zip(distinct["revision"].to_pylist(), distinct["params"].to_pylist(), strict=True)
+    )
 
 
 def input_hash(source: Source, digest: str, provenance: dict[str, Any], params_json: str) -> str:
@@ -224,6 +245,7 @@ class ModelStage:
         threads: int | None = None,
         expect: str | None = None,
         model: Any = None,
+        untrained_input: bool = False,
     ):
         if threads:
             import torch
@@ -233,7 +255,7 @@ class ModelStage:
         self.source, self.output = source, output
         self.input_column = "image" if source == "image" else "text"
         self.provenance = dict(self.extractor.provenance)
-        self.params_json = output_params(self.provenance, source, fields)
+        self.params_json = output_params(self.provenance, source, fields, untrained_input)
         self.stamp = json.dumps({"provenance": self.provenance, "params": self.params_json}, default=str)
         got = provenance_json(self.provenance)
         if expect is not None and got != expect:
@@ -307,9 +329,10 @@ def run_extraction(
 
     `feature` "caption" writes the `captions` table (the extractor outputs `caption`); any other name writes the
     vector table `feat_<feature>`. `source` picks the input: item images, the item text `fields` joined as
-    "title. text", or the captions. `concurrency` is the number of model actors (default: one per GPU, else one
-    fewer than the CPUs, at least one); a CPU job that fits in one batch runs in this process on the model
-    loaded to read its provenance. `threads` is the torch threads of each CPU actor (default 1, the CPU it
+    "title. text", or the captions (when any of them came from untrained weights, the rows record
+    `input.untrained` in their params, so the feature lists as untrained whatever its own encoder).
+    `concurrency` is the number of model actors (default: one per GPU, else one fewer than the CPUs, at least
+    one); a CPU job that fits in one batch runs in this process on the model loaded to read its provenance. `threads` is the torch threads of each CPU actor (default 1, the CPU it
     claims) or, with `engine="local"`, of this process (default: torch's).
     """
     started = time.perf_counter()
@@ -324,6 +347,7 @@ def run_extraction(
         fix = "run `mmfeat caption` first" if CAPTIONS.name in missing else "ingest a source first"
         raise ValueError(f"cannot extract {feature!r} from {source}: {missing} missing in {ws.uri}; {fix}")
     summary = ExtractSummary(feature, table_name, inputs=dict(versions))
+    untrained_input = untrained_captions(ws, source, versions)
     eligible, summary.items = _inputs(ws, source, fields, versions)
     summary.eligible, summary.no_input = eligible.num_rows, summary.items - eligible.num_rows
     stored, failed = hashes(ws, table_name), hashes(ws, FAILURES.name, feature)
@@ -350,7 +374,8 @@ def run_extraction(
             stored = {}  # the old table was dropped
     todo = eligible
     if provenance is not None:
-        todo = _reconcile(ws, summary, eligible, provenance, source, fields, stored, failed, retry_failed)
+        todo = _reconcile(ws, summary, eligible, provenance, source, fields, stored, failed, retry_failed,
+                          untrained_input)  # fmt: skip
     # A job that fits in one batch gains nothing from a pipeline: run it on the model the probe loaded here.
     if use_ray and model is not None and todo.num_rows <= batch_size:
         use_ray = False
@@ -360,16 +385,16 @@ def run_extraction(
     writer = OutputWriter(ws, feature, set(stored), set(failed), overwrite, tuple(needed[source]), deny)
     if provenance is not None:
         summary.provenance = provenance
-        writer.start(provenance["model"], provenance["revision"], output_params(provenance, source, fields),
-                     provenance.get("dim"))  # fmt: skip
+        writer.start(provenance["model"], provenance["revision"], output_params(provenance, source, fields,
+                     untrained_input), provenance.get("dim"))  # fmt: skip
     if todo.num_rows:
         bar = tqdm(total=todo.num_rows, desc=feature, unit="item", disable=not progress)
         if use_ray:
             expect = provenance_json(provenance) if provenance is not None else None
             batches = _ray_batches(ws, extractor, todo, source, fields, output, versions, batch_size, concurrency,
-                                   threads, use_gpu, expect)  # fmt: skip
+                                   threads, use_gpu, expect, untrained_input)  # fmt: skip
         else:
-            stage = ModelStage(None, source, fields, output, model=model)
+            stage = ModelStage(None, source, fields, output, model=model, untrained_input=untrained_input)
             batches = (stage(batch) for batch in _local_inputs(ws, todo, source, versions, batch_size))
         pending: list[dict[str, np.ndarray]] = []
         rows = 0
@@ -405,11 +430,12 @@ def _reconcile(
     stored: dict[str, str],
     failed: dict[str, str],
     retry_failed: bool,
+    untrained_input: bool = False,
 ) -> pa.Table:
     """Hash every eligible item's input under `provenance`, tidy what earlier (possibly killed) runs left, and
     return the items to do: those whose hash matches neither their stored output nor (unless `retry_failed`)
     their recorded failure."""
-    params_json = output_params(provenance, source, fields)
+    params_json = output_params(provenance, source, fields, untrained_input)
     ids = eligible["item_id"].to_pylist()
     current = {i: input_hash(source, d, provenance, params_json) for i, d in zip(ids, eligible["digest"].to_pylist(), strict=True)}  # fmt: skip
     table_name, feature = summary.table, summary.feature
@@ -501,6 +527,7 @@ def _ray_batches(
     threads: int | None,
     use_gpu: bool,
     expect: str | None,
+    untrained_input: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Read (and for images, decode-check) in CPU tasks, run the model in an actor pool, stream batches back."""
     import ray
@@ -520,7 +547,8 @@ def _ray_batches(
         ds = ds.map_batches(read_images, batch_format="pyarrow", batch_size=None, num_cpus=1, fn_kwargs=where)
         ds = ds.map_batches(check_images, batch_format="numpy", batch_size=None, num_cpus=1)
     stage = {"spec": extractor, "source": source, "fields": fields, "output": output,
-             "threads": None if use_gpu else threads, "expect": expect}  # fmt: skip
+             "threads": None if use_gpu else threads, "expect": expect,
+             "untrained_input": untrained_input}  # fmt: skip
     ds = ds.map_batches(
         ModelStage,
         batch_format="numpy",

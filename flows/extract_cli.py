@@ -7,12 +7,16 @@ does not pay for torch.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
 from flows.cli_context import cli_errors as _errors
 from flows.cli_context import print_table
 from flows.cli_context import workspace_of as _ws
+
+if TYPE_CHECKING:
+    from stores.features import FeatureInfo
 
 # Models are chosen by extractors/registry.py (imported inside the commands, so the CLI does not import torch);
 # these names select CLIP's text tower for `encode text|caption`.
@@ -198,7 +202,9 @@ def encode(ctx, source, model, pretrained, clip_text, fields, feature, index_min
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
 def features(ctx, as_json):
-    """List the extracted features: width, rows, item coverage, failures, model and revision, ANN index."""
+    """List the extracted features: width, rows, item coverage, failures, model and revision, ANN index, and
+    flags: UNTRAINED (its weights, or the captions it embeds, are untrained) and DEGENERATE (its values are
+    (nearly) all the same on a sample: see stores/features.py `degenerate_reason`)."""
     from stores.features import list_features
 
     infos = list_features(_ws(ctx, create=False))
@@ -209,6 +215,7 @@ def features(ctx, as_json):
         click.echo("no features yet: run `mmfeat caption` or `mmfeat encode image|text|caption`")
         return
     header = ("feature", "table", "dim", "rows", "coverage", "failures", "model", "revision", "index")
+    header += ("flags",)
     rows = [
         (
             i.feature,
@@ -220,7 +227,18 @@ def features(ctx, as_json):
             i.model,
             i.revision + (" (UNTRAINED)" if i.untrained else ""),
             i.index,
+            _flags(i),
         )
         for i in infos
     ]
     print_table(header, rows)
+    for i in infos:
+        if i.degenerate:
+            click.echo(f"warning: feature {i.feature} is DEGENERATE: {i.degenerate}", err=True)
+
+
+def _flags(info: FeatureInfo) -> str:
+    """The table's flags column: UNTRAINED (own or caption weights) and DEGENERATE, or "-"."""
+    flags = ["UNTRAINED" + (" captions" if info.untrained_input else "")] if info.untrained else []
+    flags += ["DEGENERATE"] if info.degenerate else []
+    return ", ".join(flags) or "-"

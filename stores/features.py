@@ -358,12 +358,73 @@ def merge_small_fragments(ws: Workspace, table: str, max_fragments: int = 32) ->
     return True
 
 
-# ---- listing ---------------------------------------------------------------------------------------------------
+# ---- listing ----------------------------------------------------------------------------------------------------
+
+# Degeneracy is judged on at most this many rows, spread evenly over the table: enough to see a constant feature,
+# cheap enough to run on every listing.
+DEGENERATE_SAMPLE = 512
+# Vectors whose mean pairwise cosine exceeds this carry no item-specific signal (trained text and image encoders
+# sit far below: MiniLM around 0.1-0.3, CLIP around 0.5-0.9 between unrelated items).
+DEGENERATE_COSINE = 0.999
+# Captions with fewer distinct strings than this share of the sampled rows say nothing about their item.
+DEGENERATE_DISTINCT = 0.01
+UNTRAINED = "untrained"
+
+
+def is_untrained(revision: str | None, params: str | None = None) -> bool:
+    """Whether rows came from untrained weights: their own (`revision` "untrained", or one of a comma-joined
+    list), or upstream ones (`params` records `input.untrained`: vectors embedded from untrained captions)."""
+    if UNTRAINED in str(revision or "").split(","):
+        return True
+    try:
+        return bool(json.loads(params)["input"].get(UNTRAINED)) if params else False
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def degenerate_reason(
+    ws: Workspace, table: str, version: int | None = None, sample: int = DEGENERATE_SAMPLE
+) -> str:
+    """Why the feature in `table` (at `version`) is degenerate, "" when it is not, judged on at most `sample`
+    rows spread evenly over the table. Captions: one distinct string, or fewer than `DEGENERATE_DISTINCT` of the
+    rows. Vectors: all zero, all identical (per-dimension spread ~0), or a mean pairwise cosine above
+    `DEGENERATE_COSINE`. A feature like that makes every item the same to a model or a kNN graph."""
+    ds = ws.dataset(table, version)
+    n = ds.count_rows()
+    if n < 2:
+        return ""
+    rows = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
+    if table == CAPTIONS.name:
+        texts = [(t or "").strip() for t in ds.take(rows, columns=["caption"])["caption"].to_pylist()]
+        distinct = len(set(texts))
+        if distinct == 1 or distinct < DEGENERATE_DISTINCT * len(texts):
+            return f"{distinct} distinct caption(s) in {len(texts)} sampled rows, e.g. {texts[0][:60]!r}"
+        return ""
+    column = ds.take(rows, columns=["vector"])["vector"].combine_chunks()
+    column = column.filter(column.is_valid())
+    if len(column) < 2:
+        return ""
+    v = column.flatten().to_numpy().astype(np.float64).reshape(len(column), -1)
+    v = v[np.isfinite(v).all(axis=1)]
+    norms = np.linalg.norm(v, axis=1)
+    if len(v) < 2 or not (norms > 0).any():
+        return f"all {len(v)} sampled vectors are zero" if len(v) >= 2 else ""
+    if float(v.std(axis=0).max()) <= 1e-6 * float(np.abs(v).max()):
+        return f"all {len(v)} sampled vectors are identical"
+    u = v[norms > 0] / norms[norms > 0, None]
+    k = len(u)
+    total = u.sum(axis=0)
+    mean_cos = float((total @ total - k) / (k * (k - 1))) if k > 1 else 1.0
+    if mean_cos > DEGENERATE_COSINE:
+        return f"vectors nearly identical: mean pairwise cosine {mean_cos:.4f} over {k} sampled rows"
+    return ""
 
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """One extracted feature as `mmfeat features` lists it."""
+    """One extracted feature as `mmfeat features` lists it (and a snapshot records it). `degenerate` is the reason
+    the feature carries no item-specific signal ("" when it does); `untrained_input`: embedded from captions of an
+    untrained model."""
 
     feature: str
     table: str
@@ -374,6 +435,8 @@ class FeatureInfo:
     model: str
     revision: str
     index: str
+    degenerate: str = ""
+    untrained_input: bool = False
 
     @property
     def coverage(self) -> float:
@@ -381,14 +444,54 @@ class FeatureInfo:
 
     @property
     def untrained(self) -> bool:
-        return "untrained" in self.revision.split(",")
+        return self.untrained_input or is_untrained(self.revision)
 
     def to_dict(self) -> dict:
         return vars(self) | {"coverage": round(self.coverage, 4), "untrained": self.untrained}
 
 
+def describe_feature(
+    ws: Workspace,
+    table: str,
+    version: int | None = None,
+    items: int | None = None,
+    failures: int = 0,
+) -> FeatureInfo:
+    """One feature table (`captions` or `feat_*`, at `version`): width, rows, models, index, untrained and
+    degenerate. `items` is the catalogue size coverage is over (default: the current items table)."""
+    feature = CAPTION_FEATURE if table == CAPTIONS.name else table.removeprefix(FEATURE_PREFIX)
+    ds = ws.dataset(table, version)
+    dim = None if table == CAPTIONS.name else ds.schema.field("vector").type.list_size
+    index = None
+    if dim and version is None:
+        index = next((i for i in ws.open(table).list_indices() if i.columns == ["vector"]), None)
+    prov = ds.to_table(columns=["model", "revision", "params"])
+    # A table part-way through a model change holds rows of both; list the most common first.
+    groups = (
+        prov.group_by(["model", "revision", "params"])
+        .aggregate([("model", "count")])
+        .sort_by([("model_count", "descending")])
+    )
+    models = ",".join(dict.fromkeys(str(m) for m in groups["model"].to_pylist())) or "-"
+    revisions = ",".join(dict.fromkeys(str(r) for r in groups["revision"].to_pylist())) or "-"
+    return FeatureInfo(
+        feature=feature,
+        table=table,
+        dim=dim,
+        rows=prov.num_rows,
+        items=ws.count("items") if items is None else items,
+        failures=failures,
+        model=models,
+        revision=revisions,
+        index=index.index_type if index is not None else "-",
+        degenerate=degenerate_reason(ws, table, version),
+        untrained_input=any(is_untrained(None, p) for p in groups["params"].to_pylist()),
+    )
+
+
 def list_features(ws: Workspace) -> list[FeatureInfo]:
-    """Every extracted feature (the captions and each `feat_*` table) with its width, rows, models and coverage."""
+    """Every extracted feature (the captions and each `feat_*` table) with its width, rows, models, coverage,
+    and whether it is untrained or degenerate."""
     names = ws.table_names()
     items = ws.count("items")
     failures: dict[str, int] = {}
@@ -397,37 +500,8 @@ def list_features(ws: Workspace) -> list[FeatureInfo]:
         failures = {c["values"].as_py(): c["counts"].as_py() for c in counts}
     out = []
     for name in names:
-        if name == CAPTIONS.name:
-            feature, dim = CAPTION_FEATURE, None
-        elif name.startswith(FEATURE_PREFIX):
-            feature, dim = (
-                name.removeprefix(FEATURE_PREFIX),
-                ws.open(name).schema.field("vector").type.list_size,
-            )
-        else:
+        if name != CAPTIONS.name and not name.startswith(FEATURE_PREFIX):
             continue
-        table = ws.open(name)
-        index = next((i for i in table.list_indices() if i.columns == ["vector"]), None) if dim else None
-        prov = ws.read(name, columns=["model", "revision"])
-        # A table part-way through a model change holds rows of both; list the most common first.
-        groups = (
-            prov.group_by(["model", "revision"])
-            .aggregate([("model", "count")])
-            .sort_by([("model_count", "descending")])
-        )
-        models = ",".join(dict.fromkeys(str(m) for m in groups["model"].to_pylist())) or "-"
-        revisions = ",".join(dict.fromkeys(str(r) for r in groups["revision"].to_pylist())) or "-"
-        out.append(
-            FeatureInfo(
-                feature=feature,
-                table=name,
-                dim=dim,
-                rows=prov.num_rows,
-                items=items,
-                failures=failures.get(feature, 0),
-                model=models,
-                revision=revisions,
-                index=index.index_type if index is not None else "-",
-            )
-        )
+        feature = CAPTION_FEATURE if name == CAPTIONS.name else name.removeprefix(FEATURE_PREFIX)
+        out.append(describe_feature(ws, name, items=items, failures=failures.get(feature, 0)))
     return out

@@ -3,8 +3,12 @@
 A snapshot pins the current versions of `items` (and `users`, `interactions`), the chosen `feat_*` tables, one split
 and the graphs built on it, and copies the split's and graphs' manifests, so rebuilding a split or graph under the
 same name later changes nothing a snapshot serves. It is an `artifacts` row of kind "snapshot" whose manifest holds
-`tables: {table: version}`. Erasure may clean up the versions a snapshot pins, or flag it (`invalidate_snapshot`);
-either way reading it fails with an error that says to re-issue it, never serving forgotten data.
+`tables: {table: version}`, and per feature what a trainer should know before using it (`feature_health`: rows,
+coverage, untrained, degenerate; stores/features.py `describe_feature`). The versions of the tables that describe
+the data but are not served (item images, captions, quarantine, forget requests) are recorded as `context`, for the
+report; they are not checked when the snapshot is served. Erasure may clean up the versions a snapshot pins, or
+flag it (`invalidate_snapshot`); either way reading it fails with an error that says to re-issue it, never
+serving forgotten data.
 
     >>> create_snapshot(ws, "ml100k-v1", split="main", features=["text", "clip_image"], graphs=["main_ui_sym"])
     >>> run_sql(ws, "SELECT count(*) FROM feat_text", versions=snapshot_versions(ws, "ml100k-v1"))  # stores.sql
@@ -15,12 +19,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from stores import artifacts
-from stores.features import feature_table
+from stores.features import describe_feature, feature_table
 from stores.workspace import Workspace
 
 KIND = "snapshot"
 # Tables pinned whenever they exist: the catalogue and the raw interactions behind every split.
 BASE_TABLES = ("items", "users", "interactions")
+# Versions recorded for the report (what the snapshot's data looked like), never served to a trainer.
+CONTEXT_TABLES = ("item_images", "captions", "quarantine", "forget_requests")
 
 
 class SnapshotError(KeyError):
@@ -58,7 +64,8 @@ def _pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> 
             tables[name] = ws.version(name)
     split_table, split_version, split_info = _pin_split(ws, split)
     tables[split_table] = split_version
-    feature_rows = {}
+    feature_rows, feature_health = {}, {}
+    items = ws.count("items")
     for feature in features:
         table = feature_table(feature)
         if not ws.exists(table):
@@ -70,6 +77,13 @@ def _pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> 
             raise KeyError(f"feature {feature!r} not found (no table {table}); features are {have or 'none'}")
         tables[table] = ws.version(table)
         feature_rows[feature] = ws.count(table)
+        info = describe_feature(ws, table, tables[table], items=items)
+        feature_health[feature] = {
+            "rows": info.rows,
+            "coverage": round(info.coverage, 4),
+            "untrained": info.untrained,
+            "degenerate": info.degenerate,
+        }
     graph_infos = {}
     for graph in graphs:
         table, version, info = _pin_graph(ws, graph, split, split_version)
@@ -83,6 +97,8 @@ def _pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> 
         "split_manifest": {k: v for k, v in split_info.items() if k != "fingerprint"},
         "graph_manifests": graph_infos,
         "feature_rows": feature_rows,
+        "feature_health": feature_health,
+        "context": {t: ws.version(t) for t in CONTEXT_TABLES if t not in tables and ws.exists(t)},
         "created_at": _now(),
         "invalidated": None,
     }

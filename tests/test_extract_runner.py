@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from extractors.runner import ExtractorSpec, compose_text, run_extraction
-from stores.features import CAPTIONS, FAILURES, feature_spec, list_features
+from stores.features import CAPTIONS, FAILURES, degenerate_reason, feature_spec, list_features
 from stores.schema import ITEM_IMAGES, ITEMS
 from stores.workspace import Workspace
 
@@ -312,6 +312,74 @@ def test_features_listing_and_width_change(ws, ray_local):
         ws, "clip_image", clip_image(), source="image", engine="local", overwrite=True, progress=False
     )
     assert s.done == 4 and list_features(ws)[0].dim == 32
+
+
+def put_vectors(ws: Workspace, feature: str, vectors: np.ndarray) -> None:
+    spec = feature_spec(feature, vectors.shape[1])
+    n = len(vectors)
+    rows = {"item_id": [f"i{k:03d}" for k in range(n)],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), vectors.shape[1]),
+            "model": ["m"] * n, "revision": ["r"] * n, "params": ["{}"] * n, "input_hash": [str(k) for k in range(n)],
+            "created_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC"))}  # fmt: skip
+    ws.upsert(spec, pa.table(rows, schema=spec.schema))
+
+
+def put_captions(ws: Workspace, captions: list[str], revision: str = "r1") -> None:
+    n = len(captions)
+    rows = {"item_id": [f"i{k:03d}" for k in range(n)], "caption": captions, "model": ["m"] * n,
+            "revision": [revision] * n, "prompt": [None] * n, "params": ["{}"] * n,
+            "input_hash": [f"{revision}:{c}" for c in captions],
+            "created_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC"))}  # fmt: skip
+    ws.upsert(CAPTIONS, pa.table(rows, schema=CAPTIONS.schema))
+
+
+def test_degenerate_rule_flags_constant_features_and_only_those(ws):
+    """A feature is degenerate when its sampled vectors are all zero, all identical or nearly so (mean pairwise
+    cosine > 0.999), or its captions are (nearly) one string; random vectors and varied captions are not, and the
+    reason names what was seen on how many sampled rows."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(16)
+    cases = {
+        "random": (rng.standard_normal((600, 16)), ""),
+        "same": (np.tile(base, (600, 1)), "all 512 sampled vectors are identical"),
+        "close": (base + 1e-4 * rng.standard_normal((600, 16)), "mean pairwise cosine 1.0000 over 512"),
+        "zero": (np.zeros((5, 16)), "all 5 sampled vectors are zero"),
+        "one": (base[None, :], ""),  # a single row says nothing about spread
+    }
+    for name, (vectors, _) in cases.items():
+        put_vectors(ws, name, vectors)
+    got = {name: degenerate_reason(ws, f"feat_{name}") for name in cases}
+    for name, (_, want) in cases.items():
+        assert (want in got[name]) and (bool(want) == bool(got[name])), (name, got[name])
+    put_captions(ws, ["a red chair"] * 299 + ["a blue chair"])  # 2 strings: under 1% of 300 rows
+    assert "2 distinct caption(s) in 300 sampled rows" in degenerate_reason(ws, CAPTIONS.name)
+    put_captions(ws, [f"a chair of colour {k}" for k in range(151)])
+    assert degenerate_reason(ws, CAPTIONS.name) == ""
+
+
+def test_untrained_captions_mark_the_features_embedded_from_them(ws):
+    """`encode caption` over captions of `test:tiny-captioner` records untrained (input.untrained in params) even
+    though MiniLM is real, and a re-run skips every item; once the captions come from trained weights, the
+    re-encoded feature is neither untrained nor degenerate."""
+    from extractors.registry import caption_spec, text_spec
+
+    add_items(ws, 6, no_image={1})
+    run_extraction(ws, "caption", caption_spec("tiny-test", max_new_tokens=4), source="image", engine="local",
+                   progress=False)  # fmt: skip
+    text = text_spec(None)  # the packaged, real MiniLM
+    s = run_extraction(ws, "caption_text", text, source="caption", engine="local", progress=False)
+    assert s.done == 5 and s.provenance["revision"] != "untrained"
+    params = {json.loads(p)["input"]["untrained"] for p in ws.read("feat_caption_text")["params"].to_pylist()}
+    assert params == {True}
+    info = {i.feature: i for i in list_features(ws)}["caption_text"]
+    assert info.untrained and info.untrained_input and "identical" in info.degenerate
+    again = run_extraction(ws, "caption_text", text, source="caption", engine="local", progress=False)
+    assert (again.done, again.skipped) == (0, 5)
+
+    put_captions(ws, [f"a photo of thing number {k}" for k in range(6)], revision="trained-r1")
+    run_extraction(ws, "caption_text", text, source="caption", engine="local", progress=False)
+    info = {i.feature: i for i in list_features(ws)}["caption_text"]
+    assert not info.untrained and info.degenerate == "", info
 
 
 # ---- crash safety ----------------------------------------------------------------------------------------------

@@ -470,3 +470,109 @@ def test_hostile_values_are_escaped_everywhere_they_show():
     assert page.count(html.escape(HOSTILE)) >= 6, page.count(html.escape(HOSTILE))
     gallery = sections(page)["captions"]
     assert f"<b>{html.escape(HOSTILE)}</b>" in gallery and "could not build" not in gallery
+
+
+def add_context_rows(ws, tag: str, captions: list[str], images: list[str], quarantined: int) -> None:
+    """Captions (distinct strings), images (tiny PNGs), one forget request and `quarantined` quarantine rows."""
+    from stores.schema import ITEM_IMAGES, QUARANTINE
+
+    now = datetime.now(UTC)
+    rows = [{"item_id": i, "caption": f"{tag} caption of {i}", "model": "m", "input_hash": f"{tag}{i}",
+             "created_at": now} for i in captions]  # fmt: skip
+    if rows:
+        ws.upsert(CAPTIONS, conform(pa.Table.from_pylist(rows), CAPTIONS.schema))
+    data = []
+    for n, i in enumerate(images):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (n * 30, 10, 10)).save(buf, format="PNG")
+        data.append({"item_id": i, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "image": buf.getvalue(),
+                     "format": "PNG", "created_at": now})  # fmt: skip
+    ws.upsert(ITEM_IMAGES, conform(pa.Table.from_pylist(data), ITEM_IMAGES.schema))
+    request = {"request_id": f"fr-{tag}", "kind": "user", "reason": "r", "created_at": now, "receipt": None}
+    ws.upsert(FORGET_REQUESTS, conform(pa.Table.from_pylist([request]), FORGET_REQUESTS.schema))
+    bad = [{"quarantine_id": f"{tag}{n}", "reason": "bad_row", "created_at": now} for n in range(quarantined)]
+    if bad:
+        ws.upsert(QUARANTINE, conform(pa.Table.from_pylist(bad), QUARANTINE.schema))
+
+
+def test_snapshot_report_counts_the_captions_images_forgets_and_quarantine_it_recorded(ws, tmp_path):
+    """In snapshot mode the report counts captions, images, forget requests and quarantined rows at the versions
+    the snapshot recorded, not "no captions yet" and zeros, and not rows added after it; a snapshot that recorded
+    none of them reads the current ones and says so."""
+    from stores.snapshots import create_snapshot
+
+    graph_workspace(ws)
+    # v0: taken before any caption, image, forget request or quarantined row existed.
+    create_snapshot(ws, "v0", split="s", features=["image"])
+    add_context_rows(ws, "a", captions=list("abcdef"), images=list("abcd"), quarantined=2)
+    create_snapshot(ws, "v1", split="s", features=["image", "text"])
+    add_context_rows(ws, "b", captions=list("gh"), images=list("efgh"), quarantined=3)
+
+    d = load_report_data(ws, snapshot="v1")
+    counts = (d.captions.num_rows, len(d.image_ids), d.forget.num_rows, d.quarantined)
+    assert counts == (6, 4, 1, 2), counts
+    assert not [n for n in d.notes if "current version" in n], d.notes
+    out = tmp_path / "v1.html"
+    result = CliRunner().invoke(report, ["--snapshot", "v1", "--out", str(out)], obj={"workspace": ws.uri})
+    assert result.exit_code == 0, result.output
+    found = sections(out.read_text(encoding="utf-8"))
+    assert "no captions yet" not in found["coverage"] + found["captions"]
+    assert "<th>quarantined rows</th><td>2</td>" in found["card"], found["card"]
+    assert "fr-a" in found["forget"] and "fr-b" not in found["forget"]
+    assert "a caption of a" in found["captions"] and "b caption of" not in found["captions"]
+
+    now = load_report_data(ws)
+    assert (now.captions.num_rows, len(now.image_ids), now.forget.num_rows, now.quarantined) == (8, 8, 2, 5)
+    old = load_report_data(ws, snapshot="v0")
+    assert (old.captions.num_rows, old.forget.num_rows, old.quarantined) == (8, 2, 5)
+    assert sorted(n.split(":")[0] for n in old.notes if "current version" in n) == [
+        "captions", "forget_requests", "item_images", "quarantine"
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_constant_caption_feature_is_flagged_in_features_snapshots_and_report(ws, tmp_path):
+    """Captions of `test:tiny-captioner` are all one string, so they and the MiniLM vectors embedded from them are
+    flagged degenerate (with a reason) in `mmfeat features` (table and --json), in the snapshot's manifest and as
+    a visible warning in the report; the embedded feature is untrained although MiniLM is real, through its
+    captions. A random feature next to it is flagged nowhere."""
+    from extractors.registry import caption_spec, text_spec
+    from extractors.runner import run_extraction
+    from flows.extract_cli import features
+    from stores.snapshots import create_snapshot, show_snapshot
+
+    graph_workspace(ws)
+    add_context_rows(ws, "a", captions=[], images=list("abcdefgh"), quarantined=0)
+    cap = run_extraction(ws, "caption", caption_spec("tiny-test", max_new_tokens=4), source="image",
+                         engine="local", progress=False)  # fmt: skip
+    text = text_spec(None)  # the packaged, real MiniLM
+    enc = run_extraction(ws, "caption_text", text, source="caption", engine="local", progress=False)
+    assert cap.done == enc.done == 8
+    assert len(set(ws.read("captions", columns=["caption"])["caption"].to_pylist())) == 1
+
+    listed = CliRunner().invoke(features, ["--json"], obj={"workspace": ws.uri})
+    assert listed.exit_code == 0, listed.output
+    by_name = {f["feature"]: f for f in json.loads(listed.output[listed.output.index("[") :])}
+    assert "1 distinct caption" in by_name["caption"]["degenerate"]
+    assert "identical" in by_name["caption_text"]["degenerate"]
+    assert by_name["caption_text"]["untrained"] and by_name["caption_text"]["untrained_input"]
+    assert by_name["image"]["degenerate"] == "" and not by_name["image"]["untrained"]
+    table = CliRunner().invoke(features, [], obj={"workspace": ws.uri})
+    assert table.exit_code == 0, table.output
+    assert "warning: feature caption_text is DEGENERATE" in table.output
+    assert "UNTRAINED captions, DEGENERATE" in table.output
+
+    create_snapshot(ws, "v1", split="s", features=["image", "caption_text"])
+    health = show_snapshot(ws, "v1")["feature_health"]
+    assert health["caption_text"]["untrained"] and "identical" in health["caption_text"]["degenerate"]
+    assert health["image"] == {"rows": 8, "coverage": 1.0, "untrained": False, "degenerate": ""}
+
+    for args in ([], ["--snapshot", "v1"]):
+        out = tmp_path / f"report{len(args)}.html"
+        result = CliRunner().invoke(report, [*args, "--out", str(out)], obj={"workspace": ws.uri})
+        assert result.exit_code == 0, result.output
+        found = sections(out.read_text(encoding="utf-8"))
+        warned = re.findall(r'class="warn" data-warning="(\w+)"', found["coverage"])
+        assert warned == ["caption", "caption_text"], (args, warned)
+        assert 'data-warning="caption_text"' in found["projections"] and "untrained" in found["projections"]
+        assert 'data-warning="caption"' in found["captions"] and 'data-warning="image"' not in str(found)

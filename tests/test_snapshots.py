@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from recipes.pipeline import build_knn_graph, build_split, build_ui_graph
 from recipes.splits import SplitConfig
-from stores.features import feature_spec
+from stores.features import CAPTIONS, feature_spec
 from stores.reader import FeatureReader
 from stores.schema import INTERACTIONS, ITEMS
 from stores.snapshots import (
@@ -102,6 +102,25 @@ def tiny(tiny_template, tmp_path) -> Workspace:
     """A private copy of the tiny workspace (built once per module: building it takes seconds)."""
     shutil.copytree(tiny_template.uri, tmp_path / "ws")
     return Workspace(tmp_path / "ws")
+
+
+def test_snapshot_records_feature_health_and_context_versions(tiny):
+    """A snapshot records, per feature, rows, coverage, untrained and degenerate as they were when it was taken
+    (a later constant re-encode does not change it), and the versions of the context tables the report reads;
+    recording them does not make the snapshot serve them."""
+    health = show_snapshot(tiny, "s1")["feature_health"]
+    assert health["text"] == {"rows": 18, "coverage": 0.9, "untrained": False, "degenerate": ""}
+    assert health["image"]["coverage"] == 1.0 and health["image"]["degenerate"] == ""
+    items = [f"{i:03d}" for i in range(N_ITEMS)]
+    put_vectors(tiny, "image", items, np.ones((N_ITEMS, 4)), model="constant")
+    create_snapshot(tiny, "s2", "main", ["image"])
+    assert "identical" in show_snapshot(tiny, "s2")["feature_health"]["image"]["degenerate"]
+    assert show_snapshot(tiny, "s1")["feature_health"]["image"]["degenerate"] == ""
+    tiny.ensure(CAPTIONS)
+    create_snapshot(tiny, "s3", "main", ["image"])
+    info = show_snapshot(tiny, "s3")
+    assert info["context"] == {"captions": tiny.version("captions")}
+    assert "captions" not in snapshot_versions(tiny, "s3")
 
 
 def read_all(reader: FeatureReader) -> dict[str, bytes]:

@@ -1,6 +1,12 @@
 """What `mmfeat report` reads from a workspace: the current tables, or every table at the versions a snapshot pins.
 
-The report's only I/O; recipes/report.py renders the `ReportData` this returns. Stored graphs are found through
+In snapshot mode the tables the snapshot serves are read at their pinned versions; the tables that only describe
+the data (item images, captions, quarantine, forget requests) at the versions the snapshot recorded as `context`,
+or, where it recorded none or that version is gone, at their current version, with a note saying so. Each feature
+is checked for untrained weights and degeneracy (stores/features.py `describe_feature`), and the report shows a
+warning on those.
+
+The report's only I/O; recipes/report/render.py renders the `ReportData` this returns. Stored graphs are found through
 their manifests in `artifacts` (stores/artifacts.py): item-item kNN graphs are read as string-id edge tables,
 the others are listed by their manifests.
 
@@ -20,6 +26,7 @@ import pyarrow.compute as pc
 from recipes.report.charts import Graph, hash_rank
 from recipes.report.render import Feature, ReportConfig, ReportData, ReportError
 from stores import artifacts
+from stores.features import CAPTION_FEATURE, describe_feature
 from stores.workspace import Workspace
 
 MODALITIES = ("image", "text", "caption")
@@ -52,8 +59,9 @@ def pick_sample(items: pa.Table, has: list[set[str]], n: int) -> list[str]:
     return [str(ids[i]) for i in best]
 
 
-def _snapshot(ws: Workspace, name: str) -> tuple[dict[str, int], dict[str, dict]]:
-    """The `{table: version}` a snapshot pins and the graph manifests it copied when it was taken."""
+def _snapshot(ws: Workspace, name: str) -> tuple[dict[str, int], dict[str, dict], dict[str, int]]:
+    """The `{table: version}` a snapshot pins, the graph manifests it copied when it was taken, and the
+    `{table: version}` of the tables it recorded as context (read, not served)."""
     try:
         from stores import snapshots
     except ImportError:
@@ -62,7 +70,40 @@ def _snapshot(ws: Workspace, name: str) -> tuple[dict[str, int], dict[str, dict]
             "drop --snapshot to report the current tables"
         ) from None
     pins = snapshots.snapshot_versions(ws, name)
-    return pins, dict(snapshots.load_manifest(ws, name).get("graph_manifests") or {})
+    info = snapshots.load_manifest(ws, name)
+    return pins, dict(info.get("graph_manifests") or {}), dict(info.get("context") or {})
+
+
+# Tables the report reads in snapshot mode even when the snapshot does not serve them.
+_CONTEXT = ("item_images", "captions", "quarantine", "forget_requests")
+
+
+def _context_versions(
+    ws: Workspace, snapshot: str, pins: dict[str, int], recorded: dict[str, int], notes: list[str]
+) -> dict[str, int | None]:
+    """The version to read of each context table in snapshot mode: pinned, else recorded, else current (None),
+    each fallback noted."""
+    out: dict[str, int | None] = {}
+    for table in _CONTEXT:
+        if table in pins or not ws.exists(table):
+            continue
+        version = recorded.get(table)
+        if version is not None and version in {v["version"] for v in ws.dataset(table).versions()}:
+            out[table] = version
+            continue
+        why = "its recorded version is gone" if version is not None else "it does not record it"
+        notes.append(f"{table}: read at its current version (snapshot {snapshot!r}: {why})")
+        out[table] = None
+    return out
+
+
+def feature_warning(ws: Workspace, table: str, version: int | None, items: int) -> str:
+    """The warning the report shows on a feature ("" when none): degenerate (with the reason) and/or untrained."""
+    info = describe_feature(ws, table, version, items=items)
+    parts = [f"degenerate: {info.degenerate}"] if info.degenerate else []
+    if info.untrained:
+        parts.append("made by untrained weights" + (" (its captions)" if info.untrained_input else ""))
+    return "; ".join(parts)
 
 
 def _read_feature(name: str, ds: lance.LanceDataset, cfg: ReportConfig) -> Feature:
@@ -131,13 +172,14 @@ def load_report_data(
 ) -> ReportData:
     """Read what the report needs: current tables, or every table at the versions a snapshot pins (tables the
     snapshot does not pin read as absent). Feature vectors are read for a hash-ranked sample only."""
-    pins, pinned_graphs = _snapshot(ws, snapshot) if snapshot else (None, {})
+    pins, pinned_graphs, recorded = _snapshot(ws, snapshot) if snapshot else (None, {}, {})
     present = ws.table_names()
-    names = [n for n in present if pins is None or n in pins]
     d = ReportData(source=ws.uri, snapshot=snapshot)
+    versions = dict(pins or {}) | (_context_versions(ws, snapshot, pins, recorded, d.notes) if pins else {})
+    names = [n for n in present if pins is None or n in versions]
 
     def dataset(name: str) -> lance.LanceDataset:
-        ds = ws.dataset(name, None if pins is None else pins[name])
+        ds = ws.dataset(name, None if pins is None else versions[name])
         d.versions[name] = ds.version
         return ds
 
@@ -176,6 +218,12 @@ def load_report_data(
     for name in (n for n in names if n.startswith(artifacts.VECTOR_PREFIX)):
         feature = name.removeprefix(artifacts.VECTOR_PREFIX)
         d.features[feature] = _read_feature(feature, dataset(name), cfg)
+    n_items = d.items.num_rows if d.items is not None else 0
+    for name in (n for n in names if n == "captions" or n.startswith(artifacts.VECTOR_PREFIX)):
+        feature = CAPTION_FEATURE if name == "captions" else name.removeprefix(artifacts.VECTOR_PREFIX)
+        warning = feature_warning(ws, name, dataset(name).version, n_items)
+        if warning:
+            d.feature_warnings[feature] = warning
     # The graph manifests as the snapshot copied them (a graph rebuilt since may have other parameters).
     manifests = (
         {m["name"]: m for m in artifacts.list_artifacts(ws, "graph")} if "artifacts" in present else {}

@@ -100,6 +100,8 @@ class ReportData:
     forget: pa.Table | None = None
     quarantined: int = 0
     notes: list[str] = field(default_factory=list)
+    # feature ("caption" for the captions) -> why its values should not be trusted: degenerate, untrained
+    feature_warnings: dict[str, str] = field(default_factory=dict)
 
 
 # ---- HTML ------------------------------------------------------------------------------------------------
@@ -117,6 +119,7 @@ border-bottom:1px solid #eee;text-align:left}.grid2{display:grid;grid-template-c
 .gallery .hd{font-weight:600;border-bottom:1px solid #ddd}.gallery img{max-width:100px;border-radius:4px}
 .noimg{width:92px;height:130px;background:#eee;display:flex;align-items:center;justify-content:center;color:#888}
 pre{white-space:pre-wrap;font-size:12px;margin:4px 0}.muted{color:#777}
+.warn{background:#fdecea;border-left:4px solid #dc2626;padding:8px 12px;font-weight:600}
 """
 
 
@@ -134,7 +137,7 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
     undefined=jinja2.StrictUndefined,
 )
-# The macros of parts.html.j2 (note, muted, kv, table, items, details, gallery, grid), callable from Python.
+# The macros of parts.html.j2 (note, warning, muted, kv, table, items, details, gallery, grid), callable from Python.
 _PARTS = _ENV.get_template("parts.html.j2").module
 
 
@@ -145,6 +148,17 @@ def _when(value: object) -> object:
 def _note(text: str | Markup, hint: Markup | None = None) -> Markup:
     """A note box; `text` is escaped, `hint` (a command in <code>) is trusted markup."""
     return _PARTS.note(Markup("{}: {}").format(text, hint) if hint is not None else text)
+
+
+def _warnings(d: ReportData, features: list[str] | None = None) -> Markup:
+    """A warning box per flagged feature (all of them, or those in `features`)."""
+    return _join(
+        *(
+            _PARTS.warning(name, text)
+            for name, text in sorted(d.feature_warnings.items())
+            if features is None or name in features
+        )
+    )
 
 
 def _chart(fig: go.Figure) -> Markup:
@@ -253,7 +267,7 @@ def section_coverage(d: ReportData, cfg: ReportConfig) -> Markup:
     notes = [] if d.captions is not None else [_note("no captions yet", _CAPTION)]
     if not d.features:
         notes.append(_note("no feature tables (feat_*) yet", _ENCODE))
-    return _join(*notes, _chart(charts.fig_coverage(coverage_counts(d))))
+    return _join(*notes, _warnings(d), _chart(charts.fig_coverage(coverage_counts(d))))
 
 
 def thumbnail(data: bytes, size: int = 160) -> str | None:
@@ -302,7 +316,7 @@ def section_captions(d: ReportData, cfg: ReportConfig) -> Markup:
         if d.captions is None or d.captions.num_rows == 0
         else _chart(charts.fig_captions(d.captions))
     )
-    return _join(head, _gallery(d, cfg))
+    return _join(_warnings(d, ["caption"]), head, _gallery(d, cfg))
 
 
 def _item_lookup(d: ReportData, ids: np.ndarray) -> tuple[list[str | None], list[str]]:
@@ -335,7 +349,7 @@ def section_projections(d: ReportData, cfg: ReportConfig) -> Markup:
         coords, ratio = charts.pca_2d(vectors)
         cats, hover = _item_lookup(d, ids)
         fig = charts.fig_projection(name, coords, ratio, cats, hover, cfg.max_categories, len(feat.all_ids))
-        figs.append(_chart(fig))
+        figs.append(_join(_warnings(d, [name]), _chart(fig)))
     return _PARTS.grid(figs)
 
 
