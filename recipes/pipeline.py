@@ -221,41 +221,55 @@ def export(
     features: dict[str, str] | None = None,
     name: str | None = None,
     user_graph_k: int = 0,
+    missing: str = "mean",
 ):
-    """Export a split (and aligned features) as MMRec, RecBole or PyG; id maps are written beside the data."""
+    """Export a split (and aligned features) as MMRec, RecBole or PyG; id maps are written beside the data.
+
+    `features` maps an output name to a feature (image_feat -> clip_image); items lacking one follow `missing`
+    (stores.missing.fill_missing: mean, zero or drop) and `report.warnings` says how many. RecBole's .item and
+    .user carry the items' title and every attribute, and every user attribute."""
     from recipes import exports
 
+    if fmt not in ("mmrec", "recbole", "pyg"):
+        raise ValueError(f"format {fmt!r}; expected mmrec, recbole or pyg")
+    if fmt == "recbole" and features:
+        raise ValueError(
+            "RecBole atomic files carry no feature vectors; drop --feature or export mmrec / pyg"
+        )
     split = artifacts.load_split(ws, split_name)
     _, items = id_maps(split)
     feats = {}
-    for out_name, feature in (features or {}).items():
+    for feature in dict.fromkeys((features or {}).values()):
+        if not ws.exists(feature_table(feature)):
+            raise KeyError(f"feature {feature!r} not found; run `mmfeat encode ...` first or fix --feature")
         matrix, mask, _ = artifacts.feature_matrix(ws, feature, items)
-        feats[out_name] = (items[mask], matrix[mask])
+        feats[feature] = (items[mask], matrix[mask])
     name = name or split_name
-    if fmt in (
-        "mmrec",
-        "recbole",
-        "pyg",
-    ):  # recorded before writing: forget lists it even if this stops half-way
-        from stores.erasure.log import record_export
+    # recorded before writing: forget lists it even if this stops half-way
+    from stores.erasure.log import record_export
 
-        record_export(ws, Path(out) / f"{name}.pt" if fmt == "pyg" else out, fmt, split_name)
+    record_export(ws, Path(out) / f"{name}.pt" if fmt == "pyg" else out, fmt, split_name)
     if fmt == "mmrec":
-        user_graph = cooccur.user_cooccurrence(split, k=user_graph_k) if user_graph_k else None
+        user_graph = None
+        if user_graph_k:  # over the users that remain once --missing drop has removed items
+            kept = exports.fill_features(split, feats, features or {}, missing).split
+            user_graph = cooccur.user_cooccurrence(kept, k=user_graph_k)
         return exports.export_mmrec(
-            split, feats, out, name, feature_files={k: k for k in feats}, user_graph=user_graph
+            split, feats, out, name, feature_files=features or {}, user_graph=user_graph, missing=missing
         )
     if fmt == "recbole":
-        return exports.export_recbole(
-            split,
-            out,
-            name,
-            items=ws.read("items", columns=["item_id", "title"]),
-            users=ws.read("users", columns=["user_id"]),
+        item_table = exports.attribute_columns(
+            ws.read("items", columns=["item_id", "title", "attributes"]), "item_id", ["title"]
         )
-    if fmt == "pyg":
-        return exports.export_pyg(split, feats, Path(out) / f"{name}.pt")
-    raise ValueError(f"format {fmt!r}; expected mmrec, recbole or pyg")
+        user_table = (
+            exports.attribute_columns(ws.read("users", columns=["user_id", "attributes"]), "user_id")
+            if ws.exists("users")
+            else None
+        )
+        return exports.export_recbole(split, out, name, items=item_table, users=user_table)
+    return exports.export_pyg(
+        split, feats, Path(out) / f"{name}.pt", feature_attrs=features or {}, missing=missing
+    )
 
 
 def feature_names(ws: Workspace) -> list[str]:
