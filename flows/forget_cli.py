@@ -251,5 +251,3 @@ def unlearn_split(
         "graphs": out["graphs"],
     }
     click.echo(json.dumps(brief, indent=2, default=str))
-
-
