@@ -243,6 +243,7 @@ class ExportSpec(_Strict):
     features: dict[str, Feature] = Field(default_factory=dict)
     name: str | None = None
     user_graph_k: int = Field(0, ge=0)
+    missing: Literal["mean", "zero", "drop"] = "mean"  # items lacking a feature (stores/missing.py)
 
 
 class SnapshotSpec(_Strict):

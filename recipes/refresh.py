@@ -185,7 +185,7 @@ def export_split(ws: Workspace, cfg: PipelineConfig, index: int, force: bool = F
     name = f"export:{x.format}:{x.name or x.split}"
 
     def build() -> tuple[str, int, dict]:
-        export(ws, x.split, x.format, out, dict(x.features), x.name, x.user_graph_k)
+        export(ws, x.split, x.format, out, dict(x.features), x.name, x.user_graph_k, x.missing)
         return f"split_{x.split}", split_version, {"out": str(out)}
 
     step = Step(
