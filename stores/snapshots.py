@@ -4,7 +4,7 @@ A snapshot pins the current versions of `items` (and `users`, `interactions`), t
 and the graphs built on it, and copies the split's and graphs' manifests, so rebuilding a split or graph under the
 same name later changes nothing a snapshot serves. It is an `artifacts` row of kind "snapshot" whose manifest holds
 `tables: {table: version}`, and per feature what a trainer should know before using it (`feature_health`: rows,
-coverage, untrained, degenerate; stores/features.py `describe_feature`). The versions of the tables that describe
+missing items, coverage, untrained, degenerate; stores/features.py `describe_feature`). The versions of the tables that describe
 the data but are not served (item images, captions, quarantine, forget requests) are recorded as `context`, for the
 report; they are not checked when the snapshot is served. Erasure may clean up the versions a snapshot pins, or
 flag it (`invalidate_snapshot`); either way reading it fails with an error that says to re-issue it, never
@@ -80,6 +80,7 @@ def _pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> 
         info = describe_feature(ws, table, tables[table], items=items)
         feature_health[feature] = {
             "rows": info.rows,
+            "missing": max(items - info.rows, 0),  # items without this feature (stores/missing.py policy)
             "coverage": round(info.coverage, 4),
             "untrained": info.untrained,
             "degenerate": info.degenerate,

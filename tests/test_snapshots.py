@@ -105,12 +105,13 @@ def tiny(tiny_template, tmp_path) -> Workspace:
 
 
 def test_snapshot_records_feature_health_and_context_versions(tiny):
-    """A snapshot records, per feature, rows, coverage, untrained and degenerate as they were when it was taken
+    """A snapshot records, per feature, rows, missing items, coverage, untrained and degenerate as they were when it was taken
     (a later constant re-encode does not change it), and the versions of the context tables the report reads;
     recording them does not make the snapshot serve them."""
     health = show_snapshot(tiny, "s1")["feature_health"]
-    assert health["text"] == {"rows": 18, "coverage": 0.9, "untrained": False, "degenerate": ""}
+    assert health["text"] == {"rows": 18, "missing": 2, "coverage": 0.9, "untrained": False, "degenerate": ""}
     assert health["image"]["coverage"] == 1.0 and health["image"]["degenerate"] == ""
+    assert health["image"]["missing"] == 0
     items = [f"{i:03d}" for i in range(N_ITEMS)]
     put_vectors(tiny, "image", items, np.ones((N_ITEMS, 4)), model="constant")
     create_snapshot(tiny, "s2", "main", ["image"])
