@@ -31,6 +31,7 @@ LAZY_COMMANDS = {
     "verify-erasure": "flows.forget_cli:verify_erasure",
     "unlearn-split": "flows.forget_cli:unlearn_split",
     "run": "flows.run_cli:run",
+    "unlearn-check": "flows.unlearn_check_cli:unlearn_check",
     "serve": "flows.run_cli:serve",
     "demo": "flows.run_cli:demo",
 }
@@ -94,10 +95,10 @@ def ingest() -> None:
     """Ingest a dataset into the workspace (validated; bad rows go to the quarantine table)."""
 
 
-def _run_ingest(ctx: click.Context, src, as_json: bool) -> None:
+def _run_ingest(ctx: click.Context, src, as_json: bool, fetch=None) -> None:
     from recipes.ingest.load import ingest as do_ingest
 
-    report = do_ingest(_ws(ctx), src)
+    report = do_ingest(_ws(ctx), src, fetch)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -173,14 +174,36 @@ def ingest_recbole(ctx, directory, as_json):
 )
 @click.option("--map", "maps", multiple=True, help="Rename a column: SOURCE_COLUMN=FIELD (repeatable).")
 @click.option("--name", help="Source name recorded on every row.")
+@click.option(
+    "--image-url-column",
+    help="Items column of http(s) image URLs to download (default: a column named image_url).",
+)
+@click.option(
+    "--allow-private-network",
+    "allow_private",
+    multiple=True,
+    metavar="ADDRESS[/BITS]",
+    help="Let image downloads reach this non-public address or network (repeatable), e.g. 127.0.0.1 or "
+    "10.0.0.0/8. Link-local (169.254.169.254), multicast and unspecified addresses are never allowed.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @_source_errors
-def ingest_table(ctx, items, interactions, users, images, maps, name, as_json):
-    """Generic tables: items item_id,title,text,image; interactions user_id,item_id,timestamp[,event,value]."""
+def ingest_table(
+    ctx, items, interactions, users, images, maps, name, image_url_column, allow_private, as_json
+):
+    """Generic tables: items item_id,title,text,image|image_url; interactions user_id,item_id,timestamp[,event,value]."""
+    from extractors.fetch import FetchPolicy, parse_allow
     from recipes.ingest.sources import parse_mapping, table
 
-    _run_ingest(ctx, table(items, interactions, users, images, parse_mapping(maps), name), as_json)
+    try:
+        fetch = FetchPolicy(allow=parse_allow(allow_private))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--allow-private-network") from None
+    src = table(
+        items, interactions, users, images, parse_mapping(maps), name, image_url_column=image_url_column
+    )
+    _run_ingest(ctx, src, as_json, fetch)
 
 
 # ---- SQL ---------------------------------------------------------------------------------------------------

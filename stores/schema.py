@@ -68,10 +68,13 @@ ITEM_IMAGES = TableSpec(
             pa.field("image", pa.large_binary()),
             pa.field("source", pa.string()),
             pa.field("created_at", TIMESTAMP),
+            # The http(s) URL the bytes were downloaded from (null for local files): re-ingest skips a stored URL.
+            # Added after the first release; `recipes.ingest.load` adds it to older tables.
+            pa.field("url", pa.string()),
         ]
     ),
     key=("item_id",),
-    compare=("sha256",),
+    compare=("sha256", "url"),
 )
 
 USERS = TableSpec(

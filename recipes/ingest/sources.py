@@ -31,7 +31,7 @@ from recipes.ingest.interactions import (
 )
 from recipes.ingest.records import FileTally, RawSource, SourceError, content_hash, file_label
 
-ITEM_FIELDS = ("item_id", "title", "text", "image", "rights")
+ITEM_FIELDS = ("item_id", "title", "text", "image", "image_url", "rights")
 USER_FIELDS = ("user_id",)
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
 GENRES = [
@@ -544,10 +544,14 @@ def table(
     images: str | Path | None = None,
     mapping: dict[str, str] | None = None,
     name: str | None = None,
+    image_url_column: str | None = None,
 ) -> RawSource:
     """CSV / Parquet / JSONL tables. Items: `item_id, title, text, image` (+ `rights`; other columns become
-    attributes; `image` is a path under `images`). Interactions: `user_id, item_id, timestamp` (+ `event, value`)."""
-    mapping = mapping or {}
+    attributes; `image` is a path under `images`), or `image_url` (an http(s) URL, downloaded at ingest; another
+    column named by `image_url_column`). Interactions: `user_id, item_id, timestamp` (+ `event, value`)."""
+    mapping = dict(mapping or {})
+    if image_url_column:
+        mapping[image_url_column] = "image_url"
     items_path = Path(items)
     src = RawSource(
         name=name or f"table:{file_label(items_path.stem)}", image_root=Path(images) if images else None
@@ -561,6 +565,11 @@ def table(
     if "item_id" not in item_table.column_names:
         raise SourceError(
             f"{items_path} has no item_id column (columns: {item_table.column_names}); pass --map COLUMN=item_id"
+        )
+    if image_url_column and "image_url" not in item_table.column_names:
+        raise SourceError(
+            f"--image-url-column {image_url_column!r} is not a column of {items_path} "
+            f"(columns: {[c for c in item_table.column_names if not c.startswith('__')]})"
         )
     src.items = _with_lineage(_pack_attributes(item_table, ITEM_FIELDS), items_path.name)
     if users:

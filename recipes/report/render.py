@@ -425,6 +425,28 @@ def section_knn(d: ReportData, cfg: ReportConfig) -> Markup:
     )
 
 
+def unlearn_checks(forget: pa.Table | None) -> list[dict]:
+    """One row per forget request whose receipt holds an `unlearn_check` (recipes/unlearn_check.py): the
+    membership AUC and forget/retain recall@20 of the model trained before the forget and of the gold model."""
+    out = []
+    for r in forget.to_pylist() if forget is not None and "receipt" in forget.column_names else []:
+        try:
+            check = json.loads(r["receipt"] or "{}").get("unlearn_check")
+        except (ValueError, AttributeError):
+            continue
+        if not check:
+            continue
+        row = {"request_id": r["request_id"], "snapshot": check.get("snapshot"), "model": check.get("model")}
+        for model in ("before", "gold"):
+            m = check.get(model, {})
+            row[f"{model}_auc"] = m.get("membership_auc")
+            row[f"{model}_forget_recall"] = m.get("forget", {}).get("recall@20")
+            row[f"{model}_retain_recall"] = m.get("retain", {}).get("recall@20")
+        row["gold_at_chance"] = check.get("gold_at_chance")
+        out.append(row)
+    return out
+
+
 def section_forget(d: ReportData, cfg: ReportConfig) -> Markup:
     if d.forget is None or d.forget.num_rows == 0:
         return _PARTS.note(Markup("no forget requests: submit one with {}").format(_FORGET))
@@ -452,7 +474,55 @@ def section_forget(d: ReportData, cfg: ReportConfig) -> Markup:
             ]
         )
     table = _PARTS.table(["created", "request", "kind", "requester", "reason", "receipt"], rows)
-    return _join(_chart(charts.fig_forget(forget)), table)
+    return _join(_chart(charts.fig_forget(forget)), table, _forget_checks(forget))
+
+
+def _forget_checks(forget: pa.Table) -> Markup | str:
+    """The `mmfeat unlearn-check` results: does the model trained before the forget still remember (membership
+    AUC above 0.5), while the gold model retrained without the forgotten rows sits at chance?"""
+    checks = unlearn_checks(forget)
+    if not checks:
+        return ""
+
+    def f(x: object) -> str:
+        return f"{x:.3f}" if isinstance(x, float) else "-"
+
+    rows = [
+        [
+            c["request_id"],
+            c["snapshot"],
+            c["model"],
+            f(c["before_auc"]),
+            f(c["gold_auc"]),
+            f(c["before_forget_recall"]),
+            f(c["gold_forget_recall"]),
+            f(c["before_retain_recall"]),
+            f(c["gold_retain_recall"]),
+            "yes" if c["gold_at_chance"] else "no",
+        ]
+        for c in checks
+    ]
+    header = [
+        "request",
+        "snapshot",
+        "model",
+        "membership AUC before",
+        "AUC gold",
+        "forget R@20 before",
+        "forget R@20 gold",
+        "retain R@20 before",
+        "retain R@20 gold",
+        "gold at chance",
+    ]
+    return _join(
+        Markup("<h3>Forgetting check</h3>"),
+        _PARTS.table(header, rows),
+        _PARTS.muted(
+            "membership AUC: the model's scores of forgotten train interactions against never-seen pairs of the "
+            "same users (popularity-matched); 0.5 = the model cannot tell them apart (CURE4Rec's completeness). "
+            "gold = retrained from scratch on the retain set (MMRecUn)."
+        ),
+    )
 
 
 _BUILDERS: dict[str, Callable[[ReportData, ReportConfig], Markup]] = {

@@ -99,6 +99,23 @@ def update_request(ws: Workspace, row: dict, params: dict, receipt: dict | None 
     )
 
 
+def append_to_receipt(ws: Workspace, request_id: str, key: str, section: dict) -> dict:
+    """Add (or replace) one section `key` of a done request's receipt, keeping every other section and the params;
+    other requests' rows are not rewritten (a keyed upsert of this row). Returns the updated receipt."""
+    row = logged(ws, request_id)
+    if row is None:
+        raise KeyError(
+            f"no forget request {request_id!r} in the log; carry it out first (`mmfeat forget ...`)"
+        )
+    if row["status"] != "done":
+        raise ValueError(
+            f"forget request {request_id!r} is pending (no receipt yet); finish it with `mmfeat forget --resume`"
+        )
+    receipt = row["receipt"] | {key: section}
+    update_request(ws, row, row["params"], receipt)
+    return receipt
+
+
 def _write(ws, request_id, kind, reason, requester, created_at, params: dict, receipt: dict | None) -> None:
     row = {
         "request_id": request_id,
