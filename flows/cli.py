@@ -32,7 +32,6 @@ LAZY_COMMANDS = {
     "unlearn-split": "flows.forget_cli:unlearn_split",
     "run": "flows.run_cli:run",
     "unlearn-check": "flows.unlearn_check_cli:unlearn_check",
-    "unlearn-check": "flows.unlearn_check_cli:unlearn_check",
     "serve": "flows.run_cli:serve",
     "demo": "flows.run_cli:demo",
 }
