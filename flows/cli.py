@@ -95,10 +95,10 @@ def ingest() -> None:
     """Ingest a dataset into the workspace (validated; bad rows go to the quarantine table)."""
 
 
-def _run_ingest(ctx: click.Context, src, as_json: bool, fetch=None) -> None:
+def _run_ingest(ctx: click.Context, src, as_json: bool, fetch=None, run=None) -> None:
     from recipes.ingest.load import ingest as do_ingest
 
-    report = do_ingest(_ws(ctx), src, fetch)
+    report = (run or do_ingest)(_ws(ctx), src, fetch)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -175,6 +175,11 @@ def ingest_recbole(ctx, directory, as_json):
 @click.option("--map", "maps", multiple=True, help="Rename a column: SOURCE_COLUMN=FIELD (repeatable).")
 @click.option("--name", help="Source name recorded on every row.")
 @click.option(
+    "--image-template",
+    help="Image path under --images from the item id where the items have no image column, "
+    "e.g. '{item_id:.3}/{item_id}.jpg' (H&M); items whose file is absent get no image.",
+)
+@click.option(
     "--image-url-column",
     help="Items column of http(s) image URLs to download (default: a column named image_url).",
 )
@@ -190,10 +195,21 @@ def ingest_recbole(ctx, directory, as_json):
 @click.pass_context
 @_source_errors
 def ingest_table(
-    ctx, items, interactions, users, images, maps, name, image_url_column, allow_private, as_json
+    ctx,
+    items,
+    interactions,
+    users,
+    images,
+    maps,
+    name,
+    image_template,
+    image_url_column,
+    allow_private,
+    as_json,
 ):
     """Generic tables: items item_id,title,text,image|image_url; interactions user_id,item_id,timestamp[,event,value]."""
     from extractors.fetch import FetchPolicy, parse_allow
+    from recipes.config import has_image_file, template_images
     from recipes.ingest.sources import parse_mapping, table
 
     try:
@@ -203,7 +219,44 @@ def ingest_table(
     src = table(
         items, interactions, users, images, parse_mapping(maps), name, image_url_column=image_url_column
     )
+    if image_template:
+        src.items = template_images(src.items, image_template, images)
+    if images is not None and not has_image_file(src.items, images):
+        click.echo(
+            f"warning: --images {images} given, but no item's image column or --image-template names a file "
+            "there; pass --image-template '{item_id}.jpg' or --map COLUMN=image",
+            err=True,
+        )
     _run_ingest(ctx, src, as_json, fetch)
+
+
+@ingest.command("amazon")
+@click.argument("reviews", type=click.Path(path_type=Path))
+@click.argument("meta", type=click.Path(path_type=Path))
+@click.option("--name", help="Source name recorded on every row (default: amazon:<reviews file name>).")
+@click.option("--no-images", is_flag=True, help="Do not download the items' image URLs.")
+@click.option(
+    "--allow-private-network",
+    "allow_private",
+    multiple=True,
+    metavar="ADDRESS[/BITS]",
+    help="Let image downloads reach this non-public address or network (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@_source_errors
+def ingest_amazon_cmd(ctx, reviews, meta, name, no_images, allow_private, as_json):
+    """Amazon reviews + metadata JSON lines (2014/2018 or 2023 layout, gzipped or not): items with their image
+    URLs, derived users, ratings as interactions, review texts in the reviews table."""
+    from extractors.fetch import FetchPolicy, parse_allow
+    from recipes.ingest.amazon import amazon, ingest_amazon
+
+    try:
+        fetch = FetchPolicy(allow=parse_allow(allow_private))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--allow-private-network") from None
+    src = amazon(reviews, meta, name, images=not no_images)
+    _run_ingest(ctx, src, as_json, fetch, run=ingest_amazon)
 
 
 # ---- SQL ---------------------------------------------------------------------------------------------------

@@ -112,8 +112,20 @@ class RecBoleSource(_Strict):
     path: str
 
 
+class AmazonSource(_Strict):
+    """The Amazon review catalogues' raw files (`mmfeat ingest amazon`): a reviews and a metadata JSON-lines file,
+    2014/2018 or 2023 layout, gzipped or not. `images: false` ingests without downloading the image URLs."""
+
+    kind: Literal["amazon"]
+    name: Name = "amazon"
+    reviews: str
+    meta: str
+    images: bool = True
+
+
 Source = Annotated[
-    DemoSource | TableSource | MovieLensSource | MMRecSource | RecBoleSource, Field(discriminator="kind")
+    DemoSource | TableSource | MovieLensSource | MMRecSource | RecBoleSource | AmazonSource,
+    Field(discriminator="kind"),
 ]
 
 
@@ -335,6 +347,8 @@ class PipelineConfig(_Strict):
     run: RunSettings = Field(default_factory=RunSettings)
     _base: Path = PrivateAttr(default_factory=Path.cwd)
     _file: Path | None = PrivateAttr(default=None)
+    # each expanded string -> the ${VAR} text it came from, so a missing path names its variable
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> PipelineConfig:
@@ -396,6 +410,32 @@ class PipelineConfig(_Strict):
             return None
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self._base / p).resolve()
+
+    def input_path(self, value: str | None, what: str) -> Path | None:
+        """`path(value)`, which must exist: a missing one is a one-line `SourceError` naming the environment
+        variable the path came from (`MMFEAT_HM is not set ...; export MMFEAT_HM=...`) or the config file to fix."""
+        from recipes.ingest.records import SourceError
+
+        path = self.path(value)
+        if path is None or path.exists():
+            return path
+        raw = self._origins.get(value or "", "")
+        names = [m.group(1) for m in _ENV.finditer(raw)]
+        where = self._file or "the config"
+        if not names:
+            raise SourceError(
+                f"{what} {path} not found; fix the path in {where} (relative paths resolve against {self._base})"
+            )
+        var = names[0]
+        if os.environ.get(var):
+            raise SourceError(
+                f"{what} {path} not found: {var}={os.environ[var]!r} does not hold it; "
+                f"point {var} at the folder that does"
+            )
+        raise SourceError(
+            f"{what} {path} not found: {var} is not set, so the default of {raw!r} in {where} was used; "
+            f"export {var}=/path/to/the/data"
+        )
 
     def snapshot_features(self) -> list[str]:
         if self.snapshot and self.snapshot.features is not None:
@@ -515,11 +555,34 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(
             f"config file {path} not found; pass a YAML path or a shipped config name ({shipped})"
         )
+    text = file.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(expand_env(file.read_text(encoding="utf-8")))
+        data = yaml.safe_load(expand_env(text))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    return parse_config(data, base_dir=file.resolve().parent, label=str(file), file=file.resolve())
+    cfg = parse_config(data, base_dir=file.resolve().parent, label=str(file), file=file.resolve())
+    cfg._origins = _env_origins(text)
+    return cfg
+
+
+def _env_origins(text: str) -> dict[str, str]:
+    """Each string value of the YAML that uses ${VAR}, expanded -> as written, so that a missing input path can
+    name the variable it came from."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, str] = {}
+    stack = [raw]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and _ENV.search(node):
+            out[expand_env(node)] = node
+    return out
 
 
 def parse_config(
@@ -666,6 +729,8 @@ def source_files(cfg: PipelineConfig, spec: Any, workspace_uri: str) -> list[Pat
         roots = [cfg.path(p) for p in (spec.items, spec.interactions, spec.users, spec.images) if p]
     elif isinstance(spec, MovieLensSource):
         roots = [cfg.path(p) for p in (spec.path, spec.items_csv, spec.posters) if p]
+    elif isinstance(spec, AmazonSource):
+        roots = [cfg.path(spec.reviews), cfg.path(spec.meta)]
     else:
         roots = [cfg.path(spec.path)]
     files: list[Path] = []
@@ -686,23 +751,36 @@ def open_source(cfg: PipelineConfig, spec: Any, workspace_uri: str):
         )
     elif isinstance(spec, TableSource):
         src = sources.table(
-            cfg.path(spec.items),
-            cfg.path(spec.interactions),
-            cfg.path(spec.users),
-            cfg.path(spec.images),
+            cfg.input_path(spec.items, "items file"),
+            cfg.input_path(spec.interactions, "interactions file"),
+            cfg.input_path(spec.users, "users file"),
+            cfg.input_path(spec.images, "images folder"),
             dict(spec.map),
             spec.name,
         )
         if spec.image_template:
-            src.items = _template_images(src.items, spec.image_template, cfg.path(spec.images))
+            src.items = template_images(src.items, spec.image_template, cfg.path(spec.images))
         if spec.event:
             src.default_event = spec.event
     elif isinstance(spec, MovieLensSource):
-        src = sources.movielens(cfg.path(spec.path), cfg.path(spec.items_csv), cfg.path(spec.posters))
+        src = sources.movielens(
+            cfg.input_path(spec.path, "MovieLens folder"),
+            cfg.input_path(spec.items_csv, "items CSV"),
+            cfg.input_path(spec.posters, "posters folder"),
+        )
     elif isinstance(spec, MMRecSource):
-        src = sources.mmrec(cfg.path(spec.path))
+        src = sources.mmrec(cfg.input_path(spec.path, "MMRec folder"))
+    elif isinstance(spec, AmazonSource):
+        from recipes.ingest.amazon import amazon
+
+        src = amazon(
+            cfg.input_path(spec.reviews, "Amazon reviews file"),
+            cfg.input_path(spec.meta, "Amazon metadata file"),
+            spec.name,
+            images=spec.images,
+        )
     else:
-        src = sources.recbole(cfg.path(spec.path))
+        src = sources.recbole(cfg.input_path(spec.path, "RecBole folder"))
     return src
 
 
@@ -728,8 +806,9 @@ def ensure_demo_catalog(root: Path, spec: DemoSource) -> Path:
     return root
 
 
-def _template_images(items, template: str, root: Path | None):
-    """Add an `image` column from `template` formatted with the row's item_id, where that file exists."""
+def template_images(items, template: str, root: Path | None):
+    """Add an `image` column from `template` formatted with the row's item_id, where that file exists
+    (`ingest table --image-template` and a table source's `image_template`)."""
     import pyarrow as pa
 
     if items is None or "image" in items.column_names:
@@ -737,6 +816,28 @@ def _template_images(items, template: str, root: Path | None):
     paths = []
     for raw in items["item_id"].to_pylist():
         item_id = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
-        rel = template.format(item_id=item_id.strip())
+        try:
+            rel = template.format(item_id=item_id.strip())
+        except (KeyError, IndexError, ValueError) as exc:
+            from recipes.ingest.records import SourceError
+
+            raise SourceError(
+                f"image template {template!r} does not format ({type(exc).__name__}: {exc}); use only "
+                "{item_id}, e.g. '{item_id:.3}/{item_id}.jpg'"
+            ) from None
         paths.append(rel if root is not None and (root / rel).is_file() else None)
     return items.append_column("image", pa.array(paths, pa.string()))
+
+
+def has_image_file(items, root: Path | None) -> bool:
+    """Whether any item's `image` path names a file under `root` (what `ingest table --images` warns about)."""
+    if items is None or root is None or "image" not in items.column_names:
+        return False
+    for raw in items["image"].to_pylist():
+        rel = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        try:
+            if rel and rel.strip() and (root / rel.strip()).is_file():
+                return True
+        except (OSError, ValueError):  # a name the OS refuses (too long, NUL): the ingest quarantines it
+            continue
+    return False

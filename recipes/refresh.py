@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.config import (
+    AmazonSource,
     CooccurGraph,
     DemoSource,
     HyperGraph,
@@ -69,6 +70,9 @@ def ingest_source(ws: Workspace, cfg: PipelineConfig, source: str, force: bool =
             f"source {source!r}: {[str(p) for p in files if not p.exists()]} not found; fix its paths"
         )
     out: dict[str, Any] = {"source": source}
+
+    if isinstance(spec, AmazonSource):  # ingest, then the review texts of the stored interactions
+        from recipes.ingest.amazon import ingest_amazon as ingest
 
     def build() -> tuple[str, int, dict]:
         report = ingest(ws, _open(cfg, spec, ws))

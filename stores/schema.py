@@ -110,6 +110,26 @@ INTERACTIONS = TableSpec(
     compare=("value",),
 )
 
+# Review texts of interactions (the Amazon source: summary/title and text), keyed like `interactions` so each
+# review names the interaction it belongs to; written only for interactions that were stored.
+REVIEWS = TableSpec(
+    "reviews",
+    pa.schema(
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("timestamp", EVENT_TIME, nullable=False),
+            pa.field("event", pa.string(), nullable=False),
+            pa.field("seq", pa.int32(), nullable=False),
+            pa.field("title", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("source", pa.string()),
+        ]
+    ),
+    key=("user_id", "item_id", "timestamp", "event", "seq"),
+    compare=("title", "text"),
+)
+
 QUARANTINE = TableSpec(
     "quarantine",
     pa.schema(
@@ -189,5 +209,6 @@ ARTIFACTS = TableSpec(
 )
 
 CORE_TABLES: dict[str, TableSpec] = {
-    spec.name: spec for spec in (ITEMS, ITEM_IMAGES, USERS, INTERACTIONS, QUARANTINE, DENY_LIST, ARTIFACTS)
+    spec.name: spec
+    for spec in (ITEMS, ITEM_IMAGES, USERS, INTERACTIONS, REVIEWS, QUARANTINE, DENY_LIST, ARTIFACTS)
 }

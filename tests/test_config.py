@@ -206,36 +206,96 @@ def test_hm_fashion_config_ingests_hm_layout(tmp_path, monkeypatch, ws):
     assert ws.count("quarantine") == 0
 
 
-def test_amazon_mmrec_config_ingests_mmrec_layout(tmp_path, monkeypatch, ws):
-    """amazon_mmrec.yaml on an MMRec-style folder: the .inter TSV (x_label ignored) and items.jsonl with text
-    and images map onto items, item_images and interactions with MMRec's ids."""
+def test_amazon_mmrec_config_ingests_raw_amazon_files(tmp_path, monkeypatch, ws):
+    """amazon_mmrec.yaml is a source of kind amazon over the raw files in $MMFEAT_AMAZON: reviews and metadata
+    (2014/2018 layout, gzipped JSON lines) become items, derived users, review interactions and review texts."""
+    import gzip
+
+    from recipes.refresh import ingest_source
+
     root = tmp_path / "baby"
     root.mkdir()
-    with open(root / "items.jsonl", "w") as fh:
+    with gzip.open(root / "meta_Baby.json.gz", "wt") as fh:
         for i in range(3):
-            fh.write(
-                json.dumps(
-                    {
-                        "itemID": str(i),
-                        "title": f"Baby item {i}",
-                        "description": f"Soft thing {i}.",
-                        "image": f"{i}.jpg",
-                        "asin": f"B00{i}",
-                    }
-                )
-                + "\n"
-            )
-            _jpeg(root / "images" / f"{i}.jpg", (40 * i, 80, 120))
-    with open(root / "baby.inter", "w") as fh:
-        fh.write("userID\titemID\trating\ttimestamp\tx_label\n")
-        fh.writelines(
-            f"{u}\t{i}\t5.0\t{1400000000 + 60 * (u * 3 + i)}\t0\n" for u in range(2) for i in range(3)
-        )
+            meta = {"asin": f"B00{i}", "title": f"Baby item {i}", "description": [f"Soft thing {i}."]}
+            fh.write(json.dumps(meta | {"categories": [["Baby"]]}) + "\n")
+    with gzip.open(root / "reviews_Baby_5.json.gz", "wt") as fh:
+        for u in range(2):
+            for i in range(3):
+                review = {"reviewerID": f"A{u}", "asin": f"B00{i}", "overall": 5.0, "reviewText": "nice"}
+                fh.write(json.dumps(review | {"unixReviewTime": 1400000000 + 60 * (u * 3 + i)}) + "\n")
     monkeypatch.setenv("MMFEAT_AMAZON", str(root))
     cfg = load_config("amazon_mmrec")
-    report = ingest(ws, open_source(cfg, cfg.sources[0], ws.uri))
-    assert report.balanced and ws.count("quarantine") == 0
+    assert cfg.sources[0].kind == "amazon"
+    out = ingest_source(ws, cfg, cfg.sources[0].name)
+    assert ws.count("quarantine") == 0 and out["by_table"]["reviews"] == 6
     items = {r["item_id"]: r for r in ws.read("items").to_pylist()}
-    assert items["1"]["text"] == "Soft thing 1." and json.loads(items["1"]["attributes"])["asin"] == "B001"
-    assert ws.count("item_images") == 3 and ws.count("interactions") == 6
+    assert items["B001"]["text"] == "Soft thing 1." and json.loads(items["B001"]["attributes"]) == {
+        "categories": [["Baby"]]
+    }
+    assert ws.count("users") == 2 and ws.count("interactions") == 6
     assert {r["event"] for r in ws.read("interactions").to_pylist()} == {"review"}
+
+
+def test_missing_data_path_names_its_variable(tmp_path, monkeypatch):
+    """A shipped config whose data is absent fails with one line naming the variable (MMFEAT_HM): unset, it says
+    the default was used and how to set it; set to a folder without the files, it names the value."""
+    from recipes.ingest.records import SourceError
+
+    monkeypatch.delenv("MMFEAT_HM", raising=False)
+    cfg = load_config("hm_fashion")
+    with pytest.raises(SourceError) as err:
+        open_source(cfg, cfg.sources[0], str(tmp_path / "ws"))
+    msg = str(err.value)
+    assert "\n" not in msg and "MMFEAT_HM is not set" in msg and "export MMFEAT_HM=" in msg, msg
+    monkeypatch.setenv("MMFEAT_HM", str(tmp_path / "nothing"))
+    cfg = load_config("hm_fashion")
+    with pytest.raises(SourceError, match=r"articles\.csv not found: MMFEAT_HM='.*nothing' does not hold it"):
+        open_source(cfg, cfg.sources[0], str(tmp_path / "ws"))
+    (tmp_path / "cfg.yaml").write_text(
+        "# Run: mmfeat run cfg.yaml\nname: t\nsources:\n  - {kind: mmrec, path: data/baby}\n"
+    )
+    plain = load_config(tmp_path / "cfg.yaml")
+    with pytest.raises(SourceError, match=rf"{tmp_path / 'data' / 'baby'} not found; fix the path in"):
+        open_source(plain, plain.sources[0], str(tmp_path / "ws"))
+
+
+@pytest.mark.slow  # starts Prefect's temporary server (about 20 s)
+def test_mmfeat_run_missing_path_is_one_line(tmp_path, monkeypatch):
+    """`mmfeat run hm_fashion` without its data prints one `Error:` line naming MMFEAT_HM, no traceback."""
+    from click.testing import CliRunner
+
+    from flows.cli import cli
+
+    monkeypatch.delenv("MMFEAT_HM", raising=False)
+    result = CliRunner().invoke(cli, ["--workspace", str(tmp_path / "ws"), "run", "hm_fashion"])
+    assert result.exit_code != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "MMFEAT_HM" in errors[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_ingest_table_image_template_and_warning(tmp_path):
+    """`ingest table --image-template` finds images from the item id (H&M's `{item_id:.3}/{item_id}.jpg`); with
+    --images but neither an image column nor a template that matches a file, one warning line says so."""
+    from click.testing import CliRunner
+
+    from flows.cli import cli
+
+    (tmp_path / "items.csv").write_text("article_id,prod_name\n0108775015,Strap top\n0110065001,T-shirt\n")
+    _jpeg(tmp_path / "images" / "010" / "0108775015.jpg", (10, 20, 30))
+    base = ["ingest", "table", "--items", str(tmp_path / "items.csv"), "--images", str(tmp_path / "images")]
+    base += ["--map", "article_id=item_id", "--json"]
+    ok = CliRunner().invoke(
+        cli, ["--workspace", str(tmp_path / "ws"), *base, "--image-template", "{item_id:.3}/{item_id}.jpg"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["tables"]["item_images"]["inserted"] == 1 and "warning" not in ok.stderr
+    bare = CliRunner().invoke(cli, ["--workspace", str(tmp_path / "ws2"), *base])
+    assert bare.exit_code == 0, bare.output
+    warnings = [line for line in bare.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--image-template" in warnings[0], bare.stderr
+    bad = CliRunner().invoke(
+        cli, ["--workspace", str(tmp_path / "ws3"), *base, "--image-template", "{sku}.jpg"]
+    )
+    assert bad.exit_code != 0 and "{sku}.jpg" in bad.stderr and "Traceback" not in bad.output
