@@ -94,7 +94,7 @@ def test_check_carries_out_the_forget_and_appends_to_its_receipt(tmp_path):
     """Given a request not yet carried out, the check trains before, forgets, trains the gold and appends
     `unlearn_check` to the receipt, every other receipt section unchanged; the gold model never saw the forgotten
     users, so its forget-set recall is below the model's trained before; the snapshot, now erased, can no longer
-    serve a check, and a pending request cannot take a section."""
+    serve a check (`mmfeat unlearn-check` says to re-issue it), and an unknown request cannot take a section."""
     ws = Workspace(tmp_path / "ws")
     _tiny_workspace(ws)
     req = ForgetRequest("r-check", "user", users=("u00", "u01"))
@@ -109,6 +109,14 @@ def test_check_carries_out_the_forget_and_appends_to_its_receipt(tmp_path):
     assert section["gold"]["forget"]["recall@10"] < section["before"]["forget"]["recall@10"]
     with pytest.raises(SnapshotError, match="re-issue|reissue"):
         unlearn_check(ws, "s1", "r-check", CheckConfig(epochs=1, dim=8))
+    from click.testing import CliRunner
+
+    from flows.cli import cli
+
+    out = CliRunner().invoke(
+        cli, ["--workspace", str(ws.uri), "unlearn-check", "--snapshot", "s1", "--request", "r-check"]
+    )
+    assert out.exit_code != 0 and "snapshot reissue s1" in out.output, out.output
     append_to_receipt(ws, "r-check", "note", {"a": 1})
     again = logged(ws, "r-check")["receipt"]
     assert again["note"] == {"a": 1} and again["unlearn_check"] == receipt["unlearn_check"]
