@@ -565,7 +565,7 @@ def test_constant_caption_feature_is_flagged_in_features_snapshots_and_report(ws
     create_snapshot(ws, "v1", split="s", features=["image", "caption_text"])
     health = show_snapshot(ws, "v1")["feature_health"]
     assert health["caption_text"]["untrained"] and "identical" in health["caption_text"]["degenerate"]
-    assert health["image"] == {"rows": 8, "coverage": 1.0, "untrained": False, "degenerate": ""}
+    assert health["image"] == {"rows": 8, "missing": 0, "coverage": 1.0, "untrained": False, "degenerate": ""}
 
     for args in ([], ["--snapshot", "v1"]):
         out = tmp_path / f"report{len(args)}.html"
