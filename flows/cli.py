@@ -23,6 +23,7 @@ LAZY_COMMANDS = {
     "features": "flows.extract_cli:features",
     "split": "flows.recipes_cli:split",
     "graph": "flows.recipes_cli:graph",
+    "semantic-ids": "flows.semantic_cli:semantic_ids",
     "export": "flows.recipes_cli:export",
     "snapshot": "flows.snapshot_cli:snapshot",
     "train-example": "flows.snapshot_cli:train_example",

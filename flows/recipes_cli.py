@@ -159,9 +159,13 @@ def graph_hyper(ctx, split_name, kind, knn_graphs, name):
     show_default=True,
     help="Items without a feature: the mean vector (MMRec's convention), zeros, or drop them and their rows.",
 )
+@click.option(
+    "--semantic-ids",
+    help="Also write this semantic-ID artifact (mmfeat semantic-ids): MMRec semantic_ids.tsv, RecBole sid column.",
+)
 @click.pass_context
 @_errors
-def export(ctx, fmt, split_name, out, features, name, user_graph_k, missing):
+def export(ctx, fmt, split_name, out, features, name, user_graph_k, missing, semantic_ids):
     """Export a split to MMRec, RecBole or PyG format (id maps saved beside it)."""
     from recipes.pipeline import export as do_export
 
@@ -173,7 +177,7 @@ def export(ctx, fmt, split_name, out, features, name, user_graph_k, missing):
                 f"--feature {pair!r}: write OUT_NAME=FEATURE, e.g. image_feat=clip_image"
             )
         mapping[out_name] = feature
-    report = do_export(_ws(ctx), split_name, fmt, out, mapping, name, user_graph_k, missing)
+    report = do_export(_ws(ctx), split_name, fmt, out, mapping, name, user_graph_k, missing, semantic_ids)
     for line in report.warnings:
         click.echo(f"warning: {line}", err=True)
     written = ", ".join(sorted(p.name for p in report.files.values()))

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from stores.artifacts import semantic_id_matrix
 from stores.ids import id_maps, index_ids, seconds
 from stores.missing import FILL_CHOICES, fill_missing, present_rows
 
@@ -220,6 +221,31 @@ def _contiguous(split: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     return users, items, u, i, order
 
 
+SEMANTIC_IDS_FILE = "semantic_ids.tsv"
+
+
+def semantic_id_tokens(row: np.ndarray) -> list[str] | None:
+    """One item's semantic ID as RecBole tokens, distinct per level: [l1_12, l2_5, l3_200, s_0]; None if none."""
+    if row[0] < 0:
+        return None
+    return [f"l{level + 1}_{code}" for level, code in enumerate(row[:-1])] + [f"s_{row[-1]}"]
+
+
+def _write_semantic_ids(
+    out: Path, semantic_ids: pa.Table, items: np.ndarray, files: dict[str, Path], missing: dict
+) -> None:
+    """`semantic_ids.tsv` (itemID, item_id, sid_1..sid_L, sid_suffix) over the export's contiguous item ids;
+    items without codes are left out and listed in `missing_semantic_ids.txt`."""
+    codes, mask = semantic_id_matrix(semantic_ids, items)
+    kept = np.flatnonzero(mask)
+    columns = {"itemID": pa.array(kept), "item_id": pa.array(items[kept], pa.string())}
+    for level in range(codes.shape[1] - 1):
+        columns[f"sid_{level + 1}"] = pa.array(codes[kept, level])
+    columns["sid_suffix"] = pa.array(codes[kept, -1])
+    files["semantic_ids"] = _write_tsv(pa.table(columns), out / SEMANTIC_IDS_FILE)
+    missing["semantic_ids"] = items[~mask]
+
+
 def export_mmrec(
     split: pa.Table,
     features: Features,
@@ -229,6 +255,7 @@ def export_mmrec(
     feature_files: Mapping[str, str] | None = None,
     user_graph: pa.Table | None = None,
     missing: str = "mean",
+    semantic_ids: pa.Table | None = None,
 ) -> ExportReport:
     """Write an MMRec dataset folder: `<name>.inter`, feature .npy files, id maps, optional DualGNN graph.
 
@@ -247,6 +274,8 @@ def export_mmrec(
       MMRec's preprocessing writes them.
     - `<name>.yaml`: the MMRec dataset config naming these files (copy it to src/configs/dataset/); a
       feature file it did not write is named as '' (MMRec then loads none, as for an absent file).
+    - semantic_ids (a semantic-ID table: item_id, codes, suffix): `semantic_ids.tsv` over the contiguous item ids;
+      items without codes go to `missing_semantic_ids.txt`.
     """
     _require_split(split)
     out = Path(out_dir)
@@ -269,6 +298,8 @@ def export_mmrec(
     files = {"inter": _write_tsv(inter, out / f"{name}.inter")}
     for stem, rows in filled.rows.items():
         files[stem] = _save_npy(rows, out / f"{stem}.npy")
+    if semantic_ids is not None:
+        _write_semantic_ids(out, semantic_ids, items, files, filled.missing)
     _write_missing_lists(out, filled.missing, files)
     if user_graph is not None:
         files["user_graph"] = _save_npy(user_graph_dict(user_graph, len(users)), out / "user_graph_dict.npy")
@@ -418,6 +449,7 @@ def export_recbole(
     items: pa.Table | None = None,
     users: pa.Table | None = None,
     benchmark: bool = True,
+    semantic_ids: pa.Table | None = None,
 ) -> ExportReport:
     """Write RecBole atomic files: `<name>.inter` (all rows) and, with benchmark=True, the split as
     `<name>.train.inter`, `<name>.valid.inter`, `<name>.test.inter` (RecBole's `benchmark_filename:
@@ -427,6 +459,8 @@ def export_recbole(
 
     Ids stay the original strings (`user_id:token`, `item_id:token`): RecBole re-maps tokens itself.
     Columns: `user_id:token item_id:token rating:float timestamp:float` (rating empty where value is null).
+    With `semantic_ids` (item_id, codes, suffix), the .item file gets `sid:token_seq`: one token per level and
+    the suffix (`l1_12 l2_5 l3_200 s_0`), empty for an item without codes.
     """
     _require_split(split)
     out = Path(out_dir)
@@ -444,6 +478,11 @@ def export_recbole(
         }
     )
     files = {"inter": _write_tsv(inter, out / f"{name}.inter")}
+    if semantic_ids is not None:
+        items = items if items is not None else pa.table({"item_id": pa.array(all_items, pa.string())})
+        codes, _ = semantic_id_matrix(semantic_ids, items["item_id"].to_numpy(zero_copy_only=False))
+        tokens = pa.array([semantic_id_tokens(row) for row in codes], pa.list_(pa.string()))
+        items = items.append_column("sid", tokens).replace_schema_metadata(items.schema.metadata)
     if benchmark:
         label = split["label"].combine_chunks().take(take).to_numpy(zero_copy_only=False)
         for value_, part in LABEL_NAMES.items():

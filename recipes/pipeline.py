@@ -10,9 +10,11 @@ parameters (what `refresh` relies on).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
@@ -21,10 +23,11 @@ from recipes.graphs import cooccur, hypergraph
 from recipes.graphs import knn as knn_graph
 from recipes.graphs import user_item as ui_graph
 from recipes.graphs.user_item import edges_to_csr
+from recipes.semantic_ids import SemanticIdConfig, fuse_vectors, rq_kmeans
 from stores import artifacts
 from stores.features import feature_table
 from stores.ids import id_maps
-from stores.missing import POLICY_VERSION, missing_counts, present_rows
+from stores.missing import POLICY_VERSION, fill_missing, missing_counts, present_rows
 from stores.steps import Step, run_step
 from stores.workspace import Workspace
 
@@ -213,6 +216,84 @@ def build_hypergraph(
     return graph_step(ws, name or f"{split_name}_hyper_{kind}", inputs, params, kind, build, force=force)
 
 
+SEMANTIC_MISSING = ("mean", "drop")
+
+
+def semantic_id_table(name: str) -> str:
+    """The table of semantic-ID artifact `name`."""
+    return f"semantic_ids_{name}"
+
+
+def build_semantic_ids(
+    ws: Workspace,
+    name: str,
+    features: list[str],
+    cfg: SemanticIdConfig,
+    weights: list[float] | None = None,
+    missing: str = "mean",
+    force: bool = False,
+) -> dict:
+    """Semantic IDs of the catalogue's items from `features` (recipes/semantic_ids.py), stored as table
+    `semantic_ids_<name>` (item_id, codes [levels], suffix) with a manifest of kind "semantic_ids" that pins the
+    features' content hashes: a re-run over unchanged features is skipped and keeps its codes and version.
+
+    Missing-modality policy: an item with none of the features gets no codes (the manifest counts it; exports
+    list it). With several features, an item lacking some has those blocks filled with the mean of the items that
+    have them ("mean", stores.missing.fill_missing) or gets no codes ("drop")."""
+    if missing not in SEMANTIC_MISSING:
+        raise ValueError(f"missing={missing!r}; expected one of {', '.join(SEMANTIC_MISSING)}")
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(f"semantic-ID name {name!r} is not allowed; use letters, digits, '_' or '-'")
+    weights = weights or [1.0 / len(features)] * len(features)
+    if len(weights) != len(features):
+        raise ValueError(f"{len(features)} features but {len(weights)} weights; give one weight per feature")
+    if not ws.exists("items"):
+        raise KeyError("the workspace has no items yet; run `mmfeat ingest ...` first")
+    column = ws.read("items", columns=["item_id"])["item_id"]
+    items = np.sort(np.asarray(column.to_pylist(), dtype=object))
+    mats, masks, provenance = {}, {}, {}
+    for feature in features:  # the vectors' content hash is an input: read them before deciding to skip
+        if not ws.exists(feature_table(feature)):
+            raise KeyError(
+                f"feature {feature!r} not found (table {feature_table(feature)}); run `mmfeat encode ...`"
+            )
+        mats[feature], mask, provenance[feature] = artifacts.feature_matrix(ws, feature, items)
+        masks[feature] = present_rows(mats[feature], mask)
+    counts = missing_counts(masks)
+    inputs = {
+        "items_hash": hashlib.sha256("\n".join(items).encode()).hexdigest(),
+        "features": {
+            f: {"version": p["version"], "content_hash": p["content_hash"]} for f, p in provenance.items()
+        },
+    }
+    params = dataclasses.asdict(cfg) | {
+        "features": features,
+        "weights": weights,
+        "missing": missing,
+        "missing_policy": POLICY_VERSION,
+    }
+
+    def build() -> tuple[str, int, dict]:
+        have = np.stack([masks[f] for f in features], 1)
+        coded = have.all(1) if missing == "drop" else have.any(1)
+        blocks = [fill_missing(mats[f], masks[f], "mean")[0][coded] for f in features]
+        sid = rq_kmeans(fuse_vectors(blocks, weights), cfg)
+        data = pa.table(
+            {
+                "item_id": pa.array(items[coded], pa.string()),
+                "codes": pa.FixedSizeListArray.from_arrays(
+                    pa.array(sid.codes.ravel(), pa.int32()), cfg.levels
+                ),
+                "suffix": pa.array(sid.suffix, pa.int32()),
+            }
+        )
+        table = semantic_id_table(name)
+        body = {"metrics": sid.metrics, "missing": counts, "uncoded_items": int((~coded).sum())}
+        return table, artifacts.write_table(ws, table, data), body
+
+    return run_step(ws, Step("semantic_ids", name, inputs, params, build), force)
+
+
 def export(
     ws: Workspace,
     split_name: str,
@@ -222,12 +303,14 @@ def export(
     name: str | None = None,
     user_graph_k: int = 0,
     missing: str = "mean",
+    semantic_ids: str | None = None,
 ):
     """Export a split (and aligned features) as MMRec, RecBole or PyG; id maps are written beside the data.
 
     `features` maps an output name to a feature (image_feat -> clip_image); items lacking one follow `missing`
     (stores.missing.fill_missing: mean, zero or drop) and `report.warnings` says how many. RecBole's .item and
-    .user carry the items' title and every attribute, and every user attribute."""
+    .user carry the items' title and every attribute, and every user attribute. `semantic_ids` names a
+    semantic-ID artifact (`build_semantic_ids`) written alongside: MMRec `semantic_ids.tsv`, RecBole `sid:token_seq`."""
     from recipes import exports
 
     if fmt not in ("mmrec", "recbole", "pyg"):
@@ -245,6 +328,9 @@ def export(
         matrix, mask, _ = artifacts.feature_matrix(ws, feature, items)
         feats[feature] = (items[mask], matrix[mask])
     name = name or split_name
+    if semantic_ids is not None and fmt == "pyg":
+        raise ValueError("--semantic-ids is written by the mmrec and recbole exports; drop it for pyg")
+    sids = artifacts.load_semantic_ids(ws, semantic_ids) if semantic_ids is not None else None
     # recorded before writing: forget lists it even if this stops half-way
     from stores.erasure.log import record_export
 
@@ -255,7 +341,14 @@ def export(
             kept = exports.fill_features(split, feats, features or {}, missing).split
             user_graph = cooccur.user_cooccurrence(kept, k=user_graph_k)
         return exports.export_mmrec(
-            split, feats, out, name, feature_files=features or {}, user_graph=user_graph, missing=missing
+            split,
+            feats,
+            out,
+            name,
+            feature_files=features or {},
+            user_graph=user_graph,
+            missing=missing,
+            semantic_ids=sids,
         )
     if fmt == "recbole":
         item_table = exports.attribute_columns(
@@ -266,7 +359,7 @@ def export(
             if ws.exists("users")
             else None
         )
-        return exports.export_recbole(split, out, name, items=item_table, users=user_table)
+        return exports.export_recbole(split, out, name, items=item_table, users=user_table, semantic_ids=sids)
     return exports.export_pyg(
         split, feats, Path(out) / f"{name}.pt", feature_attrs=features or {}, missing=missing
     )
@@ -282,6 +375,7 @@ __all__ = [
     "build_cooccur_graph",
     "build_hypergraph",
     "build_knn_graph",
+    "build_semantic_ids",
     "build_split",
     "build_ui_graph",
     "export",

@@ -245,6 +245,32 @@ def _index_kind(edges: pa.Table, side: str, users: np.ndarray, items: np.ndarray
     return np.where(is_user, u, len(users) + np.nan_to_num(i, nan=0)).astype(np.int64)
 
 
+# ---- semantic IDs ------------------------------------------------------------------------------------------
+
+
+def load_semantic_ids(ws: Workspace, name: str) -> pa.Table:
+    """Semantic-ID artifact `name` (item_id, codes [levels], suffix) at the version its manifest pins. When
+    erasure has purged that version, the latest is read: erasure only deletes forgotten items' rows from it, and
+    a rebuild would have re-pinned the manifest."""
+    info = manifest(ws, "semantic_ids", name)
+    kept = {v["version"] for v in ws.dataset(info["table"]).versions()}
+    version = info["table_version"] if info["table_version"] in kept else None
+    return ws.read(info["table"], columns=["item_id", "codes", "suffix"], version=version)
+
+
+def semantic_id_matrix(semantic_ids: pa.Table, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 [n, levels + 1]: codes then collision suffix, -1 where an item has none; bool [n]: has codes) of
+    `items` from a semantic-ID table."""
+    levels = semantic_ids.schema.field("codes").type.list_size
+    pos = pc.index_in(pa.array(items, pa.string()), value_set=semantic_ids["item_id"].combine_chunks())
+    mask = pc.is_valid(pos).to_numpy(zero_copy_only=False)
+    codes = semantic_ids["codes"].combine_chunks().flatten().to_numpy().reshape(-1, levels)
+    both = np.concatenate([codes, semantic_ids["suffix"].to_numpy()[:, None]], axis=1).astype(np.int64)
+    out = np.full((len(items), levels + 1), -1, np.int64)
+    out[mask] = both[pos.drop_null().to_numpy()]
+    return out, mask
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -256,12 +282,14 @@ __all__ = [
     "feature_matrix",
     "list_artifacts",
     "load_graph",
+    "load_semantic_ids",
     "load_split",
     "manifest",
     "node_ids",
     "record_artifact",
     "save_graph",
     "save_split",
+    "semantic_id_matrix",
     "write_graph",
     "write_split",
     "write_table",

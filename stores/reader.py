@@ -7,6 +7,7 @@ they only cut batches from arrays. Ids are the split's contiguous maps (sorted s
     >>> reader = FeatureReader("./mmfeat-data", "ml100k-v1")
     >>> text, has_text = reader.feature("text")            # float32 [n_items, d], bool [n_items]
     >>> adj = reader.graph("main_ui_sym")                  # torch sparse [n_users + n_items]^2
+    >>> sid, has_sid = reader.semantic_ids("text_rq")      # int64 [n_items, levels + 1]: codes, then suffix
     >>> loader = DataLoader(reader.bpr(batch_size=2048, features=["text"]), batch_size=None, num_workers=2)
 """
 
@@ -188,6 +189,23 @@ class FeatureReader:
         """(float32 tensor [n_items, d], bool tensor [n_items]) for `feature`; rows without a vector are zero."""
         matrix, mask = self.feature_array(feature)
         return torch.from_numpy(matrix), torch.from_numpy(mask)
+
+    def semantic_id_array(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [n_items, levels + 1]: each item's semantic-ID codes, then its collision suffix (-1 for an item
+        without codes), and the bool mask of the items that have them (`mmfeat semantic-ids --name NAME`).
+
+        Read at the table version the artifact's manifest pins (`artifacts.load_semantic_ids`; snapshots do not
+        pin semantic IDs)."""
+
+        def load() -> tuple[np.ndarray, np.ndarray]:
+            return artifacts.semantic_id_matrix(artifacts.load_semantic_ids(self._ws(), name), self.items)
+
+        return self._cached(f"semantic_ids:{name}", load)
+
+    def semantic_ids(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 tensor [n_items, levels + 1], bool tensor [n_items]): `semantic_id_array` as tensors."""
+        codes, mask = self.semantic_id_array(name)
+        return torch.from_numpy(codes), torch.from_numpy(mask)
 
     # ---- graphs ---------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""Semantic IDs: residual k-means (RQ-KMeans) codes over item embeddings, with a suffix that makes them unique.
+
+Generative recommenders (TIGER, LC-Rec, MMGRec) replace an item id with a short tuple of codes. Level 1 runs
+k-means on the (L2-normalised) vectors, level 2 on what level 1 leaves (the residuals), and so on; an item's code
+at each level is its nearest centroid there. Items whose L codes coincide get a collision suffix 0, 1, 2, ... (in
+item order), so every (codes..., suffix) tuple is unique. Pure NumPy/scikit-learn: no I/O here.
+
+Metrics: `utilisation` per level (share of the codebook's codes some item uses), `collision_rate` (share of items
+whose L codes another item also has, before the suffix), `reconstruction_error` (mean squared residual after the
+last level over the mean squared norm of the input; per level in `reconstruction_error_per_level`).
+Plain RQ-KMeans on few items in many dimensions collapses at levels >= 2 (residuals far from every centroid go to
+the smallest one): on ML-100K MiniLM 3x256, 69% of items collide; `balanced` brings that to 2%.
+
+    >>> x = fuse_vectors([text, image], [0.5, 0.5])          # each block L2-normalised, scaled by sqrt(weight)
+    >>> sid = rq_kmeans(x, SemanticIdConfig(levels=3, codebook=256, seed=0))
+    >>> sid.codes.shape, sid.suffix.max(), sid.metrics["collision_rate"]
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METHODS = ("rq-kmeans",)
+
+
+@dataclass(frozen=True)
+class SemanticIdConfig:
+    """levels: codes per item; codebook: centroids per level; balanced: capacity-constrained assignment (each
+    centroid holds at most ceil(n / codebook) items, so codes spread evenly); iters: k-means iterations."""
+
+    levels: int = 3
+    codebook: int = 256
+    method: str = "rq-kmeans"
+    balanced: bool = False
+    seed: int = 0
+    iters: int = 50
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not implemented; use one of {', '.join(METHODS)}")
+        if self.levels < 1 or self.codebook < 2:
+            raise ValueError(
+                f"levels={self.levels}, codebook={self.codebook}; expected levels >= 1 and codebook >= 2"
+            )
+
+
+@dataclass(frozen=True)
+class SemanticIds:
+    """codes int32 [n, levels]; suffix int32 [n]; codebooks: one float32 [k, d] per level; metrics for the
+    manifest (utilisation per level, collision rate before the suffix, reconstruction error)."""
+
+    codes: np.ndarray
+    suffix: np.ndarray
+    codebooks: list[np.ndarray] = field(repr=False)
+    metrics: dict
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def fuse_vectors(blocks: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Concatenate L2-normalised blocks scaled by sqrt(weight): squared distances add up as sum_f w_f d_f^2."""
+    if len(blocks) != len(weights) or not blocks:
+        raise ValueError(f"{len(blocks)} features but {len(weights)} weights; give one weight per feature")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"weights {list(weights)} include one <= 0; weights must be positive")
+    return np.concatenate(
+        [l2_normalise(b) * np.float32(np.sqrt(w)) for b, w in zip(blocks, weights, strict=True)], 1
+    )
+
+
+def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    d = (x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def capacity_assign(dist: np.ndarray, capacity: int) -> np.ndarray:
+    """Each row to a column, nearest first, no column taking more than `capacity` rows (greedy over all pairs in
+    order of distance; needs rows <= columns * capacity)."""
+    n, k = dist.shape
+    if n > k * capacity:
+        raise ValueError(f"{n} items cannot fit {k} centroids of capacity {capacity}")
+    out = np.full(n, -1, np.int64)
+    load = np.zeros(k, np.int64)
+    left = n
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+        i, j = divmod(int(flat), k)
+        if out[i] < 0 and load[j] < capacity:
+            out[i], load[j] = j, load[j] + 1
+            left -= 1
+            if not left:
+                break
+    return out
+
+
+def _kmeans(x: np.ndarray, k: int, cfg: SemanticIdConfig, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids [k, d], assignment [n]) of one level; seeded by (seed, level), so a re-run gives the same."""
+    from sklearn.cluster import KMeans
+
+    seed = cfg.seed * 1000 + level
+    with warnings.catch_warnings():  # fewer distinct residuals than k: some centroids stay duplicates
+        warnings.simplefilter("ignore")
+        km = KMeans(n_clusters=k, n_init=1, max_iter=cfg.iters, random_state=seed).fit(x)
+    centroids = km.cluster_centers_.astype(np.float32)
+    labels = km.labels_.astype(np.int64)
+    if cfg.balanced:
+        capacity = -(-len(x) // k)
+        for _ in range(cfg.iters):
+            new = capacity_assign(_sq_dist(x, centroids), capacity)
+            for j in range(k):
+                members = new == j
+                if members.any():
+                    centroids[j] = x[members].mean(0)
+            if np.array_equal(new, labels):
+                break
+            labels = new
+    return centroids, labels
+
+
+def collision_suffix(codes: np.ndarray) -> np.ndarray:
+    """int32 [n]: 0 for the first item (in row order) of each distinct code tuple, 1 for the second, ..."""
+    _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    sorted_groups = inverse[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    suffix = np.empty(len(order), np.int32)
+    suffix[order] = rank
+    return suffix
+
+
+def rq_kmeans(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
+    """Residual k-means codes of the rows of `x` (float [n, d]) and their collision suffixes."""
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    if n == 0:
+        raise ValueError("no item has the feature; encode it first (`mmfeat encode ...`)")
+    residual = x.copy()
+    codes = np.zeros((n, cfg.levels), np.int32)
+    codebooks, utilisation, error = [], [], []
+    total = float((x * x).sum(1).mean()) or 1.0
+    for level in range(cfg.levels):
+        distinct = len(np.unique(residual, axis=0))
+        k = max(1, min(cfg.codebook, distinct))
+        centroids, labels = _kmeans(residual, k, cfg, level)
+        codes[:, level] = labels
+        residual = residual - centroids[labels]
+        codebooks.append(centroids)
+        utilisation.append(round(len(np.unique(labels)) / cfg.codebook, 4))
+        error.append(round(float((residual * residual).sum(1).mean()) / total, 6))
+    suffix = collision_suffix(codes)
+    tuples, counts = np.unique(codes, axis=0, return_counts=True)
+    metrics = {
+        "items": n,
+        "utilisation": utilisation,
+        "collision_rate": round(float(counts[counts > 1].sum()) / n, 6),
+        "distinct_tuples": len(tuples),
+        "max_suffix": int(suffix.max()),
+        "reconstruction_error": error[-1],
+        "reconstruction_error_per_level": error,
+    }
+    return SemanticIds(codes, suffix, codebooks, metrics)
+
+
+__all__ = [
+    "METHODS",
+    "SemanticIdConfig",
+    "SemanticIds",
+    "capacity_assign",
+    "collision_suffix",
+    "fuse_vectors",
+    "l2_normalise",
+    "rq_kmeans",
+]
