@@ -95,7 +95,10 @@ def test_every_shipped_config_loads():
         (lambda d: d["snapshot"].update(name="{cfg}"), ["snapshot.name", "{config}"]),
         (lambda d: d["snapshot"].update(features=["caption"]), ["snapshot.features", "'caption'"]),
         (lambda d: d["run"].update(retries=-1), ["run.retries", "greater than or equal to 0"]),
-        (lambda d: d["exports"][0].update(missing="avg"), ["exports[0].missing", "'avg'", "mean, zero, drop"]),
+        (
+            lambda d: d["exports"][0].update(missing="avg"),
+            ["exports[0].missing", "'avg'", "mean, zero, drop"],
+        ),
         (lambda d: d.pop("sources"), ["sources: required key is missing"]),
         (lambda d: d["splits"].append(dict(d["splits"][0])), ["splits", "more than once"]),
     ],
