@@ -92,10 +92,27 @@ def graph_ui(ctx, split_name, norm, name):
 )
 @click.option("--symmetric", is_flag=True, help="Add the reverse of every edge.")
 @click.option("--no-self-loops", is_flag=True, help="Pick k neighbours other than the item itself.")
+@click.option(
+    "--method",
+    type=click.Choice(["exact", "ann", "auto"]),
+    default="exact",
+    show_default=True,
+    help="ann: faiss (pip install faiss-cpu), recall@k on a sample in the manifest; auto: ann above 200k items.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: exact search over Ray actors by query block ($RAY_ADDRESS, else a local Ray); same graph.",
+)
+@click.option("--ann-index", type=click.Choice(["ivf_flat", "hnsw"]), default="ivf_flat", show_default=True)
 @click.option("--name")
 @click.pass_context
 @_errors
-def graph_knn(ctx, split_name, features, weights, k, norm, symmetric, no_self_loops, name):
+def graph_knn(
+    ctx, split_name, features, weights, k, norm, symmetric, no_self_loops, method, engine, ann_index, name
+):
     """Item-item cosine top-k graph(s), MMRec-exact LATTICE / FREEDOM normalisation, optional fusion."""
     from recipes.pipeline import build_knn_graph
 
@@ -110,6 +127,9 @@ def graph_knn(ctx, split_name, features, weights, k, norm, symmetric, no_self_lo
             symmetric,
             not no_self_loops,
             name,
+            method=method,
+            engine=engine,
+            ann_index=ann_index,
         )
     )
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from recipes import splits
-from recipes.graphs import cooccur, hypergraph
+from recipes.graphs import cooccur, hypergraph, knn_ann
 from recipes.graphs import knn as knn_graph
 from recipes.graphs import user_item as ui_graph
 from recipes.graphs.user_item import edges_to_csr
@@ -109,11 +109,21 @@ def build_knn_graph(
     self_loops: bool = True,
     name: str | None = None,
     force: bool = False,
+    method: str = "exact",
+    engine: str = "local",
+    ann_index: str = "ivf_flat",
 ) -> dict:
     """Item-item cosine top-k graph per feature, fused with `weights` when several features are given.
 
     Items lacking a feature follow stores/missing.py: each feature's graph spans only the items that have it,
-    fused weights are renormalised per item over the features it has, and the manifest's `missing` counts them."""
+    fused weights are renormalised per item over the features it has, and the manifest's `missing` counts them.
+    method "ann" searches with faiss (recipes/graphs/knn_ann.py; its recall@k on a sample lands in the
+    manifest's `ann`), "auto" does so above knn_ann.AUTO_ANN_ITEMS items; engine "ray" runs the exact search
+    over Ray actors by query block (extractors/knn_actors.py, $RAY_ADDRESS), with the same result."""
+    if method not in ("exact", "ann", "auto"):
+        raise ValueError(f"method={method!r}; expected 'exact', 'ann' or 'auto'")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine={engine!r}; expected 'local' or 'ray'")
     if weights is None:
         weights = [1.0 / len(features)] * len(features)
     if len(weights) != len(features):
@@ -148,15 +158,45 @@ def build_knn_graph(
         "self_loops": self_loops,
         "missing_policy": POLICY_VERSION,
     }
+    if method == "auto":
+        method = "ann" if len(items) > knn_ann.AUTO_ANN_ITEMS else "exact"
+    ann_cfg = knn_ann.AnnConfig(index=ann_index)
+    if method == "ann":  # exact graphs keep the fingerprint they had before ANN existed
+        params |= {"method": "ann", "ann_index": ann_index, "target_recall": ann_cfg.target_recall}
+    extra = {"feature_provenance": provenance, "missing": missing}
+
+    cfg = knn_graph.KnnConfig(k=k, norm=norm, symmetric=symmetric, self_loops=self_loops)
+
+    def on_ray(x: np.ndarray, kk: int, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
+        from extractors.knn_actors import ray_map_blocks
+
+        return knn_graph.knn_topk(
+            x,
+            kk,
+            exclude_self=exclude_self,
+            block_rows=cfg.block_rows,
+            max_tile=cfg.max_tile,
+            map_blocks=ray_map_blocks,
+        )
+
+    def search() -> knn_graph.TopK | None:
+        if method == "ann":
+            return knn_ann.AnnSearch(ann_cfg)
+        return on_ray if engine == "ray" else None
 
     def build() -> tuple[sp.spmatrix, pa.Table]:
-        cfg = knn_graph.KnnConfig(k=k, norm=norm, symmetric=symmetric, self_loops=self_loops)
-        graphs = [knn_graph.knn_graph(mats[f], cfg, masks[f]) for f in features]
+        graphs, ann = [], {}
+        for f in features:
+            searcher = search()
+            graphs.append(knn_graph.knn_graph(mats[f], cfg, masks[f], searcher))
+            if isinstance(searcher, knn_ann.AnnSearch):
+                ann[f] = searcher.info
+        if ann:  # read by graph_step's write() after build() returns
+            extra["ann"] = ann[features[0]] if len(features) == 1 else ann
         if len(graphs) == 1 and weights[0] == 1.0:
             return graphs[0], split
         return knn_graph.fuse_graphs(graphs, weights, [masks[f] for f in features]), split
 
-    extra = {"feature_provenance": provenance, "missing": missing}
     return graph_step(ws, name, inputs, params, "item", build, extra, force)
 
 

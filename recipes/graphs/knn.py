@@ -26,7 +26,7 @@ item's weights over the modalities it has. Items with every modality get exactly
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -78,6 +78,55 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
     return x / norm
 
 
+def block_topk(
+    x: np.ndarray, rows: np.ndarray, k: int, exclude_self: bool = False, max_tile: int = 1 << 26
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the unit rows x[rows] against all rows of x (already L2-normalised, float32): (indices int64
+    [len(rows), k], similarities float32), descending. The one exact kernel: `knn_topk` runs it block by block
+    in this process, extractors/knn_actors.py on Ray actors, knn_ann.py on its recall sample."""
+    import torch
+
+    xt = torch.from_numpy(x)
+    n = xt.shape[0]
+    cols = max(min(n, max_tile // max(len(rows), 1)), k + 1)
+    query = xt[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+    own = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    best_sim = best_idx = None
+    with torch.inference_mode():
+        for c0 in range(0, n, cols):
+            c1 = min(c0 + cols, n)
+            sim = torch.mm(query, xt[c0:c1].T)
+            if exclude_self:
+                hit = torch.nonzero((own >= c0) & (own < c1)).ravel()
+                sim[hit, own[hit] - c0] = -torch.inf
+            val, idx = torch.topk(sim, min(k, c1 - c0), dim=1)
+            idx += c0
+            if best_sim is None:
+                best_sim, best_idx = val, idx
+            else:
+                val = torch.cat((best_sim, val), dim=1)
+                idx = torch.cat((best_idx, idx), dim=1)
+                best_sim, pos = torch.topk(val, k, dim=1)
+                best_idx = torch.gather(idx, 1, pos)
+    return best_idx.numpy(), best_sim.numpy()
+
+
+def check_k(n: int, k: int, exclude_self: bool) -> None:
+    """k must leave enough candidates among the n rows."""
+    if k > n - int(exclude_self):
+        raise ValueError(f"k={k} but only {n - int(exclude_self)} candidate neighbours; lower k")
+
+
+BlockMap = Callable[..., Iterable[tuple[np.ndarray, np.ndarray]]]
+"""map_blocks(kernel, x, blocks, **kwargs) -> kernel(x, rows, **kwargs) for each block of rows, in order:
+in process by default, or extractors.knn_actors.ray_map_blocks over a Ray actor pool."""
+
+
+def local_map_blocks(kernel: Callable, x: np.ndarray, blocks: list[np.ndarray], **kwargs) -> Iterator:
+    """Each block in this process, one after another."""
+    return (kernel(x, rows, **kwargs) for rows in blocks)
+
+
 def knn_topk(
     features: np.ndarray,
     k: int,
@@ -85,45 +134,29 @@ def knn_topk(
     exclude_self: bool = False,
     block_rows: int = 512,
     max_tile: int = 1 << 26,
+    map_blocks: BlockMap = local_map_blocks,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k of every row against all rows: (indices int64 [N, k], similarities float32 [N, k]).
 
     Each row's neighbours come in descending similarity. With exclude_self the row itself is never chosen.
+    `map_blocks` runs `block_topk` over the blocks of `block_rows` query rows (elsewhere: Ray actors); every
+    block's result is the same wherever it runs, so the graph is too.
     """
-    import torch
-
-    x = torch.from_numpy(l2_normalize(features))
+    x = l2_normalize(features)
     n = x.shape[0]
-    if k > n - int(exclude_self):
-        raise ValueError(f"k={k} but only {n - int(exclude_self)} candidate neighbours; lower k")
-    cols = max(min(n, max_tile // max(block_rows, 1)), k + 1)
+    check_k(n, k, exclude_self)
+    blocks = [np.arange(start, min(start + block_rows, n)) for start in range(0, n, block_rows)]
     out_idx = np.empty((n, k), dtype=np.int64)
     out_sim = np.empty((n, k), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, n, block_rows):
-            stop = min(start + block_rows, n)
-            query = x[start:stop]
-            best_sim = best_idx = None
-            for c0 in range(0, n, cols):
-                c1 = min(c0 + cols, n)
-                sim = torch.mm(query, x[c0:c1].T)
-                if exclude_self:
-                    lo, hi = max(start, c0), min(stop, c1)
-                    if lo < hi:
-                        r = torch.arange(lo, hi)
-                        sim[r - start, r - c0] = -torch.inf
-                val, idx = torch.topk(sim, min(k, c1 - c0), dim=1)
-                idx += c0
-                if best_sim is None:
-                    best_sim, best_idx = val, idx
-                else:
-                    val = torch.cat((best_sim, val), dim=1)
-                    idx = torch.cat((best_idx, idx), dim=1)
-                    best_sim, pos = torch.topk(val, k, dim=1)
-                    best_idx = torch.gather(idx, 1, pos)
-            out_idx[start:stop] = best_idx.numpy()
-            out_sim[start:stop] = best_sim.numpy()
+    parts = map_blocks(block_topk, x, blocks, k=k, exclude_self=exclude_self, max_tile=max_tile)
+    for rows, (idx, sim) in zip(blocks, parts, strict=True):
+        out_idx[rows[0] : rows[-1] + 1], out_sim[rows[0] : rows[-1] + 1] = idx, sim
     return out_idx, out_sim
+
+
+TopK = Callable[[np.ndarray, int, bool], tuple[np.ndarray, np.ndarray]]
+"""A top-k search (features of the present rows, k, exclude_self) -> (indices [n, k], similarities [n, k]):
+exact in process (the default), knn_ann.AnnSearch, or the Ray actor pool; all feed the same normalisation."""
 
 
 def _symmetrise(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
@@ -171,12 +204,17 @@ def normalize_knn(
 
 
 def topk_edges(
-    features: np.ndarray, cfg: KnnConfig, present: np.ndarray | None = None, k: int | None = None
+    features: np.ndarray,
+    cfg: KnnConfig,
+    present: np.ndarray | None = None,
+    k: int | None = None,
+    search: TopK | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised top-k edges (src, dst, weight) over all rows' indices, searched among the present rows only.
 
     `present` (bool [n]; None: all) marks the items that have the feature; all-zero rows count as absent too.
     Absent rows get no edge either way. `k` overrides cfg.k (the retained graphs of unlearning shrink it).
+    `search` replaces the exact in-process top-k (ANN, Ray actors); the mask and normalisation stay the same.
     """
     rows = np.flatnonzero(present_rows(features, present))
     k = cfg.k if k is None else k
@@ -184,25 +222,34 @@ def topk_edges(
     if k == 0 or len(rows) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     sub = features if len(rows) == n else features[rows]
-    idx, sim = knn_topk(
-        sub, k, exclude_self=not cfg.self_loops, block_rows=cfg.block_rows, max_tile=cfg.max_tile
-    )
+    if search is None:
+        idx, sim = knn_topk(
+            sub, k, exclude_self=not cfg.self_loops, block_rows=cfg.block_rows, max_tile=cfg.max_tile
+        )
+    else:
+        idx, sim = search(sub, k, not cfg.self_loops)
     return normalize_knn(np.repeat(rows, k), rows[idx.ravel()], sim.ravel(), n, cfg.norm, cfg.symmetric)
 
 
 def knn_edges(
-    features: np.ndarray, cfg: KnnConfig = KnnConfig(), present: np.ndarray | None = None
+    features: np.ndarray,
+    cfg: KnnConfig = KnnConfig(),
+    present: np.ndarray | None = None,
+    search: TopK | None = None,
 ) -> pa.Table:
     """The normalised top-k graph as an Arrow edge table (src, dst, weight), rows aligned to `features`; only
     the `present` items (default: rows that are not all zero) take part."""
-    return edges_table(*topk_edges(features, cfg, present))
+    return edges_table(*topk_edges(features, cfg, present, search=search))
 
 
 def knn_graph(
-    features: np.ndarray, cfg: KnnConfig = KnnConfig(), present: np.ndarray | None = None
+    features: np.ndarray,
+    cfg: KnnConfig = KnnConfig(),
+    present: np.ndarray | None = None,
+    search: TopK | None = None,
 ) -> sp.csr_matrix:
     """The normalised top-k graph as an N x N float32 CSR matrix (absent items: empty rows and columns)."""
-    src, dst, w = topk_edges(features, cfg, present)
+    src, dst, w = topk_edges(features, cfg, present, search=search)
     n = features.shape[0]
     return sp.csr_matrix((w, (src, dst)), shape=(n, n), dtype=np.float32)
 
