@@ -1,8 +1,8 @@
 """Safe image handling: format allow-list, decompression-bomb limits, truncation checks, EXIF orientation, RGB.
 
-Ingest calls `read_image_file` (size checked with `stat` before any read) and `inspect_image` to validate bytes
-before storing them unchanged; extractors call `decode_image` to get an upright RGB picture. All raise `ImageError`
-with a reason code that lands in the quarantine table.
+Ingest calls `stat_image_file` on every image first (path and size, nothing read), then `read_checked_file` and
+`inspect_image` batch by batch to validate bytes before storing them unchanged; extractors call `decode_image` to get
+an upright RGB picture. All raise `ImageError` with a reason code that lands in the quarantine table.
 """
 
 from __future__ import annotations
@@ -129,9 +129,9 @@ def resolve_inside(root: str | Path, relative: str) -> Path:
     return candidate
 
 
-def read_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES) -> bytes:
-    """The bytes of the image `relative` under `root`: size checked with `stat` before anything is read, and
-    never more than `max_bytes` read even if the file grows meanwhile. Failures raise `ImageError`."""
+def stat_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES) -> tuple[Path, int]:
+    """The resolved path of the image `relative` under `root` and its size, checked with `stat` alone: nothing is
+    read, so a whole folder can be checked up front at no memory cost. Failures raise `ImageError`."""
     path = resolve_inside(root, relative)
     try:
         st = path.stat()
@@ -146,6 +146,12 @@ def read_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES)
         raise ImageError("missing_image", f"{relative!r} is {kind}, not an image file")
     if st.st_size > max_bytes:
         raise ImageError("image_too_large", f"{st.st_size} bytes exceeds the {max_bytes}-byte limit")
+    return path, st.st_size
+
+
+def read_checked_file(path: Path, relative: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a file `stat_image_file` accepted, never more than `max_bytes` even if the file grew since;
+    `relative` names it in errors."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)
@@ -158,3 +164,10 @@ def read_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES)
             "image_too_large", f"{relative!r} grew past the {max_bytes}-byte limit while being read"
         )
     return data
+
+
+def read_image_file(root: str | Path, relative: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of the image `relative` under `root`: size checked with `stat` before anything is read, and
+    never more than `max_bytes` read even if the file grows meanwhile. Failures raise `ImageError`."""
+    path, _size = stat_image_file(root, relative, max_bytes)
+    return read_checked_file(path, relative, max_bytes)

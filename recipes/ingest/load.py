@@ -8,8 +8,15 @@ file, rows read = rows stored + rows merged (identical duplicates) + rows quaran
 Bad input is data or one error, never a traceback and never a half-written source: a row that cannot be used is
 quarantined with a reason code (malformed_row, non_utf8, empty_id, bad_value, bad_timestamp, duplicate_conflict,
 an image reason...) and the job goes on; a file that cannot be read at all raises `SourceError` (one line naming the
-file and the fix) before anything is written. Items, images and users are validated in full before the first write,
+file and the fix) before anything is written. Items and users are validated in full before the first write,
 and interactions are checked (header, columns, compression) before it too; their rows then stream into one commit.
+
+Local images stream in bounded memory: every image's path, type and size are checked with `stat` before the first
+write (nothing read; `image_too_large` from the size alone), then, after items and users are written, the bytes are
+read, hashed, decoded and committed batch by batch (`IMAGE_BATCH_ROWS` rows or `IMAGE_BATCH_BYTES` bytes, whichever
+comes first), so at most one batch of image bytes is ever held. A bad image is a quarantine row, never a stop; an
+ingest killed half-way keeps whole committed batches, and the next run reads each file again but writes only the
+images whose sha256 is not already stored for that item (a re-run of an unchanged folder writes no new version).
 
 Images named by URL (`image_url`, used where an item has no local `image`) are downloaded after the rows are written
 (extractors/fetch.py: SSRF guard, timeouts, retries, size limit), decoded like local files and committed in batches:
@@ -20,12 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from extractors.fetch import FetchPolicy, fetch_many
-from extractors.images import ImageError, inspect_image, read_image_file
+from extractors.images import ImageError, inspect_image, read_checked_file, stat_image_file
 from recipes.ingest.interactions import check_readable, ingest_interactions
 from recipes.ingest.records import (
     IngestReport,
@@ -48,6 +56,10 @@ ImageRef = tuple[str, str, str, int]
 URL_LABEL = "image_url"
 URL_BATCH_ROWS = 256
 URL_BATCH_BYTES = 64 * 1024 * 1024
+IMAGE_BATCH_ROWS = 256
+# A batch costs about 8x its bytes at its peak (the rows, the Arrow table, DuckDB's anti-join, Lance's write): 16 MB
+# keeps an ingest within ~150 MB above its baseline (tests/test_ingest_memory.py) while thumbnails still fill 256 rows.
+IMAGE_BATCH_BYTES = 16 * 1024 * 1024
 
 
 def _validate_items(
@@ -126,14 +138,15 @@ def _validate_items(
     return list(rows.values()), images, urls
 
 
-def _validate_images(
-    src: RawSource, refs: list[tuple[str, str, str, int]], q: Quarantine, denied: DenyList
-) -> list[dict]:
-    rows = []
+def _check_images(
+    src: RawSource, refs: list[ImageRef], q: Quarantine, denied: DenyList
+) -> list[tuple[str, str, Path]]:
+    """Local image refs -> (item_id, path as written, resolved path) for every file that passes the checks that need
+    no read (deny-list, path inside the root, a regular file, size by `stat`); the rest are quarantined."""
+    checked = []
     root = src.image_root
     label = file_label(root) if root else "images"
-    now = utc_now()
-    for item_id, rel, _file, _line in tqdm(refs, desc="images", unit="img", disable=len(refs) < 500):
+    for item_id, rel, _file, _line in refs:
         q.tally(label).read += 1
         if denied and denied.has("image", item_id):  # a modality forget: the item stays, its image not
             q.add(
@@ -145,15 +158,67 @@ def _validate_images(
                 raise ImageError(
                     "missing_image", "the source names images but no image root was given (--images DIR)"
                 )
-            data = read_image_file(root, rel)
+            path, _size = stat_image_file(root, rel)
+        except ImageError as exc:
+            q.add(label, rel, item_id, exc.code, exc.detail, json.dumps({"item_id": item_id, "image": rel}))
+            continue
+        checked.append((item_id, rel, path))
+    return checked
+
+
+class _ImageBatches:
+    """`item_images` rows committed every `max_rows` rows or `max_bytes` image bytes, whichever comes first: the
+    one writer for local files and downloads, so an ingest never holds more than one batch of image bytes."""
+
+    def __init__(self, ws: Workspace, result: UpsertResult | None, max_rows: int, max_bytes: int):
+        self.ws, self.result, self.max_rows, self.max_bytes = ws, result, max_rows, max_bytes
+        self.rows: list[dict] = []
+        self.size = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.size += len(row["image"])
+        if len(self.rows) >= self.max_rows or self.size >= self.max_bytes:
+            self.commit()
+
+    def commit(self) -> UpsertResult | None:
+        if self.rows:
+            table = pa.Table.from_pylist(self.rows, schema=ITEM_IMAGES.schema)
+            self.rows, self.size = [], 0
+            self.result = _add_results(self.result, self.ws.upsert(ITEM_IMAGES, table))
+        return self.result
+
+
+def _store_images(
+    ws: Workspace, src: RawSource, checked: list[tuple[str, str, Path]], q: Quarantine
+) -> UpsertResult:
+    """Read, hash, decode and commit the checked local images batch by batch. An item whose stored local image
+    has the same sha256 is counted unchanged without decoding or writing it."""
+    _ensure_url_column(ws)
+    stored: dict[str, str] = {}
+    if ws.exists(ITEM_IMAGES.name):
+        old = ws.read(ITEM_IMAGES.name, columns=["item_id", "sha256"], where="url IS NULL")
+        stored = dict(zip(old["item_id"].to_pylist(), old["sha256"].to_pylist(), strict=True))
+    label = file_label(src.image_root) if src.image_root else "images"
+    batches = _ImageBatches(ws, None, IMAGE_BATCH_ROWS, IMAGE_BATCH_BYTES)
+    unchanged = 0
+    now = utc_now()
+    for item_id, rel, path in tqdm(checked, desc="images", unit="img", disable=len(checked) < 500):
+        try:
+            data = read_checked_file(path, rel)
+            digest = hashlib.sha256(data).hexdigest()
+            if stored.get(item_id) == digest:
+                unchanged += 1
+                q.tally(label).stored += 1
+                continue
             info = inspect_image(data)
         except ImageError as exc:
             q.add(label, rel, item_id, exc.code, exc.detail, json.dumps({"item_id": item_id, "image": rel}))
             continue
-        rows.append(
+        batches.add(
             {
                 "item_id": item_id,
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "sha256": digest,
                 "format": info.format,
                 "width": info.width,
                 "height": info.height,
@@ -163,7 +228,9 @@ def _validate_images(
             }
         )
         q.tally(label).stored += 1
-    return rows
+    done = batches.commit() or UpsertResult(ITEM_IMAGES.name, version=ws.version(ITEM_IMAGES.name))
+    done.unchanged += unchanged
+    return done
 
 
 def _ensure_url_column(ws: Workspace) -> bool:
@@ -221,16 +288,7 @@ def _fetch_url_images(
             q.tally(URL_LABEL).stored += 1
         else:
             wanted.setdefault(url, []).append(item_id)
-    batch: list[dict] = []
-    size = 0
-
-    def commit() -> None:
-        nonlocal result, batch, size
-        if batch:
-            table = pa.Table.from_pylist(batch, schema=ITEM_IMAGES.schema)
-            result = _add_results(result, ws.upsert(ITEM_IMAGES, table))
-        batch, size = [], 0
-
+    batches = _ImageBatches(ws, result, URL_BATCH_ROWS, URL_BATCH_BYTES)
     todo = sum(len(v) for v in wanted.values())
     with tqdm(total=todo, desc="image urls", unit="img", disable=todo < 500) as bar:
         for url, got in fetch_many(wanted, policy):
@@ -248,7 +306,7 @@ def _fetch_url_images(
             digest = hashlib.sha256(got).hexdigest()
             now = utc_now()
             for item_id in items:
-                batch.append(
+                batches.add(
                     {
                         "item_id": item_id,
                         "sha256": digest,
@@ -261,12 +319,8 @@ def _fetch_url_images(
                         "url": url,
                     }
                 )
-                size += len(got)
                 q.tally(URL_LABEL).stored += 1
-            if len(batch) >= URL_BATCH_ROWS or size >= URL_BATCH_BYTES:
-                commit()
-    commit()
-    return result
+    return batches.commit()
 
 
 def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dict]:
@@ -328,11 +382,12 @@ def _ingest_locked(ws: Workspace, src: RawSource, fetch: FetchPolicy) -> IngestR
     denied = deny_list(ws)
 
     # Everything that can stop the job is checked before the first write: no source is committed half-way.
-    items = image_refs = images = users = None
+    items = image_refs = users = None
+    checked_images: list[tuple[str, str, Path]] | None = None
     url_refs: list[ImageRef] = []
     if src.items is not None:
         items, image_refs, url_refs = _validate_items(src, q, denied)
-        images = _validate_images(src, image_refs, q, denied) if image_refs else None
+        checked_images = _check_images(src, image_refs, q, denied) if image_refs else None
     if src.users is not None:
         users = _validate_users(src, q, denied)
     if src.interactions is not None:
@@ -350,13 +405,10 @@ def _ingest_locked(ws: Workspace, src: RawSource, fetch: FetchPolicy) -> IngestR
 
     if items is not None:
         tables["items"] = ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
-    if images is not None:
-        _ensure_url_column(ws)
-        tables["item_images"] = ws.upsert(
-            ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema)
-        )
     if users is not None:
         tables["users"] = ws.upsert(USERS, pa.Table.from_pylist(users, schema=USERS.schema))
+    if checked_images is not None:  # after the rows checked in full: image batches commit one by one
+        tables["item_images"] = _store_images(ws, src, checked_images, q)
 
     if src.interactions is not None:
         items, users = seen_items, seen_users
