@@ -1,16 +1,21 @@
 """Ingest throughput and peak memory: `mmfeat ingest table` vs pandas read_csv + LanceDB create_table.
 
 Usage: .venv/bin/python bench/ingest.py [--interactions 10000000] [--items 100000] [--record]
+       .venv/bin/python bench/ingest.py --images 300 [--record]   (image ingest: peak RSS vs total image bytes)
 
 Both sides run as separate child processes on the same files in the same run; peak memory is the child's max RSS.
 The baseline does no validation, no keys and no quarantine: it is the floor a validated ingest is measured against.
+The image figure ingests folders of 4, N/4 and N noise JPEGs (~3.9 MB each) in child processes: with images
+streamed in batches, peak RSS should stay flat as the folder grows.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,8 +38,8 @@ def hwm():
 
 MMFEAT = """
 import json, sys, time
-from recipes.ingest import ingest
-from recipes.sources import table
+from recipes.ingest.load import ingest
+from recipes.ingest.sources import table
 from stores.workspace import Workspace
 t = time.perf_counter()
 report = ingest(Workspace(sys.argv[1]), table(sys.argv[2], sys.argv[3], name="bench"))
@@ -56,6 +61,19 @@ db.create_table("interactions", inter)
 wall = time.perf_counter() - t
 print(json.dumps({"wall": wall, "rss_mb": hwm(),
                   "rows": len(inter)}))
+"""
+
+IMAGES = """
+import json, sys, time
+from recipes.ingest.load import ingest
+from recipes.ingest.sources import table
+from stores.workspace import Workspace
+t = time.perf_counter()
+ws = Workspace(sys.argv[1])
+report = ingest(ws, table(sys.argv[2], images=sys.argv[3], name="bench"))
+wall = time.perf_counter() - t
+assert report.balanced
+print(json.dumps({"wall": wall, "rss_mb": hwm(), "stored": ws.count("item_images")}))
 """
 
 IDLE = """
@@ -94,6 +112,68 @@ def make_source(root: Path, n_inter: int, n_items: int, seed: int = 0) -> tuple[
     return root / "items.csv", root / "interactions.csv"
 
 
+def make_images(root: Path, n: int, seeds: int = 16) -> tuple[Path, Path]:
+    """`n` items whose images are hard links to `seeds` noise JPEGs (1000x1000, quality 100, ~3.9 MB each: noise
+    does not compress), so a GB-sized folder costs little disk; every file still reads and decodes in full."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(seeds):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8)).save(
+            buf, "JPEG", quality=100, subsampling=0
+        )
+        paths.append(root / f"seed{k}.jpg")
+        paths[-1].write_bytes(buf.getvalue())
+    lines = ["item_id,title,image"]
+    for i in range(n):
+        os.link(paths[i % seeds], images / f"{i:06d}.jpg")
+        lines.append(f"{i:06d},item {i},{i:06d}.jpg")
+    (root / "items.csv").write_text("\n".join(lines) + "\n")
+    return root / "items.csv", images
+
+
+def image_figure(n: int, record: bool) -> None:
+    """Peak RSS of `mmfeat`'s image ingest for folders of 4, n/4 and n images."""
+    rows = []
+    for count in sorted({4, max(n // 4, 5), n}):
+        with tempfile.TemporaryDirectory() as tmp:
+            items, images = make_images(Path(tmp), count)
+            total_mb = sum(p.stat().st_size for p in images.iterdir()) / 2**20
+            r = child(IMAGES, str(Path(tmp) / "ws"), str(items), str(images))
+            assert r["stored"] == count, r
+            rows.append((count, total_mb, r))
+    lines = [
+        f"| {'images':>7} | {'total MB':>9} | {'wall s':>7} | {'MB/s':>6} | {'peak RSS MB':>11} |",
+        f"|{'-' * 9}|{'-' * 11}|{'-' * 9}|{'-' * 8}|{'-' * 13}|",
+    ]
+    for count, total_mb, r in rows:
+        lines.append(
+            f"| {count:>7,} | {total_mb:>9.0f} | {r['wall']:>7.1f} | {total_mb / r['wall']:>6.0f} | "
+            f"{r['rss_mb']:>11.0f} |"
+        )
+    (_, small_mb, small), (_, big_mb, big) = rows[-2], rows[-1]
+    summary = (
+        f"peak RSS {rows[0][2]['rss_mb']:.0f} MB with {rows[0][1]:.0f} MB of images; from {small_mb:.0f} to "
+        f"{big_mb:.0f} MB of images it grows {big['rss_mb'] - small['rss_mb']:.0f} MB "
+        f"({(big['rss_mb'] - small['rss_mb']) / (big_mb - small_mb):.2f} MB per MB of images; streamed "
+        "batches bound it by the batch size, not the folder)"
+    )
+    print("\n".join(lines))
+    print(summary)
+    if record:
+        with open(REPO / "BENCHMARKS.md", "a") as fh:
+            fh.write(
+                f"\n## Image ingest memory ({dt.date.today()}, up to {n:,} noise JPEGs of ~3.9 MB, 2-core CPU)\n\n"
+                f"`.venv/bin/python bench/ingest.py --images {n} --record`\n\n"
+                + "\n".join(lines)
+                + f"\n\n{summary}\n"
+            )
+
+
 def child(code: str, *args: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", HWM + code, *args], cwd=REPO, capture_output=True, text=True, check=False
@@ -107,8 +187,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--interactions", type=int, default=10_000_000)
     ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--images", type=int, default=0, help="run only the image-ingest figure, up to N images")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
+    if args.images:
+        image_figure(args.images, args.record)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
