@@ -1,7 +1,11 @@
 """Exact cosine top-k item-item graphs from feature matrices, normalised as LATTICE and FREEDOM do in MMRec.
 
 Similarities are computed in tiles of `block_rows` queries x at most `max_tile / block_rows` items with
-torch.mm, keeping a running top-k, so memory is O(N * k + max_tile) whatever N is.
+torch.mm, keeping a running top-k, so memory is O(N * k + max_tile) whatever N is. `block_topk` is the one exact
+kernel: `knn_topk` maps it over the query blocks in process, or over Ray actors with
+`map_blocks=extractors.knn_actors.ray_map_blocks` (same result); the approximate search (faiss, recall measured
+on a sample) is recipes/graphs/knn_ann.py. Any search plugs into `topk_edges(..., search=)`, so the mask and the
+normalisation below are the same whichever found the neighbours.
 
     >>> cfg = KnnConfig(k=10, norm="freedom")
     >>> mm_adj = freedom_mm_graph(image_feat, text_feat, cfg, image_weight=0.1)   # FREEDOM's mm_adj

@@ -90,7 +90,7 @@ class AnnSearch:
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(self.cfg.seed)
-            train = x if n <= 256 * nlist else x[np.sort(rng.choice(n, 256 * nlist, replace=False))]
+            train = x if n <= 64 * nlist else x[np.sort(rng.choice(n, 64 * nlist, replace=False))]
             index.train(train)
             index.add(x)
             knob, value, limit, params = "nprobe", max(1, nlist // 256), nlist, {"nlist": nlist}
@@ -103,12 +103,15 @@ class AnnSearch:
         while True:
             set_knob(index, knob, value)
             _, got = index.search(x[sample], kk)
-            recall = recall_at_k(drop_self(got, sample, k, exclude_self), exact)
+            recall = recall_at_k(drop_self(got, sample, k, exclude_self), exact)  # a -1 is a miss
             if recall >= self.cfg.target_recall or value >= limit:
                 break
             value = min(2 * value, limit)
         _, idx = index.search(x, kk)
         idx = drop_self(idx, np.arange(n), k, exclude_self)
+        short = np.flatnonzero((idx < 0).any(axis=1))  # IVF cells too small to fill k: search those exactly
+        if len(short):
+            idx[short] = block_topk(x, short, k, exclude_self)[0]
         self.info = {
             "index": self.cfg.index,
             "params": params | {knob: int(value)},
@@ -129,9 +132,7 @@ def set_knob(index, knob: str, value: int) -> None:
 
 
 def drop_self(idx: np.ndarray, rows: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
-    """The first k neighbours of each row, without the row itself when exclude_self; -1 (not found) is
-    replaced by the row itself so that every row keeps k entries (rare: an IVF probe with too few items)."""
-    idx = np.where(idx < 0, rows[:, None], idx)
+    """The first k neighbours of each row, without the row itself when exclude_self (-1: not found, kept)."""
     if not exclude_self:
         return idx[:, :k]
     keep = idx != rows[:, None]
@@ -140,7 +141,7 @@ def drop_self(idx: np.ndarray, rows: np.ndarray, k: int, exclude_self: bool) -> 
     return np.take_along_axis(idx, order, 1)[:, :k]
 
 
-def similarities(x: np.ndarray, idx: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def similarities(x: np.ndarray, idx: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Cosine of each row with its chosen neighbours (float32 [n, k]), recomputed exactly in chunks."""
     out = np.empty(idx.shape, np.float32)
     for s in range(0, len(idx), chunk):
