@@ -11,28 +11,11 @@ of kNN and holds no second copy of it. $RAY_ADDRESS is honoured (else a local Ra
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from extractors.ray_session import ray_errors
-
-
-def _connect() -> int:
-    """Join $RAY_ADDRESS (else start a local Ray); the cluster's CPUs."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+from extractors.ray_session import alive_cpus, ray_errors
 
 
 class BlockWorker:
@@ -55,7 +38,7 @@ def ray_map_blocks(
     from ray.util import ActorPool
 
     with ray_errors("exact kNN on Ray actors"):
-        cpus = _connect()
+        cpus = alive_cpus()
         shared = ray.put(x)
         worker = ray.remote(num_cpus=1)(BlockWorker)
         pool = [worker.remote(kernel, shared) for _ in range(max(1, min(actors or cpus, len(blocks))))]

@@ -82,14 +82,7 @@ def _validate_items(
             image = decode_cell(raw.get("image"), "utf-8")
             url = decode_cell(raw.get("image_url"), "utf-8")
         except UnicodeDecodeError as exc:
-            q.add(
-                file,
-                line,
-                None,
-                "non_utf8",
-                f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8",
-                excerpt(raw),
-            )
+            q.non_utf8(file, line, exc, excerpt(raw))
             continue
         if not item_id:
             q.add(
@@ -333,14 +326,7 @@ def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dic
             user_id = (decode_cell(raw.get("user_id"), "utf-8") or "").strip()
             attributes = decode_cell(raw.get("attributes"), src.text_encoding)
         except UnicodeDecodeError as exc:
-            q.add(
-                file,
-                line,
-                None,
-                "non_utf8",
-                f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8",
-                excerpt(raw),
-            )
+            q.non_utf8(file, line, exc, excerpt(raw))
             continue
         if not user_id:
             q.add(file, line, None, "empty_id", "user_id is empty", excerpt(raw))

@@ -140,6 +140,17 @@ class Quarantine:
         tally.quarantined += 1
         tally.reasons[reason] += 1
 
+    def non_utf8(self, file: str, line: int | str, exc: UnicodeDecodeError, raw: str | None) -> None:
+        """Quarantine a row whose cells are not UTF-8, naming the offending byte and the fix."""
+        self.add(
+            file,
+            line,
+            None,
+            "non_utf8",
+            f"{exc.reason} at byte {exc.start}; re-encode the file as UTF-8",
+            raw,
+        )
+
 
 def decode_cell(value: object, encoding: str) -> str | None:
     if value is None:
