@@ -116,17 +116,13 @@ REVIEWS = TableSpec(
     "reviews",
     pa.schema(
         [
-            pa.field("user_id", pa.string(), nullable=False),
-            pa.field("item_id", pa.string(), nullable=False),
-            pa.field("timestamp", EVENT_TIME, nullable=False),
-            pa.field("event", pa.string(), nullable=False),
-            pa.field("seq", pa.int32(), nullable=False),
+            *(INTERACTIONS.schema.field(name) for name in INTERACTIONS.key),
             pa.field("title", pa.string()),
             pa.field("text", pa.string()),
             pa.field("source", pa.string()),
         ]
     ),
-    key=("user_id", "item_id", "timestamp", "event", "seq"),
+    key=INTERACTIONS.key,
     compare=("title", "text"),
 )
 
