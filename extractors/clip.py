@@ -71,6 +71,45 @@ def _normalised(features: torch.Tensor) -> np.ndarray:
     return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
+def pixel_transform(preprocess_cfg: dict[str, Any]) -> Callable[[Any], np.ndarray]:
+    """open_clip's inference preprocessing for `preprocess_cfg` up to, not including, ToTensor: PIL image in
+    (resized with PIL as open_clip does, center-cropped, RGB), uint8 [H, W, 3] out. ToTensor only divides by 255,
+    so shipping these bytes and normalising on the model's side (`ClipImageEncoder.encode_uint8`) is lossless."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from torchvision.transforms import Normalize, ToTensor
+
+    compose = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+    steps = list(compose.transforms)
+    cut = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
+    if cut is None or [type(t) for t in steps[cut + 1 :]] != [Normalize]:
+        raise ValueError(
+            f"open_clip preprocessing {steps} is not <PIL steps>, ToTensor, Normalize; cannot split it"
+        )
+    pil_steps = steps[:cut]
+
+    def transform(image: Any) -> np.ndarray:
+        for step in pil_steps:
+            image = step(image)
+        return np.array(image, dtype=np.uint8)  # writable: torch.from_numpy takes it without a copy
+
+    return transform
+
+
+def prepare_image(
+    data: bytes | None, transform: Callable[[Any], np.ndarray]
+) -> tuple[np.ndarray | None, str]:
+    """One image's bytes to uint8 pixels with the safe decoder, or None and the reason `ClipImageEncoder` gives
+    the same bytes ("missing_image", the decoder's codes, "preprocess_error")."""
+    if data is None:
+        return None, "missing_image: no image bytes"
+    try:
+        return transform(decode_image(bytes(data))), ""
+    except ImageError as exc:
+        return None, str(exc)
+    except Exception as exc:  # a decodable but unusable picture is a bad row, not a bad batch
+        return None, f"preprocess_error: {type(exc).__name__}: {exc}"
+
+
 class ClipImageEncoder:
     """Image embeddings: batch["image"] (encoded bytes) -> batch["vector"] float32 [n, dim] and batch["error"].
 
@@ -130,6 +169,88 @@ class ClipImageEncoder:
         with torch.inference_mode():
             features = self._clip.net.encode_image(pixels.to(self._clip.device, self._clip.dtype))
             return F.normalize(features.float(), dim=-1)
+
+    def encode_uint8(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Unit vectors for uint8 pixels [n, H, W, 3] from `pixel_transform`: the same float ops as open_clip's
+        ToTensor (/255) and Normalize, in float32 on the model's device, then `encode_pixels`."""
+        pixels = torch.as_tensor(pixels).to(self._clip.device)
+        cfg = self.preprocess_cfg
+        mean = torch.as_tensor(cfg["mean"], dtype=torch.float32, device=pixels.device)[None, :, None, None]
+        std = torch.as_tensor(cfg["std"], dtype=torch.float32, device=pixels.device)[None, :, None, None]
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = pixels[start : start + self.batch_size].permute(0, 3, 1, 2).contiguous()
+            out.append(self.encode_pixels(chunk.to(torch.float32).div(255).sub_(mean).div_(std)))
+        return torch.cat(out) if out else torch.zeros(0, self.dim, device=self._clip.device)
+
+    def encode_prepared(
+        self, pixels: np.ndarray, errors: np.ndarray, jpegs: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors and errors for rows prepared by the CPU stage: `pixels` uint8 [n, H, W, 3] where `errors` is
+        "", and where `jpegs[i]` holds bytes, a JPEG to decode on this model's GPU (`_device_pixels`); one that
+        fails there, or any when the model is not on a GPU, is decoded here on the CPU with the same reasons."""
+        errors = np.array(errors, dtype=object, copy=True)
+        batch = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(
+            self._clip.device
+        )  # one transfer
+        if jpegs is not None:
+            rows = [i for i, data in enumerate(jpegs) if data is not None and errors[i] == ""]
+            on_device = self._device_pixels([bytes(jpegs[i]) for i in rows]) if rows else []
+            transform = None
+            for k, i in enumerate(rows):
+                got = on_device[k] if on_device else None
+                if got is None:  # not decodable on the GPU, or no GPU: the CPU decoder, with its reasons
+                    transform = transform or pixel_transform(self.preprocess_cfg)
+                    array, errors[i] = prepare_image(jpegs[i], transform)
+                    got = None if array is None else torch.from_numpy(array)
+                if got is not None:
+                    batch[i] = got.to(batch.device)
+        vectors = np.zeros((len(errors), self.dim), np.float32)
+        ok = np.array([e == "" for e in errors], dtype=bool)
+        if ok.any():
+            vectors[ok] = self.encode_uint8(batch[torch.from_numpy(ok).to(batch.device)]).cpu().numpy()
+        return vectors, errors
+
+    def _device_pixels(self, jpegs: list[bytes]) -> list[torch.Tensor]:
+        """JPEGs decoded by nvJPEG and resized/cropped on the GPU (uint8 [H, W, 3]); None for one it cannot
+        decode. Empty (all to the CPU) when the model is not on CUDA or the resize mode is not "shortest".
+        Bicubic with antialias on a tensor is close to, not the same as, PIL's: vectors agree to cosine ~0.99."""
+        cfg = self.preprocess_cfg
+        if self._clip.device.type != "cuda" or cfg.get("resize_mode", "shortest") != "shortest":
+            return []
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        h, w = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecation notice for its image decoders
+            try:
+                decoded: list[torch.Tensor | None] = list(
+                    decode_jpeg(data, mode=ImageReadMode.RGB, device=self._clip.device)
+                )
+            except Exception:  # one bad file fails the batched call: retry one by one
+                decoded = []
+                for d in data:
+                    try:
+                        decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self._clip.device))
+                    except Exception:
+                        decoded.append(None)
+        interpolation = InterpolationMode(cfg.get("interpolation", "bicubic"))
+        out: list[torch.Tensor | None] = []
+        for img in decoded:
+            if img is None:
+                out.append(None)
+                continue
+            # open_clip: Resize(shortest side) then CenterCrop for a square size, else scale to cover then crop.
+            scale = max(h / img.shape[1], w / img.shape[2])
+            size = [h] if h == w else [round(img.shape[1] * scale), round(img.shape[2] * scale)]
+            img = TF.resize(img, size, interpolation=interpolation, antialias=True)
+            out.append(TF.center_crop(img, [h, w]).permute(1, 2, 0))
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]

@@ -100,6 +100,21 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img.convert("RGB")
 
 
+def device_decodable(data: bytes | None, max_pixels: int = MAX_PIXELS) -> bool:
+    """Whether `data` may be decoded by nvJPEG on a GPU, judged from its header alone (no pixel is decoded): a
+    complete JPEG (ends with the EOI marker, so a truncated file is left to the CPU decoder), RGB or grayscale,
+    upright (nvJPEG ignores EXIF orientation), within the size limits. Anything else takes the CPU path, whose
+    `ImageError` reasons are the quarantine reasons."""
+    if not data or not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return False
+    try:
+        img = _open(data, max_pixels)
+        upright = img.getexif().get(0x0112, 1) == 1
+    except Exception:
+        return False
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and upright
+
+
 def resolve_inside(root: str | Path, relative: str) -> Path:
     """Resolve `relative` under `root`, following symlinks, and refuse anything that ends up outside `root`.
 

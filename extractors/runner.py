@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from extractors.images import ImageError, decode_image
+from extractors.images import ImageError, decode_image, device_decodable
 from stores.errors import MmfeatError, TerminalError
 from stores.features import (
     CAPTION_FEATURE,
@@ -196,6 +196,45 @@ def check_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**batch, "image": images, "error": errors}
 
 
+def pixel_pipeline(extractor: ExtractorSpec, source: Source) -> bool:
+    """Whether images for this extractor are decoded, resized and cropped in the CPU stage and reach the model as
+    uint8 pixels: an image encoder that takes prepared pixels (`encode_prepared`, e.g. ClipImageEncoder)."""
+    return source == "image" and callable(getattr(extractor.cls, "encode_prepared", None))
+
+
+def decode_route(data: bytes | None, device_decode: bool) -> Literal["device", "cpu"]:
+    """Where one image is decoded: on the model's GPU (nvJPEG) when the run decodes there and the bytes are a
+    complete, upright RGB/grey JPEG; everywhere else on the CPU, whose errors are the quarantine reasons."""
+    return "device" if device_decode and device_decodable(data) else "cpu"
+
+
+def prepare_pixels(
+    batch: dict[str, np.ndarray], preprocess_cfg: dict[str, Any], device_decode: bool = False
+) -> dict[str, np.ndarray]:
+    """CPU stage of the pixel pipeline: each image decoded with the safe decoder, resized and center-cropped
+    exactly as open_clip does (PIL), as uint8 `pixels` [n, H, W, 3]; a bad one gets its reason and zeros. With
+    `device_decode`, JPEGs the GPU can take keep their bytes in `jpeg` and are decoded by the model stage."""
+    from extractors.clip import pixel_transform, prepare_image
+
+    transform = pixel_transform(preprocess_cfg)
+    size = preprocess_cfg["size"]
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    images = batch["image"]
+    n = len(images)
+    pixels = np.zeros((n, h, w, 3), np.uint8)
+    errors = np.full(n, "", dtype=object)
+    jpegs = np.full(n, None, dtype=object)
+    for i, data in enumerate(images):
+        if decode_route(data, device_decode) == "device":
+            jpegs[i] = bytes(data)
+            continue
+        array, errors[i] = prepare_image(data, transform)
+        if array is not None:
+            pixels[i] = array
+    out = {name: v for name, v in batch.items() if name != "image"} | {"pixels": pixels, "error": errors}
+    return out | ({"jpeg": jpegs} if device_decode else {})
+
+
 # ---- the model stage ---------------------------------------------------------------------------------------------
 
 
@@ -253,7 +292,8 @@ class ModelStage:
             torch.set_num_threads(threads)
         self.extractor = model if model is not None else spec.build()
         self.source, self.output = source, output
-        self.input_column = "image" if source == "image" else "text"
+        pixels = source == "image" and callable(getattr(self.extractor, "encode_prepared", None))
+        self.input_column = "pixels" if pixels else "image" if source == "image" else "text"
         self.provenance = dict(self.extractor.provenance)
         self.params_json = output_params(self.provenance, source, fields, untrained_input)
         self.stamp = json.dumps({"provenance": self.provenance, "params": self.params_json}, default=str)
@@ -285,6 +325,10 @@ def apply_model(
     n = len(ids)
     errors = _errors(batch["error"]) if "error" in batch else np.full(n, "", dtype=object)
     ready = errors == ""
+    if input_column == "pixels":  # prepared by `prepare_pixels`: the model takes the whole batch
+        vectors, errors = extractor.encode_prepared(batch["pixels"], errors, batch.get("jpeg"))
+        errors = _errors(errors)
+        return {"item_id": ids, output: vectors, "error": errors, "called": ready & (errors == "")}
     if output == "vector":
         result = np.zeros((n, int(extractor.provenance["dim"])), np.float32)
     else:
@@ -359,8 +403,11 @@ def run_extraction(
     model = None
     # With nothing stored there is nothing to compare, and every eligible item is to do whatever the model: the
     # workers hash the inputs themselves, and the driver loads no model (that is most of a first run's overhead).
-    if stored or failed or overwrite or not use_ray or eligible.num_rows <= batch_size:
-        provenance, model = _probe(extractor, use_gpu, local=not use_ray)
+    # The pixel pipeline's CPU stage needs the model's preprocessing config before any worker starts.
+    pixels = pixel_pipeline(extractor, source)
+    preprocess_cfg: dict[str, Any] | None = None
+    if pixels or stored or failed or overwrite or not use_ray or eligible.num_rows <= batch_size:
+        provenance, model, preprocess_cfg = _probe(extractor, use_gpu, local=not use_ray)
         if not use_ray and threads:
             import torch
 
@@ -392,10 +439,12 @@ def run_extraction(
         if use_ray:
             expect = provenance_json(provenance) if provenance is not None else None
             batches = _ray_batches(ws, extractor, todo, source, fields, output, versions, batch_size, concurrency,
-                                   threads, use_gpu, expect, untrained_input)  # fmt: skip
+                                   threads, use_gpu, expect, untrained_input, preprocess_cfg)  # fmt: skip
         else:
             stage = ModelStage(None, source, fields, output, model=model, untrained_input=untrained_input)
-            batches = (stage(batch) for batch in _local_inputs(ws, todo, source, versions, batch_size))
+            device_decode = pixels and str(getattr(model, "device", "cpu")).startswith("cuda")
+            inputs = _local_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, device_decode)
+            batches = (stage(batch) for batch in inputs)
         pending: list[dict[str, np.ndarray]] = []
         rows = 0
         for batch in batches:
@@ -466,21 +515,26 @@ def _check_fields(fields: tuple[str, ...]) -> None:
         )
 
 
-def _probe(extractor: ExtractorSpec, use_gpu: bool, local: bool) -> tuple[dict[str, Any], Any]:
+def _probe(
+    extractor: ExtractorSpec, use_gpu: bool, local: bool
+) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
     """Build the extractor where its provenance (model, revision, dim, params) is what the workers will report:
     here on the CPU for CPU workers (the model is kept for small jobs), in a GPU task for GPU workers (precision
-    and dtype depend on the device), here on any device for the local engine."""
+    and dtype depend on the device), here on any device for the local engine. Also returns the image
+    preprocessing config of an image encoder (None for others)."""
     if use_gpu:
         import ray
 
-        return ray.get(ray.remote(num_gpus=1, num_cpus=1)(_provenance_of).remote(extractor)), None
+        provenance, cfg = ray.get(ray.remote(num_gpus=1, num_cpus=1)(_facts_of).remote(extractor))
+        return provenance, None, cfg
     kwargs = {"device": "cpu"} if not local and extractor.takes("device") else {}
     model = extractor.build(**kwargs)
-    return dict(model.provenance), model
+    return dict(model.provenance), model, getattr(model, "preprocess_cfg", None)
 
 
-def _provenance_of(extractor: ExtractorSpec) -> dict[str, Any]:
-    return dict(extractor.build().provenance)
+def _facts_of(extractor: ExtractorSpec) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    model = extractor.build()
+    return dict(model.provenance), getattr(model, "preprocess_cfg", None)
 
 
 def _init_ray() -> bool:
@@ -528,8 +582,11 @@ def _ray_batches(
     use_gpu: bool,
     expect: str | None,
     untrained_input: bool = False,
+    preprocess_cfg: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read (and for images, decode-check) in CPU tasks, run the model in an actor pool, stream batches back."""
+    """Read (and for images, decode-check, or with `preprocess_cfg` decode to uint8 pixels) in CPU tasks, run
+    the model in an actor pool, stream batches back. On a GPU cluster the pixel stage leaves complete JPEGs to
+    the model's GPU (nvJPEG) and the CPU tasks prepare the rest."""
     import ray
 
     resources = ray.cluster_resources()
@@ -545,7 +602,13 @@ def _ray_batches(
         where = {"uri": ws.table_uri("item_images"), "version": versions["item_images"],
                  "storage_options": ws.storage_options}  # fmt: skip
         ds = ds.map_batches(read_images, batch_format="pyarrow", batch_size=None, num_cpus=1, fn_kwargs=where)
-        ds = ds.map_batches(check_images, batch_format="numpy", batch_size=None, num_cpus=1)
+        if preprocess_cfg is not None:
+            prep = {"preprocess_cfg": preprocess_cfg, "device_decode": use_gpu}
+            ds = ds.map_batches(
+                prepare_pixels, batch_format="numpy", batch_size=None, num_cpus=1, fn_kwargs=prep
+            )
+        else:
+            ds = ds.map_batches(check_images, batch_format="numpy", batch_size=None, num_cpus=1)
     stage = {"spec": extractor, "source": source, "fields": fields, "output": output,
              "threads": None if use_gpu else threads, "expect": expect,
              "untrained_input": untrained_input}  # fmt: skip
@@ -562,7 +625,13 @@ def _ray_batches(
 
 
 def _local_inputs(
-    ws: Workspace, todo: pa.Table, source: Source, versions: dict[str, int], batch_size: int
+    ws: Workspace,
+    todo: pa.Table,
+    source: Source,
+    versions: dict[str, int],
+    batch_size: int,
+    preprocess_cfg: dict[str, Any] | None = None,
+    device_decode: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray pipeline's read and decode stages in this process, one batch at a time."""
     for block in _blocks(todo, batch_size):
@@ -571,7 +640,12 @@ def _local_inputs(
                 block, ws.table_uri("item_images"), versions["item_images"], ws.storage_options
             )
         batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
-        yield check_images(batch) if source == "image" else batch
+        if source != "image":
+            yield batch
+        elif preprocess_cfg is not None:
+            yield prepare_pixels(batch, preprocess_cfg, device_decode)
+        else:
+            yield check_images(batch)
 
 
 def _flush(
