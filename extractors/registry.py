@@ -60,12 +60,26 @@ def text_spec(model: str | None) -> ExtractorSpec:
     return ExtractorSpec(TextEncoder, {"model": model})
 
 
-def caption_spec(model: str | None, prompt: str | None = None, max_new_tokens: int = 40) -> ExtractorSpec:
-    """A captioner: None for BLIP-large, "tiny-test" for the untrained toy BLIP, else a hub id or folder."""
+def caption_spec(
+    model: str | None,
+    prompt: str | None = None,
+    max_new_tokens: int = 40,
+    engine: str = "transformers",
+) -> ExtractorSpec:
+    """A captioner: None for BLIP-large, "tiny-test" for the untrained toy BLIP, else a hub id or folder.
+    `engine` "transformers" (default, CPU or GPU) or "vllm" (GPU only, the optional vllm extra; chat VLMs such
+    as Qwen2-VL / Qwen2.5-VL / SmolVLM, see extractors/vllm_captioner.py)."""
+    name = TINY_CAPTIONER if model == TINY else model or DEFAULT_CAPTIONER
+    kwargs = {"model": name, "prompt": prompt, "max_new_tokens": max_new_tokens}
+    if engine == "vllm":
+        from extractors.vllm_captioner import VllmCaptioner
+
+        return ExtractorSpec(VllmCaptioner, kwargs)
+    if engine != "transformers":
+        raise TerminalError(f"caption engine {engine!r} is unknown; use transformers or vllm")
     from extractors.captioner import Captioner
 
-    name = TINY_CAPTIONER if model == TINY else model or DEFAULT_CAPTIONER
-    return ExtractorSpec(Captioner, {"model": name, "prompt": prompt, "max_new_tokens": max_new_tokens})
+    return ExtractorSpec(Captioner, kwargs)
 
 
 def config_spec(
@@ -74,10 +88,11 @@ def config_spec(
     pretrained: str | None = None,
     prompt: str | None = None,
     max_new_tokens: int = 40,
+    caption_engine: str = "transformers",
 ) -> ExtractorSpec:
-    """The spec of a configured extractor (recipes/config.py `ExtractorConfig.kind`)."""
+    """The spec of a configured extractor (recipes/config.py `ExtractorConfig.kind`, `.caption_engine`)."""
     if kind == "caption":
-        return caption_spec(model, prompt, max_new_tokens)
+        return caption_spec(model, prompt, max_new_tokens, caption_engine)
     if kind == "clip_image":
         return image_spec(model, pretrained)
     if kind == "clip_text":
@@ -99,7 +114,12 @@ def _cached(repo: str, files: tuple[str, ...]) -> bool:
 
 def preflight(spec: ExtractorSpec) -> None:
     """Raise a one-line TerminalError when the spec's weights cannot be loaded here: an unknown open_clip
-    weights tag, or (offline) weights that are not in the Hugging Face cache."""
+    weights tag, the vllm engine where vllm is not installed, or (offline) weights that are not in the Hugging Face
+    cache."""
+    from extractors.vllm_captioner import VllmCaptioner, require_vllm
+
+    if spec.cls is VllmCaptioner:
+        require_vllm()
     model, pretrained = spec.kwargs.get("model"), spec.kwargs.get("pretrained")
     if model is None or str(model).startswith(_TEST_PREFIX) or Path(str(model)).exists():
         return

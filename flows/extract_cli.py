@@ -122,16 +122,23 @@ def print_summary(s) -> None:
 )
 @click.option("--prompt", help="Instruction for chat VLMs, or the caption's prefix for BLIP.")
 @click.option("--max-new-tokens", default=40, show_default=True)
+@click.option(
+    "--caption-engine",
+    type=click.Choice(["transformers", "vllm"]),
+    default="transformers",
+    show_default=True,
+    help="transformers (CPU or GPU) or vllm (GPU only; the optional vllm extra, infra/docker/Dockerfile.gpu-vllm).",
+)
 @_run_options
 @click.pass_context
 @_errors
-def caption(ctx, model, prompt, max_new_tokens, **opts):
+def caption(ctx, model, prompt, max_new_tokens, caption_engine, **opts):
     """Caption every item image into the `captions` table (one caption per item; a new model or prompt
     replaces the old caption, and each row records which model and prompt made it)."""
     from extractors.registry import caption_spec
     from stores.features import CAPTION_FEATURE
 
-    spec = caption_spec(model, prompt, max_new_tokens)
+    spec = caption_spec(model, prompt, max_new_tokens, caption_engine)
     _run(ctx, CAPTION_FEATURE, spec, "image", ("title", "text"), opts)
 
 

@@ -147,6 +147,8 @@ class ExtractorConfig(_Strict):
     fields: list[Literal["title", "text", "attributes"]] = Field(default_factory=lambda: ["title", "text"])
     prompt: str | None = None
     max_new_tokens: int = Field(40, ge=1)
+    # transformers (default; CPU or GPU) or vllm (GPU only, the optional vllm extra: extractors/vllm_captioner.py)
+    caption_engine: Literal["transformers", "vllm"] = "transformers"
     batch_size: int = Field(64, ge=1)
     concurrency: int | None = Field(None, ge=1)
     chunk_rows: int = Field(1024, ge=1)
@@ -172,6 +174,8 @@ class ExtractorConfig(_Strict):
             raise ValueError(
                 f"kind {self.kind} needs model: (e.g. test:tiny-clip offline, ViT-B-32 with pretrained:)"
             )
+        if self.caption_engine != "transformers" and self.kind != "caption":
+            raise ValueError(f"caption_engine applies to kind: caption; drop it from kind {self.kind}")
         if self.prompt is not None and self.kind != "caption":
             raise ValueError(f"prompt applies to kind: caption only; remove it from {self.feature}")
         if self.pretrained is not None and not self.kind.startswith("clip"):

@@ -107,7 +107,7 @@ def extract_feature(
 
     e = cfg.extractor(feature)
     table = feature_table(feature)
-    spec = config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens)
+    spec = config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens, e.caption_engine)
     out: dict[str, Any] = {"feature": feature, "table": table}
 
     def build() -> tuple[str, int, dict]:
