@@ -7,16 +7,22 @@
 Pipelines compared: the extractor class as Ray would call it (one process decodes and preprocesses); a CPU
 process pool, then a thread pool, that decode and crop to uint8 while the GPU normalises and encodes; and nvJPEG
 decoding on the GPU (torchvision.io.decode_jpeg) with resizing on the GPU. Vectors go to a temporary LanceDB table.
+Then the product: `mmfeat encode image` (a subprocess: Python and Ray start, the runner's read, decode, model actor
+and chunked keyed writes) on a workspace holding the same JPEGs, and its ratio to the best raw pipeline above.
+Without CUDA (and without --smoke) it stops with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import multiprocessing as mp
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -165,6 +171,71 @@ def write_lancedb(vectors: np.ndarray) -> float:
         return time.perf_counter() - start
 
 
+def require_cuda(script: str, smoke: bool) -> None:
+    """Stop with one line (no traceback) where there is no CUDA device, unless this is a --smoke check."""
+    if not smoke and not torch.cuda.is_available():
+        print(
+            f"{script}: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine "
+            "(bench/gpu_all.sh), or pass --smoke to check the script on CPU",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+
+
+def image_workspace(root: Path, blobs: list[bytes]) -> Path:
+    """A workspace at `root` whose items "i0000000".. each hold one of `blobs` (JPEG), as an ingest leaves them."""
+    from datetime import datetime as _dt
+
+    from stores.schema import ITEM_IMAGES, ITEMS
+    from stores.workspace import Workspace
+
+    now = _dt.now(UTC)
+    ids = [f"i{k:07d}" for k in range(len(blobs))]
+    ws = Workspace(root)
+    items = [
+        {"item_id": i, "title": f"Item {k}", "text": "", "attributes": "{}", "source": "bench",
+         "content_hash": str(k), "created_at": now, "updated_at": now}
+        for k, i in enumerate(ids)
+    ]  # fmt: skip
+    ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
+    images = []
+    for i, blob in zip(ids, blobs, strict=True):
+        width, height = Image.open(io.BytesIO(blob)).size  # header only
+        images.append(
+            {"item_id": i, "sha256": hashlib.sha256(blob).hexdigest(), "format": "JPEG", "width": width,
+             "height": height, "image": blob, "source": "bench", "created_at": now}
+        )  # fmt: skip
+    ws.upsert(ITEM_IMAGES, pa.Table.from_pylist(images, schema=ITEM_IMAGES.schema))
+    return root
+
+
+def mmfeat_run(workspace: Path, args: list[str], timeout: float = 480) -> tuple[dict, float, str]:
+    """Run `mmfeat --workspace W ARGS --json --no-progress` as a user would; returns (summary, wall seconds incl.
+    Python and Ray start, mean GPU util % while it ran). Exits with the CLI's own error line when it fails."""
+    exe = Path(sys.executable).with_name("mmfeat")
+    cmd = [
+        str(exe) if exe.exists() else "mmfeat",
+        "--workspace",
+        str(workspace),
+        *args,
+        "--json",
+        "--no-progress",
+    ]
+    with GpuSampler() as util:
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        wall = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise SystemExit(f"product run failed: {' '.join(cmd[1:])}: {tail}")
+    out = done.stdout
+    return json.loads(out[out.index("{") :]), wall, util.mean
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,7 +253,15 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny model and data: checks the script end to end"
     )
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
+    parser.add_argument(
+        "--product-batch",
+        type=int,
+        default=None,
+        help="--batch-size of `mmfeat encode image` (default --batch)",
+    )
+    parser.add_argument("--no-product", action="store_true", help="skip the `mmfeat encode image` run")
     args = parser.parse_args()
+    require_cuda("gpu_encode", args.smoke)
     if args.smoke:
         args.n, args.batch, args.workers, args.extractor_n, args.model = 64, 16, 2, 32, TINY_CLIP
 
@@ -312,9 +391,42 @@ def main() -> None:
         stages.append(("GPU decode", "model", 1000 * (time.perf_counter() - t2)))
     pool.close()
 
-    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    # 4. The product: `mmfeat encode image` on a workspace holding the same JPEGs (the raw floor's model is freed).
+    product_note = ""
+    if not args.no_product:
+        floor_name = (
+            "GPU decode end to end (with write)"
+            if device.type == "cuda"
+            else "CPU pool end to end (with write)"
+        )
+        floor = next(n / secs for name, n, secs, _ in rows if name == floor_name)
+        del encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with tempfile.TemporaryDirectory() as tmp:
+            ws_path = image_workspace(Path(tmp) / "ws", blobs)
+            model_args = ["--model", "tiny-test"] if args.model == TINY_CLIP else ["--model", args.model]
+            summary, wall, util = mmfeat_run(
+                ws_path,
+                ["encode", "image", *model_args, "--batch-size", str(args.product_batch or args.batch),
+                 "--chunk-rows", str(max(1024, args.batch))],
+            )  # fmt: skip
+        done = summary["done"]
+        rows.append(
+            ("`mmfeat encode image` (runner: read, decode, model, writes)", done, summary["seconds"], util)
+        )
+        rows.append(("`mmfeat encode image` wall (+ Python, imports, Ray start)", done, wall, "-"))
+        ratio = done / summary["seconds"] / floor
+        product_note = (
+            f"Product / raw floor ({floor_name}): {ratio:.2f}x by the runner's own seconds, "
+            f"{done / wall / floor:.2f}x by wall time; {done} of {args.n} done, {summary['failed']} failed, "
+            f"engine {summary['engine']}."
+        )
+        print(product_note)
+
+    device_label = device_name()
     lines = [
-        f"### gpu_encode: {args.model} (untrained), {device_name}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"### gpu_encode: {args.model} (untrained), {device_label}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"`python bench/gpu_encode.py --n {args.n} --batch {args.batch} --workers {args.workers}"
         f"{' --smoke' if args.smoke else ''}`; torch {torch.__version__}, {os.cpu_count()} CPU cores, "
@@ -334,6 +446,7 @@ def main() -> None:
         + (f", GPU decode {gpu_agree:.4f}" if gpu_agree is not None else "")
         + " (1.0 = same pixels; resize kernels differ slightly).",
         "",
+        *([product_note, ""] if product_note else []),
     ]
     text = "\n".join(lines)
     print(text)

@@ -222,3 +222,15 @@ def test_gpu_vllm_image_extends_the_gpu_worker_image_with_the_extra():
     ray_pin = re.compile(r"ray\[[a-z,]+\]==([\d.]+)")
     assert ray_pin.search(vllm_file).group(1) == ray_pin.search(main).group(1)
     assert not any("vllm" in d for d in project["optional-dependencies"]["test"] + project["dependencies"])
+
+
+@pytest.mark.parametrize("script", ["gpu_caption.py", "gpu_all.sh"])  # gpu_caption imports gpu_encode
+def test_gpu_benchmarks_stop_with_one_line_without_cuda(script):
+    """Where CUDA is absent, each GPU benchmark exits 2 with one stderr line saying so, never a traceback."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    path = REPO / "bench" / script
+    cmd = ["bash", str(path)] if script.endswith(".sh") else [sys.executable, str(path)]
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "no CUDA device" in lines[0], done.stderr
