@@ -1,7 +1,7 @@
 """Exact cosine top-k item-item graphs from feature matrices, normalised as LATTICE and FREEDOM do in MMRec.
 
-Similarities are computed in tiles of `block_rows` queries x at most `max_tile / block_rows` items with
-torch.mm, keeping a running top-k, so memory is O(N * k + max_tile) whatever N is. `block_topk` is the one exact
+Similarities are computed in tiles of `block_rows` queries x at most `min(max_tile, TILE_CAP) / block_rows` items
+with one float32 GEMM each (NumPy's BLAS), keeping a running top-k, so memory is O(N * k + tile) whatever N is. `block_topk` is the one exact
 kernel: `knn_topk` maps it over the query blocks in process, or over Ray actors with
 `map_blocks=extractors.knn_actors.ray_map_blocks` (same result); the approximate search (faiss, recall measured
 on a sample) is recipes/graphs/knn_ann.py. Any search plugs into `topk_edges(..., search=)`, so the mask and the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -82,37 +83,69 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
     return x / norm
 
 
+TILE_CAP = 1 << 21
+"""Similarity entries computed per BLAS call (8 MB of float32): large enough for an efficient GEMM, small enough
+that the tile stays in cache-friendly sizes and adds little to peak memory, whatever `max_tile` allows."""
+
+
 def block_topk(
     x: np.ndarray, rows: np.ndarray, k: int, exclude_self: bool = False, max_tile: int = 1 << 26
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of the unit rows x[rows] against all rows of x (already L2-normalised, float32): (indices int64
-    [len(rows), k], similarities float32), descending. The one exact kernel: `knn_topk` runs it block by block
-    in this process, extractors/knn_actors.py on Ray actors, knn_ann.py on its recall sample."""
-    import torch
+    [len(rows), k], similarities float32), descending. The one exact kernel:
+    `knn_topk` runs it block by block in this process, extractors/knn_actors.py on Ray actors, knn_ann.py on
+    its recall sample.
 
-    xt = torch.from_numpy(x)
-    n = xt.shape[0]
-    cols = max(min(n, max_tile // max(len(rows), 1)), k + 1)
-    query = xt[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
-    own = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    best_sim = best_idx = None
-    with torch.inference_mode():
-        for c0 in range(0, n, cols):
-            c1 = min(c0 + cols, n)
-            sim = torch.mm(query, xt[c0:c1].T)
-            if exclude_self:
-                hit = torch.nonzero((own >= c0) & (own < c1)).ravel()
-                sim[hit, own[hit] - c0] = -torch.inf
-            val, idx = torch.topk(sim, min(k, c1 - c0), dim=1)
-            idx += c0
-            if best_sim is None:
-                best_sim, best_idx = val, idx
-            else:
-                val = torch.cat((best_sim, val), dim=1)
-                idx = torch.cat((best_idx, idx), dim=1)
-                best_sim, pos = torch.topk(val, k, dim=1)
-                best_idx = torch.gather(idx, 1, pos)
-    return best_idx.numpy(), best_sim.numpy()
+    Column tiles of at most min(max_tile, TILE_CAP) entries are filled by one float32 GEMM into a reused buffer;
+    only entries above each row's current k-th best leave the tile (few after the first tile), so selection
+    costs a comparison per entry instead of a partial sort."""
+    rows = np.asarray(rows, dtype=np.int64)
+    b, n = len(rows), x.shape[0]
+    cols = max(min(n, min(max_tile, TILE_CAP) // max(b, 1)), k + 1)
+    query = x[rows]
+    tile = np.empty((b, cols), dtype=np.float32)
+    for c0 in range(0, n, cols):
+        c1 = min(c0 + cols, n)
+        sim = tile if c1 - c0 == cols else np.empty((b, c1 - c0), dtype=np.float32)
+        np.matmul(query, x[c0:c1].T, out=sim)
+        if exclude_self:
+            hit = np.flatnonzero((rows >= c0) & (rows < c1))
+            sim[hit, rows[hit] - c0] = -np.inf
+        if c0 == 0:
+            # the first tile seeds every row's top-k (a partial sort; later tiles only filter)
+            top = np.argpartition(sim, -k, axis=1)[:, -k:] if c1 > k else np.indices(sim.shape)[1]
+            best_sim, best_idx = np.take_along_axis(sim, top, axis=1), top.astype(np.int64)
+            continue
+        flat = np.flatnonzero(sim > best_sim.min(axis=1, keepdims=True))
+        if not len(flat):
+            continue
+        r, c = np.divmod(flat, sim.shape[1])
+        best_sim, best_idx = _merge_topk(best_sim, best_idx, r, sim.ravel()[flat], c + c0, k)
+    order = _row_order(best_sim, best_idx)
+    return np.take_along_axis(best_idx, order, axis=1), np.take_along_axis(best_sim, order, axis=1)
+
+
+def _row_order(sim: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Per row, the positions sorted by similarity descending, then index ascending."""
+    b, k = sim.shape
+    row = np.repeat(np.arange(b), k)
+    flat = np.lexsort((idx.ravel(), -sim.ravel(), row))
+    return (flat - row * k).reshape(b, k)
+
+
+def _merge_topk(
+    best_sim: np.ndarray, best_idx: np.ndarray, r: np.ndarray, sim: np.ndarray, idx: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best among its current top-k and the candidates (row r, similarity sim, index idx)."""
+    b = best_sim.shape[0]
+    rows = np.concatenate((np.repeat(np.arange(b), k), r))
+    sims = np.concatenate((best_sim.ravel(), sim))
+    idxs = np.concatenate((best_idx.ravel(), idx))
+    # one float64 sort key: row first, then similarity descending (cosines lie in [-1, 1], exact in float64)
+    order = np.argsort(rows * 4.0 + (1.0 - sims.astype(np.float64)))
+    start = np.searchsorted(rows[order], np.arange(b))
+    pick = order[(start[:, None] + np.arange(k)).ravel()]
+    return sims[pick].reshape(b, k), idxs[pick].reshape(b, k)
 
 
 def check_k(n: int, k: int, exclude_self: bool) -> None:
@@ -127,8 +160,13 @@ in process by default, or extractors.knn_actors.ray_map_blocks over a Ray actor 
 
 
 def local_map_blocks(kernel: Callable, x: np.ndarray, blocks: list[np.ndarray], **kwargs) -> Iterator:
-    """Each block in this process, one after another."""
-    return (kernel(x, rows, **kwargs) for rows in blocks)
+    """Each block in this process, on as many threads as BLAS was given, in order. Each GEMM runs on one BLAS
+    thread, as on a one-CPU Ray actor: OpenBLAS's arithmetic (hence the last bit) depends on its thread count."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threads = max([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] or [1])
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        yield from pool.map(lambda rows: kernel(x, rows, **kwargs), blocks)
 
 
 def knn_topk(
