@@ -101,9 +101,9 @@ def kcore_mask(
         raise ValueError(f"k-core thresholds must be >= 0, got users={k_user} items={k_item}")
     if counts not in KCORE_COUNTS:
         raise ValueError(f"counts={counts!r}; expected one of {KCORE_COUNTS}")
-    alive = np.arange(len(user), dtype=np.int64)
     if (k_user <= 1 and k_item <= 1) or len(user) == 0:
         return np.ones(len(user), dtype=bool)
+    alive = np.arange(len(user), dtype=np.int32 if len(user) < 2**31 else np.int64)
     n_users, n_items = int(user.max()) + 1, int(item.max()) + 1
     # A pair's rows live or die together (same user, same item), so "the first row of each pair" is fixed once:
     # counting only those rows counts distinct partners in every round.
@@ -112,6 +112,7 @@ def kcore_mask(
         key, order = pair_order(user, item)
         sorted_key = key[order]
         first[order[1:][sorted_key[1:] == sorted_key[:-1]]] = False
+        del key, order, sorted_key  # 24 bytes a row not held through the rounds
     u, i, f = user, item, first
     while len(alive):
         bad_u = np.bincount(u[f], minlength=n_users) < k_user

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from recipes import splits
+from recipes import splits, streamed
 from recipes.graphs import cooccur, hypergraph, knn_ann
 from recipes.graphs import knn as knn_graph
 from recipes.graphs import user_item as ui_graph
@@ -38,13 +38,22 @@ def build_split(
     cfg: splits.SplitConfig,
     interactions_version: int | None = None,
     force: bool = False,
+    engine: str = "auto",
 ) -> dict:
-    """Split the workspace's interactions (at a pinned version) and store `split_<name>` with its manifest."""
+    """Split the workspace's interactions (at a pinned version) and store `split_<name>` with its manifest.
+    engine "memory" reads the table whole, "stream" in batches (recipes/streamed.py: same rows, bounded memory),
+    "auto" streams above streamed.STREAM_ABOVE_ROWS rows."""
     version = ws.version("interactions") if interactions_version is None else interactions_version
     if version is None:
         raise KeyError("the workspace has no interactions yet; run `mmfeat ingest ...` first")
+    if engine not in ("auto", "memory", "stream"):
+        raise ValueError(f"engine={engine!r}; expected 'auto', 'memory' or 'stream'")
 
     def build() -> tuple[str, int, dict]:
+        rows = ws.dataset("interactions", version).count_rows()
+        if engine == "stream" or (engine == "auto" and rows > streamed.STREAM_ABOVE_ROWS):
+            stream, keys, counts = streamed.split_stream(ws, version, cfg)
+            return f"split_{name}", artifacts.write_split(ws, name, stream, keys), {"counts": counts}
         split = splits.make_split(ws.read("interactions", version=version), cfg)
         return f"split_{name}", artifacts.write_split(ws, name, split), {"counts": splits.split_counts(split)}
 
@@ -90,7 +99,11 @@ def build_ui_graph(
     """User-item graph from the split's train rows: raw, symmetric (FREEDOM/LightGCN) or LATTICE-normalised."""
     inputs = _split_inputs(ws, split_name)
 
-    def build() -> tuple[sp.spmatrix, pa.Table]:
+    def build() -> tuple[sp.spmatrix, pa.Table | tuple[np.ndarray, np.ndarray]]:
+        table, version = f"split_{inputs['split']}", inputs["split_version"]
+        if ws.dataset(table, version).count_rows() > streamed.STREAM_ABOVE_ROWS:  # batches: bounded memory
+            train, nodes = streamed.train_matrix_stream(ws, table, version)
+            return ui_graph.normalize(ui_graph.bipartite(train), norm), nodes
         split = _load(ws, inputs)
         return ui_graph.ui_adjacency(split, norm), split
 

@@ -35,7 +35,7 @@ Scheme = Literal["random", "temporal", "loo", "cutoff"]
 SCHEMES: tuple[str, ...] = ("random", "temporal", "loo", "cutoff")
 TRAIN, VALID, TEST = 0, 1, 2
 
-__all__ = ["SplitConfig", "holdout_counts", "make_split", "split_counts"]
+__all__ = ["SplitConfig", "holdout_counts", "make_split", "split_codes", "split_counts"]
 
 
 @strict_config
@@ -195,6 +195,61 @@ def _cutoff_labels(ts: np.ndarray, cfg: SplitConfig) -> np.ndarray:
     return labels
 
 
+def split_codes(
+    user: np.ndarray, item: np.ndarray, ts: np.ndarray, cfg: SplitConfig, present: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, labels) of `make_split` from integer columns alone: keep is a row mask of the input (dedup, then
+    k-core), labels the int8 label of each kept row in input order. `user`/`item` are codes whose order is the
+    sorted order of the string ids (`stores.ids.sorted_codes`), `ts` epoch seconds. Holds no strings, so a
+    caller that streams the table (recipes/streamed.py) needs ~16 bytes a row plus the sorts; such a caller passes
+    arrays it holds no other reference to (they are dropped as soon as filtered) and a `present` dict, filled with
+    the "users" and "items" code masks of the kept rows."""
+    keep = dedup_mask(user, item, ts, cfg.dedup)
+    k_user, k_item = (cfg.kcore, cfg.kcore) if isinstance(cfg.kcore, int) else cfg.kcore
+    if k_user > 1 or k_item > 1:
+        idx = np.flatnonzero(keep)
+        core = kcore_mask(user[idx], item[idx], k_user, k_item, cfg.kcore_counts)
+        keep[idx[~core]] = False
+        del idx, core
+    if not keep.any():
+        raise ValueError(f"nothing left after dedup={cfg.dedup!r} and kcore={cfg.kcore!r}; lower kcore")
+    user, item, ts = user[keep], item[keep], ts[keep]
+    # The pair sort is made again over the kept rows only (not held through the k-core): where kept pairs repeat
+    # the order is a lexsort, and where none does the pair keys are distinct, so any argsort gives the same order.
+    canonical = None
+    if cfg.scheme != "cutoff":
+        key, order = pair_order(user, item)
+        canonical = _canonical_order(np.ones(len(user), dtype=bool), key, order, ts)
+        del key, order
+    # Re-number to contiguous codes after filtering (order-preserving, so still sorted by string id).
+    if present is not None:
+        present["users"] = np.bincount(user) > 0
+        present["items"] = np.bincount(item) > 0
+    user = np.cumsum(np.bincount(user) > 0)[user] - 1
+    del item
+
+    labels = np.zeros(len(user), dtype=np.int8)
+    if cfg.scheme == "cutoff":
+        labels = _cutoff_labels(ts, cfg)
+    else:
+        n_users = int(user.max()) + 1
+        if cfg.scheme == "random":
+            rng = np.random.default_rng(cfg.seed)
+            draw = rng.integers(0, 2**32, size=len(canonical), dtype=np.int64)
+            order = canonical[np.argsort((user[canonical].astype(np.int64) << 32) | draw)]
+            del draw
+        else:
+            order = _chronological(user, ts, canonical)
+        del canonical
+        counts = np.bincount(user, minlength=n_users)
+        if cfg.scheme == "loo":
+            n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
+        else:
+            n_valid, n_test = holdout_counts(counts, cfg.ratios, cfg.min_ratio_inters)
+        labels[order] = _labels_by_position(user[order], n_valid, n_test)
+    return keep, labels
+
+
 def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
     """De-duplicate, k-core, then label every row 0 train / 1 validation / 2 test. Deterministic.
 
@@ -214,42 +269,8 @@ def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
         raise ValueError("interactions already have a 'label' column; pass the unsplit interactions")
     user, _ = sorted_codes(interactions["user_id"], with_uniques=False)
     item, _ = sorted_codes(interactions["item_id"], with_uniques=False)
-    ts = seconds(interactions["timestamp"])
-
-    key, order = pair_order(user, item)
-    keep = dedup_mask(user, item, ts, cfg.dedup, pairs=(key, order))
-    k_user, k_item = (cfg.kcore, cfg.kcore) if isinstance(cfg.kcore, int) else cfg.kcore
-    if k_user > 1 or k_item > 1:
-        idx = np.flatnonzero(keep)
-        core = kcore_mask(user[idx], item[idx], k_user, k_item, cfg.kcore_counts)
-        keep[idx[~core]] = False
+    keep, labels = split_codes(user, item, seconds(interactions["timestamp"]), cfg)
     table = interactions if keep.all() else interactions.filter(pa.array(keep))
-    if table.num_rows == 0:
-        raise ValueError(f"nothing left after dedup={cfg.dedup!r} and kcore={cfg.kcore!r}; lower kcore")
-    canonical = None if cfg.scheme == "cutoff" else _canonical_order(keep, key, order, ts)
-    del key, order
-    user, item, ts = user[keep], item[keep], ts[keep]
-    # Re-number to contiguous codes after filtering (order-preserving, so still sorted by string id).
-    user = np.cumsum(np.bincount(user) > 0)[user] - 1
-    item = np.cumsum(np.bincount(item) > 0)[item] - 1
-
-    labels = np.zeros(len(user), dtype=np.int8)
-    if cfg.scheme == "cutoff":
-        labels = _cutoff_labels(ts, cfg)
-    else:
-        n_users = int(user.max()) + 1
-        if cfg.scheme == "random":
-            rng = np.random.default_rng(cfg.seed)
-            draw = rng.integers(0, 2**32, size=len(canonical), dtype=np.int64)
-            order = canonical[np.argsort((user[canonical].astype(np.int64) << 32) | draw)]
-        else:
-            order = _chronological(user, ts, canonical)
-        counts = np.bincount(user, minlength=n_users)
-        if cfg.scheme == "loo":
-            n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
-        else:
-            n_valid, n_test = holdout_counts(counts, cfg.ratios, cfg.min_ratio_inters)
-        labels[order] = _labels_by_position(user[order], n_valid, n_test)
     return table.append_column("label", pa.array(labels, type=pa.int8()))
 
 

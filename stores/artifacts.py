@@ -37,11 +37,24 @@ GRAPH_SCHEMA = pa.schema(
 VECTOR_PREFIX = "feat_"
 
 
-def write_table(ws: Workspace, name: str, data: pa.Table) -> int:
+def write_table(
+    ws: Workspace,
+    name: str,
+    data: pa.Table | pa.RecordBatchReader,
+    keys: dict[str, set[str]] | None = None,
+) -> int:
     """Replace a table's rows with `data` as a new Lance version (older versions stay readable). Under the write
-    lease, and refused when `data` names a user or item forgotten while it was built."""
+    lease, and refused when `data` names a user or item forgotten while it was built.
+
+    `data` may be a RecordBatchReader, streamed into Lance without ever being whole in memory; then `keys`
+    ({"user": ids, "item": ids}: every user and item it names) must be given, as the stream is read only once."""
     with write_lease(ws, f"artifact:{name}") as lease:
-        _refuse_forgotten(ws, name, data)
+        if isinstance(data, pa.RecordBatchReader):
+            if keys is None:
+                raise ValueError(f"writing {name} from a stream needs keys={{'user': ..., 'item': ...}}")
+            _refuse_keys(ws, name, keys)
+        else:
+            _refuse_forgotten(ws, name, data)
         lease.check()
         if ws.exists(name):
             table = ws.open(name)
@@ -63,6 +76,10 @@ def _refuse_forgotten(ws: Workspace, name: str, data: pa.Table) -> None:
             for key, kind in zip(pairs["k"].to_pylist(), pairs["t"].to_pylist(), strict=True):
                 if kind in keys:
                     keys[kind].add(key)
+    _refuse_keys(ws, name, keys)
+
+
+def _refuse_keys(ws: Workspace, name: str, keys: dict[str, set[str]]) -> None:
     gone = {kind: denied_keys(ws, kind, ids) for kind, ids in keys.items()}
     if any(gone.values()):
         counts = ", ".join(f"{len(v)} {k}s" for k, v in gone.items() if v)
@@ -106,16 +123,29 @@ def list_artifacts(ws: Workspace, kind: str | None = None) -> list[dict]:
 # ---- splits ------------------------------------------------------------------------------------------------
 
 
-def write_split(ws: Workspace, name: str, split: pa.Table) -> int:
-    """Write `split_<name>` (a new version); the caller records its manifest (stores/steps.py `run_step`)."""
-    data = pa.Table.from_arrays(
+def write_split(
+    ws: Workspace,
+    name: str,
+    split: pa.Table | pa.RecordBatchReader,
+    keys: dict[str, set[str]] | None = None,
+) -> int:
+    """Write `split_<name>` (a new version); the caller records its manifest (stores/steps.py `run_step`).
+    A RecordBatchReader is streamed batch by batch (then `keys` as in `write_table`)."""
+    if isinstance(split, pa.RecordBatchReader):
+        batches = (_conform_split(pa.Table.from_batches([b])).to_batches()[0] for b in split if b.num_rows)
+        stream = pa.RecordBatchReader.from_batches(SPLIT_SCHEMA, batches)
+        return write_table(ws, f"split_{name}", stream, keys)
+    return write_table(ws, f"split_{name}", _conform_split(split))
+
+
+def _conform_split(split: pa.Table) -> pa.Table:
+    return pa.Table.from_arrays(
         [
             split[f.name].cast(f.type) if f.name in split.column_names else pa.nulls(split.num_rows, f.type)
             for f in SPLIT_SCHEMA
         ],
         schema=SPLIT_SCHEMA,
-    )
-    return write_table(ws, f"split_{name}", data)
+    ).combine_chunks()
 
 
 def save_split(ws: Workspace, name: str, split: pa.Table, info: dict) -> dict:
@@ -173,6 +203,10 @@ def node_ids(split: pa.Table, kind: str) -> tuple[np.ndarray, list[str]]:
     from stores.ids import id_maps
 
     users, items = id_maps(split)
+    return _nodes_of(users, items, kind)
+
+
+def _nodes_of(users: np.ndarray, items: np.ndarray, kind: str) -> tuple[np.ndarray, list[str]]:
     if kind == "item":
         return items, ["item"] * len(items)
     if kind == "user":
@@ -189,31 +223,66 @@ def save_graph(
 
 
 def write_graph(
-    ws: Workspace, name: str, matrix: sp.spmatrix, split: pa.Table, node_kind: str
+    ws: Workspace,
+    name: str,
+    matrix: sp.spmatrix,
+    split: pa.Table | tuple[np.ndarray, np.ndarray],
+    node_kind: str,
 ) -> tuple[int, dict]:
     """Write `graph_<name>` as a string-keyed edge table; returns its version and {node_kind, nodes, edges} for
-    the manifest the caller records."""
-    ids, kinds = node_ids(split, node_kind)
-    coo = sp.coo_matrix(matrix)
-    if coo.shape != (len(ids), len(ids)):
+    the manifest the caller records. `split` orders the nodes: the split itself, or its id maps (users, items)
+    from `id_maps`. Edges stream out in row-major order, a block of rows at a time, so the string columns are
+    never whole in memory."""
+    if isinstance(split, tuple):
+        users, items = split
+        ids, kinds = _nodes_of(users, items, node_kind)
+    else:
+        ids, kinds = node_ids(split, node_kind)
+    csr = sp.csr_matrix(matrix)
+    if csr.shape != (len(ids), len(ids)):
         raise ValueError(
-            f"graph shape {coo.shape} does not match the {len(ids)} {node_kind} nodes of the split"
+            f"graph shape {csr.shape} does not match the {len(ids)} {node_kind} nodes of the split"
         )
     ids_arr = pa.array(ids, pa.string())
     kinds_arr = pa.array(kinds, pa.string())
-    rows, cols = pa.array(coo.row.astype(np.int64)), pa.array(coo.col.astype(np.int64))
-    data = pa.table(
-        {
-            "src": ids_arr.take(rows),
-            "dst": ids_arr.take(cols),
-            "src_kind": kinds_arr.take(rows),
-            "dst_kind": kinds_arr.take(cols),
-            "weight": pa.array(coo.data.astype(np.float32)),
-        },
-        schema=GRAPH_SCHEMA,
-    )
-    version = write_table(ws, f"graph_{name}", data)
-    return version, {"node_kind": node_kind, "nodes": len(ids), "edges": int(coo.nnz)}
+    used = np.diff(csr.indptr) > 0
+    used[csr.indices] = True
+    keys: dict[str, set[str]] = {"user": set(), "item": set()}
+    for kind in keys:
+        mask = used & pc.equal(kinds_arr, kind).to_numpy(zero_copy_only=False)
+        keys[kind] = set(ids_arr.filter(pa.array(mask)).to_pylist())
+
+    def blocks():
+        start = 0
+        while start < csr.shape[0]:
+            # rows until ~_EDGE_BLOCK edges (at least one row)
+            stop = int(np.searchsorted(csr.indptr, csr.indptr[start] + _EDGE_BLOCK, side="right")) - 1
+            stop = min(max(stop, start + 1), csr.shape[0])
+            lo, hi = int(csr.indptr[start]), int(csr.indptr[stop])
+            if hi > lo:
+                rows = pa.array(
+                    np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(csr.indptr[start : stop + 1]))
+                )
+                cols = pa.array(csr.indices[lo:hi].astype(np.int64))
+                yield pa.record_batch(
+                    [
+                        ids_arr.take(rows),
+                        ids_arr.take(cols),
+                        kinds_arr.take(rows),
+                        kinds_arr.take(cols),
+                        pa.array(csr.data[lo:hi].astype(np.float32)),
+                    ],
+                    schema=GRAPH_SCHEMA,
+                )
+            start = stop
+
+    stream = pa.RecordBatchReader.from_batches(GRAPH_SCHEMA, blocks())
+    version = write_table(ws, f"graph_{name}", stream, keys)
+    return version, {"node_kind": node_kind, "nodes": len(ids), "edges": int(csr.nnz)}
+
+
+_EDGE_BLOCK = 1 << 21
+"""Edges per streamed block of a graph write: ~100 MB of string columns."""
 
 
 def load_graph(ws: Workspace, name: str, version: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:

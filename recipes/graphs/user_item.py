@@ -54,28 +54,57 @@ def train_matrix(split: pa.Table) -> sp.csr_matrix:
 
 
 def bipartite(r: sp.spmatrix) -> sp.csr_matrix:
-    """The (n_users + n_items)^2 symmetric adjacency [[0, R], [R^T, 0]] of a users x items matrix."""
+    """The (n_users + n_items)^2 symmetric adjacency [[0, R], [R^T, 0]] of a users x items matrix.
+
+    Built from R's CSR and its transpose's directly (int32 indices, no COO triplets), so it costs the output
+    and one transpose: what makes a 100M-edge graph fit."""
     n_users, n_items = r.shape
-    coo = r.tocoo()
-    rows = np.concatenate((coo.row, coo.col + n_users))
-    cols = np.concatenate((coo.col + n_users, coo.row))
-    data = np.concatenate((coo.data, coo.data)).astype(np.float32)
+    top = sp.csr_matrix(r, dtype=np.float32)
+    top.sum_duplicates()
+    bottom = sp.csr_matrix(top.T)  # CSC of R read as CSR of R^T: sorted indices, no copy of the triplets
+    bottom.sort_indices()
     n = n_users + n_items
-    return sp.csr_matrix((data, (rows, cols)), shape=(n, n))
+    indptr = np.concatenate((top.indptr, top.indptr[-1] + bottom.indptr[1:])).astype(np.int64)
+    index_type = np.int32 if n < 2**31 else np.int64
+    indices = np.concatenate((top.indices.astype(index_type) + n_users, bottom.indices.astype(index_type)))
+    data = np.concatenate((top.data, bottom.data))
+    del top, bottom
+    return sp.csr_matrix((data, indices, indptr), shape=(n, n))
+
+
+_NORM_BLOCK = 1 << 22
+
+
+def _row_blocks(indptr: np.ndarray):
+    """(lo, hi, row of each entry) over whole rows of ~_NORM_BLOCK entries, covering every entry once."""
+    nnz = int(indptr[-1])
+    bounds = np.unique(
+        np.searchsorted(indptr, np.arange(0, nnz + _NORM_BLOCK, _NORM_BLOCK), side="right") - 1
+    )
+    bounds = np.unique(np.concatenate(([0], bounds, [len(indptr) - 1])))
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        lo, hi = int(indptr[a]), int(indptr[b])
+        if hi > lo:
+            yield lo, hi, np.repeat(np.arange(a, b), np.diff(indptr[a : b + 1]))
 
 
 def sym_normalize(adj: sp.spmatrix, eps: float = 1e-7) -> sp.csr_matrix:
     """D^-1/2 A D^-1/2 with D the count of non-zeros per row plus eps, FREEDOM's / LightGCN's `get_norm_adj_mat`.
 
     The eps (1e-7) is added to the degree before the power, exactly as MMRec does, so isolated nodes get a
-    finite (unused) scale instead of inf.
+    finite (unused) scale instead of inf. Scaled a block of entries at a time, so the float64 temporaries stay
+    small whatever the edge count.
     """
     csr = sp.csr_matrix(adj, dtype=np.float32, copy=True)
     csr.sum_duplicates()
-    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
-    deg = np.bincount(rows, weights=(csr.data > 0), minlength=csr.shape[0])
+    n_rows = csr.shape[0]
+    deg = np.zeros(n_rows, dtype=np.float64)
+    for lo, hi, rows in _row_blocks(csr.indptr):
+        deg += np.bincount(rows, weights=(csr.data[lo:hi] > 0), minlength=n_rows)
     d = np.power(deg + eps, -0.5)
-    csr.data = (d[rows] * csr.data.astype(np.float64) * d[csr.indices]).astype(np.float32)
+    for lo, hi, rows in _row_blocks(csr.indptr):
+        block = csr.data[lo:hi].astype(np.float64)
+        csr.data[lo:hi] = (d[rows] * block * d[csr.indices[lo:hi]]).astype(np.float32)
     return csr
 
 
@@ -95,7 +124,11 @@ def ui_adjacency(split: pa.Table, norm: Norm = "sym") -> sp.csr_matrix:
     norm: "none" raw binary bipartite A; "sym" D^-1/2 A D^-1/2 with degree + 1e-7 (FREEDOM, LightGCN,
     BM3, ... in MMRec); "lattice" D^-1 (A + I) (LATTICE).
     """
-    a = bipartite(train_matrix(split))
+    return normalize(bipartite(train_matrix(split)), norm)
+
+
+def normalize(a: sp.spmatrix, norm: Norm = "sym") -> sp.csr_matrix:
+    """`a` normalised as `ui_adjacency` says for `norm`."""
     if norm == "none":
         return a
     if norm == "sym":
