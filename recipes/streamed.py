@@ -25,13 +25,15 @@ from stores.ids import seconds
 from stores.workspace import Workspace
 
 BATCH_ROWS = 1 << 20
+SCAN = {"batch_size": BATCH_ROWS, "batch_readahead": 2, "fragment_readahead": 1, "io_buffer_size": 64 << 20}
+"""Lance scan settings: a few batches in flight, not Lance's default GB-sized read-ahead buffer."""
 STREAM_ABOVE_ROWS = 2_000_000
 """`engine="auto"` streams tables with more rows than this; below it the in-memory recipe is faster."""
 
 
 def scan(ws: Workspace, name: str, version: int | None, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """Record batches of `columns` of a table at `version`, in the table's row order."""
-    yield from ws.dataset(name, version).to_batches(columns=columns, batch_size=BATCH_ROWS)
+    yield from ws.dataset(name, version).to_batches(columns=columns, **SCAN)
 
 
 def sorted_ids(
@@ -39,7 +41,7 @@ def sorted_ids(
 ) -> pa.Array:
     """The sorted distinct strings of a column (an id map: position = contiguous id), read batch by batch."""
     seen: list[pa.Array] = []
-    for batch in ws.dataset(name, version).to_batches(columns=[column], filter=where, batch_size=BATCH_ROWS):
+    for batch in ws.dataset(name, version).to_batches(columns=[column], filter=where, **SCAN):
         seen.append(pc.unique(batch[column].cast(pa.string())))
         if len(seen) > 16:
             seen = [pc.unique(pa.concat_arrays(seen))]
@@ -60,7 +62,7 @@ def _code_columns(dataset, table: str, users: pa.Array, items: pa.Array) -> list
     item = np.empty(n, np.int32)
     ts = np.empty(n, np.int64)
     at = 0
-    for batch in dataset.to_batches(columns=["user_id", "item_id", "timestamp"], batch_size=BATCH_ROWS):
+    for batch in dataset.to_batches(columns=["user_id", "item_id", "timestamp"], **SCAN):
         m = batch.num_rows
         user[at : at + m] = _codes(batch["user_id"], users)
         item[at : at + m] = _codes(batch["item_id"], items)
@@ -96,7 +98,7 @@ def split_stream(
 
     def rows() -> Iterator[pa.RecordBatch]:
         at, out = 0, 0
-        for batch in dataset.to_batches(batch_size=BATCH_ROWS):
+        for batch in dataset.to_batches(**SCAN):
             m = batch.num_rows
             mask = keep[at : at + m]
             kept = batch.filter(pa.array(mask))
@@ -123,7 +125,7 @@ def train_matrix_stream(ws: Workspace, name: str, version: int | None) -> tuple[
     u_parts: list[np.ndarray] = []
     i_parts: list[np.ndarray] = []
     for batch in ws.dataset(name, version).to_batches(
-        columns=["user_id", "item_id"], filter="label = 0", batch_size=BATCH_ROWS
+        columns=["user_id", "item_id"], filter="label = 0", **SCAN
     ):
         u_parts.append(_codes(batch["user_id"], users).astype(np.int32))
         i_parts.append(_codes(batch["item_id"], items).astype(np.int32))
