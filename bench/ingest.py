@@ -249,7 +249,7 @@ def main() -> None:
     base_above = statistics.median(r["rss_mb"] - idle["rss_mb"] for r in runs["base"]) / raw_mb
     summary = (
         f"raw CSV {raw_mb:.0f} MB; libraries alone {idle['rss_mb']:.0f} MB RSS. Speed vs baseline (median of the "
-        f"pairs): {speed:.2f}x wall, {cpu_speed:.2f}x CPU (goal >= 1.0: {'met' if speed >= 1 else 'MISSED'}); "
+        f"pairs): {speed:.2f}x wall, {cpu_speed:.2f}x CPU (goal >= 1.0 in both, CPU being the less noisy: {'met' if min(speed, cpu_speed) >= 1 else 'MISSED'}); "
         f"mmfeat peak RSS / raw size: {peak:.2f} absolute, {above:.2f} above the libraries (goal <= 2.0: "
         f"{'met' if above <= 2 else 'MISSED'}; the baseline: {base_above:.2f} above the libraries)"
     )
