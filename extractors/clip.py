@@ -184,7 +184,7 @@ class ClipImageEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.dim, device=self._clip.device)
 
     def encode_prepared(
-        self, pixels: np.ndarray, errors: np.ndarray, jpegs: np.ndarray | None = None
+        self, pixels: np.ndarray, errors: np.ndarray, jpegs: list[bytes | None] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Vectors and errors for rows prepared by the CPU stage: `pixels` uint8 [n, H, W, 3] where `errors` is
         "", and where `jpegs[i]` holds bytes, a JPEG to decode on this model's GPU (`_device_pixels`); one that

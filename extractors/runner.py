@@ -223,16 +223,18 @@ def prepare_pixels(
     n = len(images)
     pixels = np.zeros((n, h, w, 3), np.uint8)
     errors = np.full(n, "", dtype=object)
-    jpegs = np.full(n, None, dtype=object)
+    # Bytes for the GPU, b"" elsewhere, and a flag: Ray's Arrow round trip does not keep None in a bytes column.
+    jpegs = np.full(n, b"", dtype=object)
+    on_device = np.zeros(n, dtype=bool)
     for i, data in enumerate(images):
         if decode_route(data, device_decode) == "device":
-            jpegs[i] = bytes(data)
+            jpegs[i], on_device[i] = bytes(data), True
             continue
         array, errors[i] = prepare_image(data, transform)
         if array is not None:
             pixels[i] = array
     out = {name: v for name, v in batch.items() if name != "image"} | {"pixels": pixels, "error": errors}
-    return out | ({"jpeg": jpegs} if device_decode else {})
+    return out | ({"jpeg": jpegs, "on_device": on_device} if device_decode else {})
 
 
 # ---- the model stage ---------------------------------------------------------------------------------------------
@@ -326,7 +328,12 @@ def apply_model(
     errors = _errors(batch["error"]) if "error" in batch else np.full(n, "", dtype=object)
     ready = errors == ""
     if input_column == "pixels":  # prepared by `prepare_pixels`: the model takes the whole batch
-        vectors, errors = extractor.encode_prepared(batch["pixels"], errors, batch.get("jpeg"))
+        jpegs = None
+        if "on_device" in batch:
+            jpegs = [
+                bytes(b) if flag else None for b, flag in zip(batch["jpeg"], batch["on_device"], strict=True)
+            ]
+        vectors, errors = extractor.encode_prepared(batch["pixels"], errors, jpegs)
         errors = _errors(errors)
         return {"item_id": ids, output: vectors, "error": errors, "called": ready & (errors == "")}
     if output == "vector":

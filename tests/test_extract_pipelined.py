@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +22,7 @@ from stores.features import FAILURES
 from stores.schema import ITEM_IMAGES, ITEMS
 from stores.workspace import Workspace
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = "test:tiny-clip"
 
 
@@ -81,8 +87,13 @@ def test_pixel_stages_give_the_extractors_vectors_and_reasons(encoder, device_de
     assert batch["pixels"].dtype == np.uint8 and batch["pixels"].shape == (len(names), 32, 32, 3)
     assert ("jpeg" in batch) == device_decode
     if device_decode:
-        assert batch["jpeg"][names.index("jpeg_wide")] is not None  # left to the (absent) GPU
-    vectors, errors = encoder.encode_prepared(batch["pixels"], batch["error"], batch.get("jpeg"))
+        assert list(batch["on_device"]) == [n in ("jpeg_wide", "jpeg_tall", "jpeg_grey") for n in names]
+    jpegs = (
+        [b if d else None for b, d in zip(batch["jpeg"], batch["on_device"], strict=True)]
+        if device_decode
+        else None
+    )
+    vectors, errors = encoder.encode_prepared(batch["pixels"], batch["error"], jpegs)
     want = [e if isinstance(e, str) else "" for e in reference["error"]]
     assert list(errors) == want
     reasons = {n: e.split(":")[0] for n, e in zip(names, errors, strict=True) if e}
@@ -129,10 +140,14 @@ def test_runner_writes_the_extractors_vectors_and_quarantines_bad_images(
     summary = run_extraction(ws, "clip_image", ExtractorSpec(type(encoder), {"model": TINY_CLIP}),
                              source="image", batch_size=4, chunk_rows=8, engine=engine, progress=False)  # fmt: skip
     assert summary.engine == engine
+    _assert_as_call(ws, images, encoder, (summary.done, summary.failed, summary.model_calls))
+
+
+def _assert_as_call(ws: Workspace, images: dict[str, bytes], encoder, counts: tuple[int, int, int]) -> None:
     names = sorted(images)
     reference = encoder({"image": np.array([images[n] for n in names], dtype=object)})
     want_failed = {n: e.split(":")[0] for n, e in zip(names, reference["error"], strict=True) if e}
-    assert (summary.done, summary.failed, summary.model_calls) == (9, 4, 9)
+    assert counts == (9, 4, 9)
     failures = ws.read(FAILURES.name, columns=["item_id", "reason"]).to_pylist()
     assert {f["item_id"]: f["reason"] for f in failures} == want_failed
     stored = ws.read("feat_clip_image", columns=["item_id", "vector"]).to_pylist()
@@ -141,3 +156,32 @@ def test_runner_writes_the_extractors_vectors_and_quarantines_bad_images(
     assert sorted(got) == good
     ref = dict(zip(names, reference["vector"], strict=True))
     assert _cosines(np.stack([got[n] for n in good]), np.stack([ref[n] for n in good])).min() >= 0.9999
+
+
+GPU_CLUSTER = """
+import json, sys
+import ray
+from extractors.clip import ClipImageEncoder
+from extractors.runner import ExtractorSpec, run_extraction
+from stores.workspace import Workspace
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a GPU in name only
+s = run_extraction(Workspace(sys.argv[1]), "clip_image", ExtractorSpec(ClipImageEncoder, {"model": "test:tiny-clip"}),
+                   source="image", batch_size=4, chunk_rows=8, progress=False)
+print(json.dumps([s.engine, s.done, s.failed, s.model_calls]))
+"""
+
+
+@pytest.mark.slow
+def test_a_gpu_cluster_routes_jpegs_to_the_model_stage_which_falls_back_without_cuda(tmp_path, encoder):
+    """On a cluster that reports a GPU the CPU tasks leave complete JPEGs undecoded for nvJPEG in the model
+    actor; where that actor finds no CUDA (here: a GPU resource without a device) every such JPEG is decoded by
+    the CPU fallback, so vectors and quarantine reasons are still exactly those of `__call__`."""
+    images = {k: v for k, v in samples().items() if v is not None}
+    ws = _workspace(tmp_path / "ws", images)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", GPU_CLUSTER, ws.uri], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    engine, *counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert engine == "ray"
+    _assert_as_call(ws, images, encoder, tuple(counts))
