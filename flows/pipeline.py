@@ -93,6 +93,11 @@ def graph_step(ws_uri: str, cfg: PipelineConfig, name: str) -> dict:
     return steps.build_graph(Workspace(ws_uri), cfg, name)
 
 
+@task(name="build-semantic-ids", cache_policy=NO_CACHE)
+def semantic_ids_step(ws_uri: str, cfg: PipelineConfig, name: str) -> dict:
+    return steps.build_semantic_ids(Workspace(ws_uri), cfg, name)
+
+
 @task(name="export", cache_policy=NO_CACHE)
 def export_step(ws_uri: str, cfg: PipelineConfig, index: int, force: bool = False) -> dict:
     return steps.export_split(Workspace(ws_uri), cfg, index, force)
@@ -140,6 +145,7 @@ def recipes_stage(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> li
     inter = ws.version("interactions")
     results = [_with(split_step, cfg)(ws.uri, cfg, s.name, inter) for s in cfg.splits]
     results += [_with(graph_step, cfg)(ws.uri, cfg, graph_name(g)) for g in cfg.graphs]
+    results += [_with(semantic_ids_step, cfg)(ws.uri, cfg, s.name) for s in cfg.semantic_ids]
     results += [_with(export_step, cfg)(ws.uri, cfg, i, force) for i in range(len(cfg.exports))]
     return results
 
@@ -169,7 +175,8 @@ def extract_flow(
 
 @flow(name="recipes")
 def recipes_flow(config: str, workspace: str | None = None, force: bool = False) -> list[dict]:
-    """Build every split, then every graph, then every export; each is skipped while its inputs are unchanged."""
+    """Build every split, then every graph, the semantic IDs, then every export; each is skipped while its inputs
+    are unchanged."""
     cfg = load_config(config)
     return recipes_stage(cfg, _ws(cfg, workspace), force)
 

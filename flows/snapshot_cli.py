@@ -12,7 +12,7 @@ from flows.cli_context import workspace_of as _ws
 
 
 def _brief(info: dict) -> dict:
-    skip = ("split_manifest", "graph_manifests", "previous")
+    skip = ("split_manifest", "graph_manifests", "semantic_id_manifests", "previous")
     return {k: v for k, v in info.items() if k not in skip} | {"reissues": len(info.get("previous", []))}
 
 
@@ -28,14 +28,25 @@ def snapshot() -> None:
     "--feature", "features", multiple=True, help="Feature to pin (e.g. text, clip_image); repeatable."
 )
 @click.option("--graph", "graphs", multiple=True, help="Graph built on the split to pin; repeatable.")
+@click.option(
+    "--semantic-ids", "semantic_ids", multiple=True, help="Semantic-ID artifact to pin; repeatable."
+)
 @click.option("--replace", is_flag=True, help="Overwrite an existing snapshot of this name.")
 @click.pass_context
 @_errors
-def create(ctx, name, split_name, features, graphs, replace):
-    """Pin the current versions of items, FEATUREs, the split and GRAPHs under NAME."""
+def create(ctx, name, split_name, features, graphs, semantic_ids, replace):
+    """Pin the current versions of items, FEATUREs, the split, GRAPHs and SEMANTIC_IDS under NAME."""
     from stores.snapshots import create_snapshot
 
-    info = create_snapshot(_ws(ctx), name, split_name, list(features), list(graphs), replace=replace)
+    info = create_snapshot(
+        _ws(ctx),
+        name,
+        split_name,
+        list(features),
+        list(graphs),
+        replace=replace,
+        semantic_ids=list(semantic_ids),
+    )
     click.echo(json.dumps(_brief(info), indent=2, default=str))
 
 

@@ -250,6 +250,38 @@ class HyperGraph(_Strict):
 Graph = Annotated[UserItemGraph | KnnGraph | CooccurGraph | HyperGraph, Field(discriminator="type")]
 
 
+class SemanticIdSpec(_Strict):
+    """Semantic IDs `refresh` builds after the graphs (`mmfeat semantic-ids`; recipes/semantic_ids.py), skipped
+    while the features' contents are unchanged."""
+
+    name: Name
+    features: list[Feature] = Field(min_length=1)
+    weights: list[float] | None = None
+    levels: int = Field(3, ge=1)
+    codebook: int = Field(256, ge=2)
+    method: Literal["rq-kmeans", "rq-vae"] = "rq-kmeans"
+    balanced: bool = False
+    steps: int = Field(1000, ge=1)
+    seed: int = 0
+    missing: Literal["mean", "drop"] = "mean"
+
+    @model_validator(mode="after")
+    def _check(self) -> SemanticIdSpec:
+        if self.weights is not None and len(self.weights) != len(self.features):
+            raise ValueError(
+                f"{len(self.features)} features but {len(self.weights)} weights; give one weight each"
+            )
+        self.quantiser()  # method/balanced combinations fail at load time
+        return self
+
+    def quantiser(self) -> Any:
+        """The recipe's SemanticIdConfig (what the step fingerprints)."""
+        from recipes.semantic_ids import SemanticIdConfig
+
+        keys = ("levels", "codebook", "method", "balanced", "steps", "seed")
+        return SemanticIdConfig(**{k: getattr(self, k) for k in keys})
+
+
 class ExportSpec(_Strict):
     """An export of a split; `out` may use {workspace} (a local workspace's path)."""
 
@@ -260,6 +292,7 @@ class ExportSpec(_Strict):
     name: str | None = None
     user_graph_k: int = Field(0, ge=0)
     missing: Literal["mean", "zero", "drop"] = "mean"  # items lacking a feature (stores/missing.py)
+    semantic_ids: Name | None = None  # a `semantic_ids` entry whose codes go beside the split
 
 
 class SnapshotSpec(_Strict):
@@ -273,6 +306,7 @@ class SnapshotSpec(_Strict):
     split: Name
     features: list[Feature] | None = None
     graphs: list[str] | None = None
+    semantic_ids: list[str] | None = None
 
     @field_validator("name")
     @classmethod
@@ -343,6 +377,7 @@ class PipelineConfig(_Strict):
     extract: list[ExtractorConfig] = Field(default_factory=list)
     splits: list[SplitSpec] = Field(default_factory=list)
     graphs: list[Graph] = Field(default_factory=list)
+    semantic_ids: list[SemanticIdSpec] = Field(default_factory=list)
     exports: list[ExportSpec] = Field(default_factory=list)
     snapshot: SnapshotSpec | None = None
     report: ReportSpec | None = None
@@ -380,8 +415,15 @@ class PipelineConfig(_Strict):
             if isinstance(g, HyperGraph):
                 for ref in g.knn:
                     _known(f"graphs[{i}].knn", ref, graph_names[:i], "the graphs listed before it")
+        sid_names = [s.name for s in self.semantic_ids]
+        _unique("semantic_ids", sid_names)
+        for i, sid in enumerate(self.semantic_ids):
+            for f in sid.features:
+                _known(f"semantic_ids[{i}].features", f, vectors, "extract (vector features)")
         for i, x in enumerate(self.exports):
             _known(f"exports[{i}].split", x.split, splits, "splits")
+            if x.semantic_ids is not None:
+                _known(f"exports[{i}].semantic_ids", x.semantic_ids, sid_names, "semantic_ids")
             for f in x.features.values():
                 _known(f"exports[{i}].features", f, vectors, "extract (vector features)")
         if self.snapshot is not None:
@@ -390,6 +432,8 @@ class PipelineConfig(_Strict):
                 _known("snapshot.features", f, vectors, "extract (vector features)")
             for g in self.snapshot.graphs or []:
                 _known("snapshot.graphs", g, graph_names, "graphs")
+            for sid in self.snapshot.semantic_ids or []:
+                _known("snapshot.semantic_ids", sid, sid_names, "semantic_ids")
         return self
 
     # ---- paths -------------------------------------------------------------------------------------------------
@@ -451,6 +495,11 @@ class PipelineConfig(_Strict):
             return list(self.snapshot.graphs)
         split = self.snapshot.split if self.snapshot else None
         return [graph_name(g) for g in self.graphs if g.split == split]
+
+    def snapshot_semantic_ids(self) -> list[str]:
+        if self.snapshot and self.snapshot.semantic_ids is not None:
+            return list(self.snapshot.semantic_ids)
+        return [s.name for s in self.semantic_ids]
 
 
 def graph_name(g: UserItemGraph | KnnGraph | CooccurGraph | HyperGraph) -> str:

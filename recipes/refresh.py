@@ -177,6 +177,16 @@ def build_graph(ws: Workspace, cfg: PipelineConfig, name: str) -> dict:
     return brief(info)
 
 
+def build_semantic_ids(ws: Workspace, cfg: PipelineConfig, name: str) -> dict:
+    from recipes import pipeline
+
+    spec = next(s for s in cfg.semantic_ids if s.name == name)
+    info = pipeline.build_semantic_ids(
+        ws, name, list(spec.features), spec.quantiser(), spec.weights, spec.missing
+    )
+    return brief(info) | {"metrics": info.get("metrics")}
+
+
 def export_split(ws: Workspace, cfg: PipelineConfig, index: int, force: bool = False) -> dict:
     """Export a split unless the split and features are at the versions of the last export to the same path."""
     from recipes.pipeline import export
@@ -186,10 +196,14 @@ def export_split(ws: Workspace, cfg: PipelineConfig, index: int, force: bool = F
     out = output_path(x.out, ws.uri, format=x.format, split=x.split)
     split_version = artifacts.manifest(ws, "split", x.split)["table_version"]
     inputs = {"split": split_version} | {f: ws.version(feature_table(f)) for f in x.features.values()}
+    if x.semantic_ids is not None:
+        inputs["semantic_ids"] = artifacts.manifest(ws, "semantic_ids", x.semantic_ids)["table_version"]
     name = f"export:{x.format}:{x.name or x.split}"
 
     def build() -> tuple[str, int, dict]:
-        export(ws, x.split, x.format, out, dict(x.features), x.name, x.user_graph_k, x.missing)
+        export(
+            ws, x.split, x.format, out, dict(x.features), x.name, x.user_graph_k, x.missing, x.semantic_ids
+        )
         return f"split_{x.split}", split_version, {"out": str(out)}
 
     step = Step(
@@ -218,18 +232,21 @@ def publish_snapshot(ws: Workspace, cfg: PipelineConfig, name: str) -> dict:
 
     assert cfg.snapshot is not None
     split, features, graphs = cfg.snapshot.split, cfg.snapshot_features(), cfg.snapshot_graphs()
-    pins = current_pins(ws, split, features, graphs)
+    semantic_ids = cfg.snapshot_semantic_ids()
+    pins = current_pins(ws, split, features, graphs, semantic_ids)
     last = last_manifest(ws, STEP, f"snapshot:{cfg.name}") or {}
 
     def build() -> tuple[str, int, dict]:
-        info = create_snapshot(ws, name, split, features, graphs)
+        info = create_snapshot(ws, name, split, features, graphs, semantic_ids=semantic_ids)
         return (
             f"split_{split}",
             info["tables"][f"split_{split}"],
             {"snapshot": name, "n": last.get("n", 0) + 1},
         )
 
-    params = {"features": features, "graphs": graphs}
+    params = {"features": features, "graphs": graphs} | (
+        {"semantic_ids": semantic_ids} if semantic_ids else {}
+    )
     info = run_step(ws, Step(STEP, f"snapshot:{cfg.name}", pins, params, build, lambda _: True))
     return {"snapshot": info["snapshot"], "published": not info["skipped"], "tables": pins}
 

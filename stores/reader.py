@@ -194,11 +194,21 @@ class FeatureReader:
         """int64 [n_items, levels + 1]: each item's semantic-ID codes, then its collision suffix (-1 for an item
         without codes), and the bool mask of the items that have them (`mmfeat semantic-ids --name NAME`).
 
-        Read at the table version the artifact's manifest pins (`artifacts.load_semantic_ids`; snapshots do not
-        pin semantic IDs)."""
+        Read at the version the snapshot pins (`mmfeat snapshot create ... --semantic-ids NAME`), so rebuilding
+        the codes later changes nothing this reader serves."""
+        pinned = self.manifest.get("semantic_ids", [])
+        if name not in pinned:
+            raise KeyError(
+                f"semantic IDs {name!r} are not in snapshot {self.snapshot!r}; it pins {pinned}. Create a "
+                f"snapshot with `--semantic-ids {name}`"
+            )
 
         def load() -> tuple[np.ndarray, np.ndarray]:
-            return artifacts.semantic_id_matrix(artifacts.load_semantic_ids(self._ws(), name), self.items)
+            table = self.manifest["semantic_id_manifests"][name]["table"]
+            codes = self._ws().read(
+                table, columns=["item_id", "codes", "suffix"], version=self.manifest["tables"][table]
+            )
+            return artifacts.semantic_id_matrix(codes, self.items)
 
         return self._cached(f"semantic_ids:{name}", load)
 

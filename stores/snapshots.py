@@ -1,7 +1,7 @@
 """Snapshots: a name for the exact table versions a trainer reads, so a run can be repeated months later.
 
-A snapshot pins the current versions of `items` (and `users`, `interactions`), the chosen `feat_*` tables, one split
-and the graphs built on it, and copies the split's and graphs' manifests, so rebuilding a split or graph under the
+A snapshot pins the current versions of `items` (and `users`, `interactions`), the chosen `feat_*` tables, one split,
+the graphs built on it and any semantic-ID artifacts, and copies their manifests, so rebuilding a split or graph under the
 same name later changes nothing a snapshot serves. It is an `artifacts` row of kind "snapshot" whose manifest holds
 `tables: {table: version}`, and per feature what a trainer should know before using it (`feature_health`: rows,
 missing items, coverage, untrained, degenerate; stores/features.py `describe_feature`). The versions of the tables that describe
@@ -56,7 +56,20 @@ def _pin_graph(ws: Workspace, graph: str, split: str, split_version: int) -> tup
     return info["table"], int(info["table_version"]), info
 
 
-def _pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> dict:
+def _pin_semantic_ids(ws: Workspace, name: str) -> tuple[str, int, dict]:
+    infos = {a["name"]: a for a in artifacts.list_artifacts(ws, "semantic_ids")}
+    if name not in infos:
+        raise KeyError(
+            f"semantic IDs {name!r} not found; built: {sorted(infos) or 'none'} "
+            f"(`mmfeat semantic-ids --name {name} ...`)"
+        )
+    info = infos[name]
+    return info["table"], int(info["table_version"]), info
+
+
+def _pins(
+    ws: Workspace, split: str, features: list[str], graphs: list[str], semantic_ids: list[str] = ()
+) -> dict:
     """The manifest body of a snapshot over the workspace's current versions."""
     tables: dict[str, int] = {}
     for name in BASE_TABLES:
@@ -90,10 +103,17 @@ def _pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> 
         table, version, info = _pin_graph(ws, graph, split, split_version)
         tables[table] = version
         graph_infos[graph] = {k: v for k, v in info.items() if k not in ("feature_provenance", "fingerprint")}
+    sid_infos = {}
+    for sid in semantic_ids:
+        table, version, info = _pin_semantic_ids(ws, sid)
+        tables[table] = version
+        sid_infos[sid] = {k: v for k, v in info.items() if k not in ("inputs", "fingerprint")}
     return {
         "split": split,
         "features": features,
         "graphs": graphs,
+        "semantic_ids": list(semantic_ids),
+        "semantic_id_manifests": sid_infos,
         "tables": tables,
         "split_manifest": {k: v for k, v in split_info.items() if k != "fingerprint"},
         "graph_manifests": graph_infos,
@@ -117,9 +137,10 @@ def create_snapshot(
     features: list[str] | tuple[str, ...] = (),
     graphs: list[str] | tuple[str, ...] = (),
     replace: bool = False,
+    semantic_ids: list[str] | tuple[str, ...] = (),
 ) -> dict:
-    """Pin the current versions of items, `features` (names with or without `feat_`), `split` and `graphs` under
-    `name`; returns the manifest. An existing name is an error unless `replace` (use `reissue_snapshot` to keep
+    """Pin the current versions of items, `features` (names with or without `feat_`), `split`, `graphs` and
+    `semantic_ids` (artifact names) under `name`; returns the manifest. An existing name is an error unless `replace` (use `reissue_snapshot` to keep
     the same contents at new versions)."""
     if not name or any(c in name for c in "'\"\n"):
         raise ValueError(f"snapshot name {name!r} is not allowed; use letters, digits, '-', '_' or '.'")
@@ -129,7 +150,7 @@ def create_snapshot(
             "current versions of the same tables, or pass --replace"
         )
     features = [f.removeprefix(artifacts.VECTOR_PREFIX) for f in features]
-    return _record(ws, name, _pins(ws, split, list(features), list(graphs)))
+    return _record(ws, name, _pins(ws, split, list(features), list(graphs), list(semantic_ids)))
 
 
 def _exists(ws: Workspace, name: str) -> bool:
@@ -236,7 +257,9 @@ def reissue_snapshot(ws: Workspace, name: str) -> dict:
     """Pin the current versions of the same split, features and graphs under the same name; the previous
     manifest is kept in `previous` (newest first) so the history of what was served stays auditable."""
     old = load_manifest(ws, name)
-    body = _pins(ws, old["split"], list(old["features"]), list(old["graphs"]))
+    body = _pins(
+        ws, old["split"], list(old["features"]), list(old["graphs"]), list(old.get("semantic_ids", []))
+    )
     earlier = {k: v for k, v in old.items() if k != "previous"}
     body["previous"] = [earlier, *old.get("previous", [])]
     body["reissued_at"] = body["created_at"]
@@ -263,13 +286,18 @@ def snapshots_pinning(ws: Workspace, table: str, key_filter: str | None = None) 
     return sorted(names)
 
 
-def current_pins(ws: Workspace, split: str, features: list[str], graphs: list[str]) -> dict[str, int]:
-    """The versions a snapshot of `split`, `features` and `graphs` would pin now (what decides whether a
-    scheduled publish has anything new), without recording anything."""
+def current_pins(
+    ws: Workspace, split: str, features: list[str], graphs: list[str], semantic_ids: list[str] = ()
+) -> dict[str, int]:
+    """The versions a snapshot of `split`, `features`, `graphs` and `semantic_ids` would pin now (what decides
+    whether a scheduled publish has anything new), without recording anything."""
     pins = {t: ws.version(t) for t in BASE_TABLES}
     pins[f"split_{split}"] = artifacts.manifest(ws, "split", split)["table_version"]
     pins |= {feature_table(f): ws.version(feature_table(f)) for f in features}
     pins |= {f"graph_{g}": artifacts.manifest(ws, "graph", g)["table_version"] for g in graphs}
+    for sid in semantic_ids:
+        table, version, _ = _pin_semantic_ids(ws, sid)
+        pins[table] = version
     return pins
 
 

@@ -191,19 +191,76 @@ def test_exports_reader_cli_and_forget_carry_the_codes(ws, tmp_path):
     l1, l2, suffix = codes[some[0]]
     assert some[col] == f"l1_{l1} l2_{l2} s_{suffix}"
 
-    create_snapshot(ws, "snap", split="s", features=["text"])
+    create_snapshot(ws, "snap", split="s", features=["text"], semantic_ids=["sid"])
     reader = FeatureReader(ws, "snap")
     sid, has = reader.semantic_id_array("sid")
     for pos, item in enumerate(reader.items):
         assert (
             (tuple(sid[pos]) == codes[item]) if item in codes else (not has[pos] and (sid[pos] == -1).all())
         )
+    # the snapshot pins the codes' version: a rebuild under the same name changes nothing this reader serves
+    pipeline.build_semantic_ids(ws, "sid", ["text"], SemanticIdConfig(levels=2, codebook=3, seed=7))
+    assert _tuples(ws, "sid") != codes
+    again, _ = FeatureReader(ws, "snap").semantic_id_array("sid")
+    assert np.array_equal(again, sid)
+    create_snapshot(ws, "bare", split="s", features=["text"])
+    with pytest.raises(KeyError, match="--semantic-ids sid"):
+        FeatureReader(ws, "bare").semantic_id_array("sid")
+    with pytest.raises(KeyError, match="not found"):
+        create_snapshot(ws, "typo", split="s", semantic_ids=["sdi"])
+    pipeline.build_semantic_ids(ws, "sid", ["text"], SemanticIdConfig(levels=2, codebook=4, seed=1))
+    assert _tuples(ws, "sid") == codes  # same features, same seed: the same codes
 
     gone = items[5]
     receipt = forget(ws, ForgetRequest("drop-one", "item", items=(gone,)))
     assert receipt["verification"]["verified"], receipt["verification"]
     after = _tuples(ws, "sid")
     assert gone not in after and after == {k: v for k, v in codes.items() if k != gone}
+
+
+def test_refresh_config_builds_exports_and_pins_semantic_ids(tmp_path):
+    """A config's `semantic_ids` entry is built by the recipes stage (skipped when the features are unchanged),
+    exported where an export names it, and pinned by the published snapshot; unknown names fail at load time."""
+    import yaml
+
+    from recipes import refresh
+    from recipes.config import ConfigError, load_config
+    from stores.reader import FeatureReader
+    from stores.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    items = _demo(ws, tmp_path)
+    _write_feature(ws, "text", items, np.random.default_rng(5).normal(size=(len(items), 8)))
+    body = {
+        "name": "sid",
+        "sources": [{"name": "demo", "kind": "demo", "n_items": 40}],
+        "extract": [{"feature": "text", "kind": "text", "fields": ["title"]}],
+        "splits": [{"name": "main", "scheme": "random", "kcore": 0}],
+        "semantic_ids": [{"name": "text_rq", "features": ["text"], "levels": 2, "codebook": 4}],
+        "exports": [
+            {"split": "main", "format": "mmrec", "out": str(tmp_path / "mm"), "semantic_ids": "text_rq"}
+        ],
+        "snapshot": {"split": "main", "features": ["text"], "graphs": []},
+    }
+    path = tmp_path / "sid.yaml"
+    path.write_text(yaml.safe_dump(body))
+    cfg = load_config(path)
+    refresh.build_split(ws, cfg, "main", ws.version("interactions"))
+    built = refresh.build_semantic_ids(ws, cfg, "text_rq")
+    assert not built["skipped"] and built["metrics"]["items"] == len(items)
+    assert refresh.build_semantic_ids(ws, cfg, "text_rq")["skipped"]
+    refresh.export_split(ws, cfg, 0)
+    assert (tmp_path / "mm" / "semantic_ids.tsv").read_text().count("\n") == 1 + len(
+        set((tmp_path / "mm" / "i_id_mapping.csv").read_text().splitlines()[1:])
+    )
+    published = refresh.publish_snapshot(ws, cfg, "snap")
+    assert published["published"] and "semantic_ids_text_rq" in published["tables"]
+    codes, has = FeatureReader(ws, "snap").semantic_id_array("text_rq")
+    assert has.all() and codes.shape == (len(items), 3)
+    body["snapshot"]["semantic_ids"] = ["text_vq"]
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match="snapshot.semantic_ids: 'text_vq' is not defined"):
+        load_config(path)
 
 
 def _genre_ratios(first: np.ndarray, member: np.ndarray) -> tuple[float, float]:
