@@ -35,7 +35,7 @@ Scheme = Literal["random", "temporal", "loo", "cutoff"]
 SCHEMES: tuple[str, ...] = ("random", "temporal", "loo", "cutoff")
 TRAIN, VALID, TEST = 0, 1, 2
 
-__all__ = ["SplitConfig", "holdout_counts", "make_split", "split_codes", "split_counts"]
+__all__ = ["SplitConfig", "holdout_counts", "make_split", "split_codes", "split_counts", "split_owned_codes"]
 
 
 @strict_config
@@ -200,22 +200,31 @@ def split_codes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(keep, labels) of `make_split` from integer columns alone: keep is a row mask of the input (dedup, then
     k-core), labels the int8 label of each kept row in input order. `user`/`item` are codes whose order is the
-    sorted order of the string ids (`stores.ids.sorted_codes`), `ts` epoch seconds. Holds no strings, so a
-    caller that streams the table (recipes/streamed.py) needs ~16 bytes a row plus the sorts; such a caller passes
-    arrays it holds no other reference to (they are dropped as soon as filtered) and a `present` dict, filled with
-    the "users" and "items" code masks of the kept rows."""
+    sorted order of the string ids (`stores.ids.sorted_codes`), `ts` epoch seconds. `present`, when given, is
+    filled with the "users" and "items" code masks of the kept rows."""
+    return split_owned_codes([user, item, ts], cfg, present)
+
+
+def split_owned_codes(
+    columns: list[np.ndarray], cfg: SplitConfig, present: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`split_codes` of [user, item, ts] in a list it empties: a caller that keeps no other reference (the
+    streamed split, recipes/streamed.py) frees the full-length columns as soon as they are filtered, so the
+    k-core runs with ~16 bytes a kept row plus its sorts."""
+    user, item, ts = columns
+    columns.clear()
     keep = dedup_mask(user, item, ts, cfg.dedup)
+    if not keep.all():
+        user, item, ts = user[keep], item[keep], ts[keep]
     k_user, k_item = (cfg.kcore, cfg.kcore) if isinstance(cfg.kcore, int) else cfg.kcore
     if k_user > 1 or k_item > 1:
-        idx = np.flatnonzero(keep)
-        core = kcore_mask(user[idx], item[idx], k_user, k_item, cfg.kcore_counts)
-        keep[idx[~core]] = False
-        del idx, core
+        core = kcore_mask(user, item, k_user, k_item, cfg.kcore_counts)
+        if not core.all():
+            keep[keep] = core
+            user, item, ts = user[core], item[core], ts[core]
+        del core
     if not keep.any():
         raise ValueError(f"nothing left after dedup={cfg.dedup!r} and kcore={cfg.kcore!r}; lower kcore")
-    user, item, ts = user[keep], item[keep], ts[keep]
-    # The pair sort is made again over the kept rows only (not held through the k-core): where kept pairs repeat
-    # the order is a lexsort, and where none does the pair keys are distinct, so any argsort gives the same order.
     canonical = None
     if cfg.scheme != "cutoff":
         key, order = pair_order(user, item)

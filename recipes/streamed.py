@@ -4,7 +4,7 @@ integer columns, never the string table.
 The in-memory recipes (`splits.make_split`, `user_item.ui_adjacency`) take a whole Arrow table; at 100M
 interactions its strings alone are several GB. Here the table is scanned three times in batches: once for the
 distinct ids (the sorted id maps, ~1.4M users for H&M), once for int32 codes and int64 seconds (16 bytes a row:
-what `splits.split_codes` needs), once to stream the kept rows with their label into Lance. Every decision is
+what `splits.split_owned_codes` needs), once to stream the kept rows with their label into Lance. Every decision is
 made by the same `split_codes`, so the rows, labels and order equal `make_split`'s exactly.
 
     >>> stream, keys, counts = split_stream(ws, version, cfg)
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recipes.splits import SplitConfig, split_codes
+from recipes.splits import SplitConfig, split_owned_codes
 from stores.ids import seconds
 from stores.workspace import Workspace
 
@@ -82,7 +82,7 @@ def split_stream(
     items = sorted_ids(ws, table, version, "item_id")
     present: dict = {}
     # the code arrays are made inside the call so no reference outlives their first filtering in split_codes
-    keep, labels = split_codes(*_code_columns(dataset, table, users, items), cfg, present)
+    keep, labels = split_owned_codes(_code_columns(dataset, table, users, items), cfg, present)
     kept_users = np.zeros(len(users), dtype=bool)
     kept_users[: len(present["users"])] = present["users"]
     kept_items = np.zeros(len(items), dtype=bool)
