@@ -194,16 +194,23 @@ def rq_vae(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
     """RQ-VAE codes (TIGER): an MLP encoder, `levels` residual codebooks in its latent space trained with the
     straight-through estimator and a commitment loss, and an MLP decoder reconstructing `x`. The codebooks start
     from k-means of the first batch's residuals; a code that no item of the last VAE_RESET_EVERY batches used moves
-    onto a random residual of the current batch. Deterministic for a seed (torch.manual_seed, CPU). Codebooks
+    onto a random residual of the current batch. Deterministic for a seed (torch's RNG seeded inside
+    `fork_rng`, so the caller's random state is left as it was; CPU). Codebooks
     returned live in the latent space; `reconstruction_error` is the decoder's squared error over the inputs'
     mean squared norm, decoding the sum of the first 1, 2, ... levels."""
     import torch
 
-    x = np.asarray(x, dtype=np.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _rq_vae(np.asarray(x, dtype=np.float32), cfg)
+
+
+def _rq_vae(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
+    import torch
+
     n, d = x.shape
     if n == 0:
         raise ValueError("no item has the feature; encode it first (`mmfeat encode ...`)")
-    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = torch.from_numpy(x)
     mlp = torch.nn.Sequential

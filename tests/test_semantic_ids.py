@@ -86,12 +86,17 @@ def test_rq_kmeans_codes_are_unique_after_the_suffix_and_repeat_for_a_seed():
 
 def test_rq_vae_codes_are_unique_repeat_for_a_seed_and_carry_the_metrics():
     """RQ-VAE: every (codes, suffix) tuple is unique, codes lie in the codebook, the same seed gives the same codes
-    (another seed does not), the manifest metrics match RQ-KMeans' keys, and the decoder's error falls with levels."""
+    (another seed does not), the manifest metrics match RQ-KMeans' keys, the decoder's error falls with levels, and
+    the caller's torch random state is left as it was."""
+    import torch
+
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(size=(30, 16)) + 3 * rng.normal(size=(1, 16)) for _ in range(10)])
     x = np.concatenate([x, x[:4]])  # exact duplicates: the same codes, told apart by the suffix
     cfg = SemanticIdConfig(levels=3, codebook=8, method="rq-vae", seed=5, steps=60, hidden=32, latent=8)
+    state = torch.random.get_rng_state()
     a, b = quantise(x, cfg), quantise(x, cfg)
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert np.array_equal(a.codes, b.codes) and np.array_equal(a.suffix, b.suffix)
     assert a.codes.shape == (len(x), 3) and a.codes.min() >= 0 and a.codes.max() < 8
     full = np.concatenate([a.codes, a.suffix[:, None]], 1)
