@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stores import artifacts
 from stores.features import feature_table
@@ -313,9 +313,11 @@ class BprDataset(Dataset):
     `neg` [<= batch_size] and, per requested feature F, float32 rows `pos_F` and `neg_F` [.., d].
 
     Negatives are drawn uniformly among items the user has no train interaction with, from a generator seeded by
-    (seed, epoch, b), so the batches are the same whatever the number of workers or their order. Use it with
-    `DataLoader(ds, batch_size=None, num_workers=k)` and call `set_epoch(e)` before each epoch. `pairs` (user, item
-    index arrays) replaces the train part, as positives and as the exclusion set: an unlearning retain set.
+    (seed, epoch, b), so the batches are the same whatever the number of workers or their order. Use `loader()`
+    for worker processes (spawn-started, persistent, feature rows gathered in the caller's process), or
+    `DataLoader(ds, batch_size=None, num_workers=k)` and call `set_epoch(e)` before each epoch. An index
+    `(epoch, b)` reads batch `b` of that epoch whatever `set_epoch` said last. `pairs` (user, item index arrays)
+    replaces the train part, as positives and as the exclusion set: an unlearning retain set.
     """
 
     def __init__(
@@ -336,33 +338,140 @@ class BprDataset(Dataset):
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self._perm: tuple[int, np.ndarray] | None = None
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_perm": None}  # a worker redraws the permutation rather than receive it
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         return -(-len(self.user) // self.batch_size)
 
-    def _order(self) -> np.ndarray:
-        if self._perm is None or self._perm[0] != self.epoch:
-            self._perm = (
-                self.epoch,
-                np.random.default_rng([self.seed, self.epoch]).permutation(len(self.user)),
-            )
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.user)))
         return self._perm[1]
 
-    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+    def indices(self, b: int | tuple[int, int]) -> dict[str, np.ndarray]:
+        """int64 arrays `user`, `pos`, `neg` of batch `b` (or `(epoch, b)`), without feature rows."""
+        epoch, b = b if isinstance(b, tuple) else (self.epoch, b)
         if not 0 <= b < len(self):
             raise IndexError(f"batch {b} out of range (0..{len(self) - 1})")
-        rows = self._order()[b * self.batch_size : (b + 1) * self.batch_size]
+        rows = self._order(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
         user, pos = self.user[rows], self.item[rows]
         neg = sample_negatives(
-            np.random.default_rng([self.seed, self.epoch, b]), user, self.n_items, self.pos_keys
+            np.random.default_rng([self.seed, epoch, b]), user, self.n_items, self.pos_keys
         )
-        out = {"user": torch.from_numpy(user), "pos": torch.from_numpy(pos), "neg": torch.from_numpy(neg)}
+        return {"user": user, "pos": pos, "neg": neg}
+
+    def with_features(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """`indices`' arrays as tensors plus the feature rows `pos_F`/`neg_F` gathered from the matrices."""
+        out = {k: torch.from_numpy(v) for k, v in batch.items()}
         for name, matrix in self.features.items():
-            out[f"pos_{name}"] = torch.from_numpy(matrix.take(pos, axis=0))
-            out[f"neg_{name}"] = torch.from_numpy(matrix.take(neg, axis=0))
+            out[f"pos_{name}"] = torch.from_numpy(matrix.take(batch["pos"], axis=0))
+            out[f"neg_{name}"] = torch.from_numpy(matrix.take(batch["neg"], axis=0))
         return out
+
+    def __getitem__(self, b: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self.with_features(self.indices(b))
+
+    def loader(
+        self, num_workers: int = 2, multiprocessing_context: str | None = "spawn", prefetch_factor: int = 4
+    ) -> BprLoader:
+        """Batches of this dataset read by `num_workers` persistent worker processes; see `BprLoader`."""
+        return BprLoader(self, num_workers, multiprocessing_context, prefetch_factor)
+
+
+class _Indices(Dataset):
+    """What a worker holds: the interaction arrays and positive keys, no feature matrices. Element `(epoch, b)`
+    is `BprDataset.indices` as NumPy arrays, which cross the worker pipe as ~100 KB instead of ~30 MB of rows."""
+
+    def __init__(self, ds: BprDataset):
+        self.ds = BprDataset.__new__(BprDataset)
+        self.ds.__dict__.update({**ds.__dict__, "features": {}, "_perm": None})
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
+        return self.ds.indices(key)
+
+
+class _EpochBatches(Sampler):
+    """Yields `(epoch, b)` for every batch, reading the dataset's epoch when an epoch starts: the epoch travels
+    with each index, so `set_epoch` in the main process reaches persistent workers."""
+
+    def __init__(self, ds: BprDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __iter__(self):
+        epoch = self.ds.epoch
+        return ((epoch, b) for b in range(len(self.ds)))
+
+
+def _as_is(batch):
+    return batch  # keep the worker's NumPy arrays: pickled inline, no shared-memory segment per tensor
+
+
+class BprLoader:
+    """Iterates `BprDataset`'s batches of its current epoch (the same batches as `ds[b]`, in order) with worker
+    processes that live as long as the loader: they start once (spawn by default, since Lance is not fork-safe;
+    they never open the workspace), receive the interaction arrays once, draw the negatives and send back only
+    index arrays; the feature rows are gathered here from the matrices already in memory.
+
+        >>> loader = reader.bpr(batch_size=4096, features=["text"]).loader(num_workers=2)
+        >>> for epoch in range(10):
+        ...     loader.dataset.set_epoch(epoch)
+        ...     for batch in loader: ...
+        >>> loader.close()
+
+    `num_workers=0` reads in the calling process.
+    """
+
+    def __init__(
+        self,
+        ds: BprDataset,
+        num_workers: int = 2,
+        multiprocessing_context: str | None = "spawn",
+        prefetch_factor: int = 4,
+    ):
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}; expected 0 or more")
+        self.dataset = ds
+        workers = (
+            {}
+            if num_workers == 0
+            else {
+                "multiprocessing_context": multiprocessing_context,
+                "persistent_workers": True,
+                "prefetch_factor": prefetch_factor,
+            }
+        )
+        self._loader = DataLoader(
+            _Indices(ds),
+            batch_size=None,
+            sampler=_EpochBatches(ds),
+            num_workers=num_workers,
+            collate_fn=_as_is,
+            **workers,
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        for batch in self._loader:
+            yield self.dataset.with_features(batch)
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is garbage-collected)."""
+        it = self._loader._iterator
+        self._loader._iterator = None
+        if it is not None:
+            it._shutdown_workers()
 
 
 class UserBatches(Dataset):

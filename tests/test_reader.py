@@ -118,6 +118,37 @@ def test_reader_pickles_without_handles_and_feeds_workers(reader):
         assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
 
 
+@pytest.mark.slow
+def test_spawn_loader_yields_the_zero_worker_batches_across_epochs(reader):
+    """`BprDataset.loader` with 2 spawn-started persistent workers yields exactly the batches the 0-worker reader
+    cuts (ids, negatives and feature rows), in order, for two epochs set by `set_epoch` after the workers started:
+    the epoch reaches workers that live across epochs. A second seed gives other batches through the same path."""
+    ds = reader.bpr(batch_size=8, features=["text", "image"], seed=5)
+    other = reader.bpr(batch_size=8, features=["text"], seed=6)
+    loader = ds.loader(num_workers=2)
+    assert (
+        loader._loader.persistent_workers
+        and loader._loader.multiprocessing_context.get_start_method() == "spawn"
+    )
+    try:
+        wants = []
+        for epoch in (3, 0):
+            ds.set_epoch(epoch)
+            want = [ds[b] for b in range(len(ds))]
+            got = list(loader)
+            assert len(got) == len(want) == len(loader)
+            for g, w in zip(got, want, strict=True):
+                assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
+            wants.append(torch.cat([w["neg"] for w in want]))
+        assert not torch.equal(wants[0], wants[1])
+    finally:
+        loader.close()
+    other.set_epoch(3)
+    in_process = list(other.loader(num_workers=0))
+    assert [torch.equal(g["neg"], other[b]["neg"]) for b, g in enumerate(in_process)] == [True] * len(other)
+    assert not torch.equal(torch.cat([g["neg"] for g in in_process]), wants[0])
+
+
 def test_user_batches_cover_held_out_users_and_mask_train(reader):
     """Full-ranking batches list each user with test items once, with exactly their test items as truth and their
     train items as the mask."""
