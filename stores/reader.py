@@ -8,7 +8,7 @@ they only cut batches from arrays. Ids are the split's contiguous maps (sorted s
     >>> text, has_text = reader.feature("text")            # float32 [n_items, d], bool [n_items]
     >>> adj = reader.graph("main_ui_sym")                  # torch sparse [n_users + n_items]^2
     >>> sid, has_sid = reader.semantic_ids("text_rq")      # int64 [n_items, levels + 1]: codes, then suffix
-    >>> loader = DataLoader(reader.bpr(batch_size=2048, features=["text"]), batch_size=None, num_workers=2)
+    >>> loader = reader.bpr(batch_size=2048, features=["text"]).loader(num_workers=2)  # persistent, spawn
 """
 
 from __future__ import annotations
