@@ -3,8 +3,9 @@ to rebuilding everything from the retained data in the same run.
 
     .venv/bin/python bench/forget.py [--interactions 10000000] [--items 100000] [--dim 64] [--record]
 
-The workspace holds users, items, power-law interactions (random order, so the user's rows are spread over every
-fragment), a `feat_text` vector per item with its IVF_HNSW_SQ index, a random 80/10/10 split with 5-core, its
+The workspace holds users, items, power-law interactions (generated in random order, then rewritten ordered by
+user_id in fragments of --cluster-rows rows, so one user's rows sit in one or two fragments; --cluster-rows 0 keeps
+the random order, which spreads them over every fragment), a `feat_text` vector per item with its IVF_HNSW_SQ index, a random 80/10/10 split with 5-core, its
 symmetric user-item graph and a 10-NN item graph. The forget deletes the most active user everywhere, rewrites
 every fragment that held one of its rows, re-derives the split manifest and the graphs, cleans up every old
 version, and scans every table and version again. The rebuild writes the retained users, items, interactions
@@ -101,10 +102,12 @@ def make_data(n_inter: int, n_items: int, dim: int, seed: int) -> dict[str, pa.T
     return {"interactions": inter, "items": items, "users": users, "feat_text": feats}
 
 
-def build(root: Path, data: dict[str, pa.Table], k: int) -> dict[str, float]:
-    """Everything derived from the data: tables, vector index, 5-core split, user-item and kNN graphs."""
+def build(root: Path, data: dict[str, pa.Table], k: int, cluster_rows: int) -> dict[str, float]:
+    """Everything derived from the data: tables (interactions clustered by user in fragments of `cluster_rows`
+    rows; 0: left in arrival order), vector index, 5-core split, user-item and kNN graphs."""
     from recipes.pipeline import build_knn_graph, build_split, build_ui_graph
     from recipes.splits import SplitConfig
+    from stores.erasure.physical import cluster
     from stores.schema import INTERACTIONS, ITEMS, USERS, TableSpec
     from stores.workspace import Workspace
 
@@ -121,6 +124,9 @@ def build(root: Path, data: dict[str, pa.Table], k: int) -> dict[str, float]:
     ws.upsert(USERS, data["users"])
     ws.upsert(INTERACTIONS, data["interactions"])
     lap("write tables")
+    if cluster_rows:
+        cluster(ws, "interactions", "user_id", cluster_rows)
+        lap("cluster interactions by user")
     feats = data["feat_text"]
     ws.upsert(TableSpec("feat_text", feats.schema, key=("item_id",), compare=("input_hash",)), feats)
     lap("write vectors")
@@ -165,6 +171,13 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cluster-rows",
+        type=int,
+        default=131_072,
+        help="Rewrite interactions ordered by user_id in fragments of this many rows (both workspaces); 0: keep "
+        "arrival order, so the user's rows are in every fragment.",
+    )
     p.add_argument("--workdir", help="Where the workspaces go (default: a temporary folder, removed after).")
     p.add_argument("--record", action="store_true")
     args = p.parse_args()
@@ -179,7 +192,7 @@ def main() -> None:
     t0 = time.perf_counter()
     data = make_data(args.interactions, args.items, args.dim, args.seed)
     gen_s = time.perf_counter() - t0
-    build(work / "ws", data, args.k)
+    build(work / "ws", data, args.k, args.cluster_rows)
     counts = pc.value_counts(data["interactions"]["user_id"])
     top = int(np.argmax(counts.field("counts").to_numpy()))
     user = counts.field("values")[top].as_py()
@@ -203,14 +216,19 @@ def main() -> None:
     }
     del data
     t0, c0 = time.perf_counter(), cpu_seconds()
-    rebuild = build(work / "rebuild", retained, args.k)
+    rebuild = build(work / "rebuild", retained, args.k, args.cluster_rows)
     rebuild_s, rebuild_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     env.stop()
     ratio = forget_s / rebuild_s
     ok = ws.count("interactions") == Workspace(work / "rebuild").count("interactions")
 
+    layout = (
+        f"clustered by user_id in {args.cluster_rows:,}-row fragments"
+        if args.cluster_rows
+        else "random order"
+    )
     lines = [
-        f"{args.interactions:,} interactions (random order), {args.interactions // 100:,} users, {args.items:,} items "
+        f"{args.interactions:,} interactions ({layout}), {args.interactions // 100:,} users, {args.items:,} items "
         f"with {args.dim}-d vectors + IVF_HNSW_SQ index, 5-core random split, sym user-item graph, {args.k}-NN graph; "
         f"workspace {size_mb:,.0f} MiB. Forgotten: the most active user ({degree:,} interactions). "
         f"{os.cpu_count()} CPUs ({platform.machine()}), peak RSS {peak_mb():,.0f} MiB. "
@@ -241,7 +259,8 @@ def main() -> None:
     print("\n".join(lines))
     if args.record:
         cmd = (
-            f"python bench/forget.py --interactions {args.interactions} --items {args.items} --dim {args.dim}"
+            f"python bench/forget.py --interactions {args.interactions} --items {args.items} --dim {args.dim} "
+            f"--cluster-rows {args.cluster_rows}"
         )
         record("forget one user vs rebuild from retained data", cmd, lines)
     if not args.workdir:

@@ -19,15 +19,18 @@ from pathlib import PurePosixPath
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from stores.erasure.files import delete_file, list_files
 from stores.erasure.log import BOOKKEEPING
 from stores.erasure.match import mentions, needed_columns
 from stores.erasure.targets import TableClass, Targets
+from stores.lease import write_lease
 from stores.workspace import Workspace
 
 _ROWID_DELETE_MAX = 200_000
 _CHUNK = 20_000
+CLUSTER_ROWS = 131_072
 _TEMP_DIRS = {".tmp", "_tmp", "tmp", ".cache", "_cache", "cache"}
 
 
@@ -144,10 +147,15 @@ def rebuild_indices(ws: Workspace, name: str, specs: list[dict]) -> list[str]:
 def compact(ws: Workspace, name: str, target_rows_per_fragment: int | None = None) -> dict:
     """Rewrite every fragment that holds deleted rows (threshold 0: one deleted row is enough, where Lance's
     default 10% would leave a large fragment with a few deleted rows as it is), falling back to rewriting the
-    whole table, then rebuild the indexes on the rewritten data."""
+    whole table, then rebuild the indexes on the rewritten data. The target defaults to the largest fragment's
+    row count, so fragments without deletions are not merged (a table clustered by `cluster` stays clustered
+    and only the few fragments holding the deleted rows are rewritten)."""
     ds = ws.dataset(name)
-    if not any(f.metadata.deletion_file is not None for f in ds.get_fragments()):
+    fragments = ds.get_fragments()
+    if not any(f.metadata.deletion_file is not None for f in fragments):
         return {}
+    if target_rows_per_fragment is None:
+        target_rows_per_fragment = max(f.metadata.physical_rows for f in fragments)
     specs = index_specs(ds)
     metrics = ds.optimize.compact_files(
         materialize_deletions=True,
@@ -161,6 +169,27 @@ def compact(ws: Workspace, name: str, target_rows_per_fragment: int | None = Non
         out["rewritten_whole_table"] = True
     out["indices"] = rebuild_indices(ws, name, specs)
     return out
+
+
+def cluster(ws: Workspace, name: str, by: str, rows_per_fragment: int = CLUSTER_ROWS) -> dict:
+    """Rewrite a table ordered by `by` in fragments of at most `rows_per_fragment` rows, so that the rows of one
+    key (a user's interactions) sit in one or two fragments and erasing them rewrites only those (`compact`).
+    A maintenance step under the workspace's write lease: the previous version keeps the old layout until
+    versions are cleaned up."""
+    with write_lease(ws, holder=f"cluster:{name}"):
+        ds = ws.dataset(name)
+        specs = index_specs(ds)
+        rows = ds.to_table()
+        rows = rows.take(pc.sort_indices(rows, [(by, "ascending")]))
+        lance.write_dataset(
+            rows,
+            ws.table_uri(name),
+            mode="overwrite",
+            max_rows_per_file=rows_per_fragment,
+            storage_options=ws.storage_options or None,
+        )
+        fragments = len(ws.dataset(name).get_fragments())
+        return {"rows": rows.num_rows, "fragments": fragments, "indices": rebuild_indices(ws, name, specs)}
 
 
 def purge_versions(ws: Workspace, name: str) -> dict:
