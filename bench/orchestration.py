@@ -30,12 +30,13 @@ DIRECT = """
 import time; t0 = time.perf_counter()
 import json, sys
 from recipes.config import load_config, open_source
-from recipes.ingest import ingest
+from recipes.ingest.load import ingest
 from recipes import pipeline as rp
-from recipes.report import ReportConfig, load_report_data, render_report
+from recipes.report.data import load_report_data
+from recipes.report.render import ReportConfig, render_report
 from extractors.runner import run_extraction
 from extractors.registry import config_spec
-from stores.erasure import forget
+from recipes.unlearning.forget import forget
 from stores.snapshots import create_snapshot
 from stores.workspace import Workspace
 from recipes.config import graph_name, KnnGraph, UserItemGraph, CooccurGraph, output_path
@@ -44,9 +45,12 @@ ingest(ws, open_source(cfg, cfg.sources[0], ws.uri))
 for r in cfg.forget:
     forget(ws, r)
 calls = 0
-for e in cfg.extract:
-    calls += run_extraction(ws, e.feature, config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens), source=e.source, fields=tuple(e.fields),
-                            chunk_rows=e.chunk_rows, batch_size=e.batch_size, engine=engine, progress=False).model_calls
+from contextlib import nullcontext
+from extractors.model_pool import model_pool
+with model_pool() if engine == "ray" else nullcontext():
+    for e in cfg.extract:
+        calls += run_extraction(ws, e.feature, config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens), source=e.source, fields=tuple(e.fields),
+                                chunk_rows=e.chunk_rows, batch_size=e.batch_size, engine=engine, progress=False).model_calls
 for s in cfg.splits:
     rp.build_split(ws, s.name, s.to_split_config())
 for g in cfg.graphs:

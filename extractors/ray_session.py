@@ -25,9 +25,15 @@ def connect_ray(address: str | None) -> None:
 
 
 def reset_ray() -> None:
-    """Drop this driver's Ray session (a retry after a stall must not wait on the stalled run's actors)."""
+    """Drop this driver's Ray session (a retry after a stall must not wait on the stalled run's actors), and with
+    it the active model pool's actors: the retry starts fresh ones."""
     import ray
 
+    from extractors.model_pool import active_pool
+
+    pool = active_pool()
+    if pool is not None:
+        pool.forget()
     if ray.is_initialized():
         ray.shutdown()
 

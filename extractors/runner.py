@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -36,6 +37,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, decode_image, device_decodable
+from extractors.model_pool import active_pool
 from stores.errors import MmfeatError, TerminalError
 from stores.features import (
     CAPTION_FEATURE,
@@ -406,6 +408,8 @@ def run_extraction(
     use_ray, use_gpu = engine == "ray", False
     if use_ray:
         use_gpu = _init_ray()
+    # Inside `model_pool()` (a refresh) the model runs on the pool's actors, started once per model per refresh.
+    pool = active_pool() if use_ray else None
     provenance: dict[str, Any] | None = None
     model = None
     # With nothing stored there is nothing to compare, and every eligible item is to do whatever the model: the
@@ -414,7 +418,10 @@ def run_extraction(
     pixels = pixel_pipeline(extractor, source)
     preprocess_cfg: dict[str, Any] | None = None
     if pixels or stored or failed or overwrite or not use_ray or eligible.num_rows <= batch_size:
-        provenance, model, preprocess_cfg = _probe(extractor, use_gpu, local=not use_ray)
+        if pool is not None:
+            provenance, preprocess_cfg = pool.facts(extractor, use_gpu, threads or 1)
+        else:
+            provenance, model, preprocess_cfg = _probe(extractor, use_gpu, local=not use_ray)
         if not use_ray and threads:
             import torch
 
@@ -443,7 +450,15 @@ def run_extraction(
                      untrained_input), provenance.get("dim"))  # fmt: skip
     if todo.num_rows:
         bar = tqdm(total=todo.num_rows, desc=feature, unit="item", disable=not progress)
-        if use_ray:
+        if pool is not None:
+            expect = provenance_json(provenance) if provenance is not None else None
+            stage = partial(
+                ModelStage, None, source, fields, output, expect=expect, untrained_input=untrained_input
+            )
+            inputs = _pool_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, use_gpu)
+            count = concurrency or _default_actors(use_gpu)
+            batches = pool.run(extractor, stage, inputs, count, use_gpu, threads or 1)
+        elif use_ray:
             expect = provenance_json(provenance) if provenance is not None else None
             batches = _ray_batches(ws, extractor, todo, source, fields, output, versions, batch_size, concurrency,
                                    threads, use_gpu, expect, untrained_input, preprocess_cfg)  # fmt: skip
@@ -575,6 +590,17 @@ def _blocks(todo: pa.Table, rows: int) -> list[pa.Table]:
     return [todo.slice(start, rows) for start in range(0, todo.num_rows, rows)]
 
 
+def _default_actors(use_gpu: bool) -> int:
+    """One model actor per GPU, else one fewer than the CPUs: a pool that takes every CPU starves its own
+    read and decode tasks."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        return int(resources.get("GPU", 0))
+    return max(1, int(resources.get("CPU", 1)) - 1)
+
+
 def _ray_batches(
     ws: Workspace,
     extractor: ExtractorSpec,
@@ -596,10 +622,7 @@ def _ray_batches(
     the model's GPU (nvJPEG) and the CPU tasks prepare the rest."""
     import ray
 
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    # Leave a CPU for the read and decode tasks: a pool that takes every CPU starves its own input.
-    actors = concurrency or (gpus if use_gpu else max(1, cpus - 1))
+    actors = concurrency or _default_actors(use_gpu)
     if not use_gpu and threads is None:
         # As many torch threads as CPUs the actor claims. More oversubscribes: on a busy 2-core machine two
         # threads made a small model 30x slower than one (OpenMP workers spinning for cores others hold).
@@ -641,18 +664,55 @@ def _local_inputs(
     device_decode: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray pipeline's read and decode stages in this process, one batch at a time."""
+    where = _images_at(ws, versions) if source == "image" else None
     for block in _blocks(todo, batch_size):
-        if source == "image":
-            block = read_images(
-                block, ws.table_uri("item_images"), versions["item_images"], ws.storage_options
-            )
-        batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
-        if source != "image":
-            yield batch
-        elif preprocess_cfg is not None:
-            yield prepare_pixels(batch, preprocess_cfg, device_decode)
-        else:
-            yield check_images(batch)
+        yield prepare_block(block, source, where, preprocess_cfg, device_decode)
+
+
+def _images_at(ws: Workspace, versions: dict[str, int]) -> tuple[str, int, dict[str, str]]:
+    """Where the pinned `item_images` version is: uri, version, storage options (`read_images`'s arguments)."""
+    return ws.table_uri("item_images"), versions["item_images"], ws.storage_options
+
+
+def prepare_block(
+    block: pa.Table,
+    source: Source,
+    where: tuple[str, int, dict[str, str]] | None,
+    preprocess_cfg: dict[str, Any] | None,
+    device_decode: bool,
+) -> dict[str, np.ndarray]:
+    """The read and decode stages for one block of the items to do: image bytes taken from `where` (uri,
+    version, storage options of `item_images`) and checked or prepared as pixels; text passes as is."""
+    if source == "image":
+        block = read_images(block, *where)
+    batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
+    if source != "image":
+        return batch
+    if preprocess_cfg is not None:
+        return prepare_pixels(batch, preprocess_cfg, device_decode)
+    return check_images(batch)
+
+
+def _pool_inputs(
+    ws: Workspace,
+    todo: pa.Table,
+    source: Source,
+    versions: dict[str, int],
+    batch_size: int,
+    preprocess_cfg: dict[str, Any] | None,
+    device_decode: bool,
+) -> Iterator[Any]:
+    """Inputs for the model pool: text batches as they are, image blocks as the ObjectRefs of CPU tasks that
+    read and decode them (the pool's window bounds how many run ahead of the model)."""
+    if source != "image":
+        yield from _local_inputs(ws, todo, source, versions, batch_size)
+        return
+    import ray
+
+    task = ray.remote(num_cpus=1)(prepare_block)
+    where = _images_at(ws, versions)
+    for block in _blocks(todo, batch_size):
+        yield task.remote(block, source, where, preprocess_cfg, device_decode)
 
 
 def _flush(

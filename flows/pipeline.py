@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from extractors.model_pool import model_pool
 from recipes import refresh as steps
 from recipes.config import PipelineConfig, graph_name, load_config
 from stores.errors import is_transient
@@ -170,7 +172,8 @@ def extract_flow(
 ) -> list[dict]:
     """Extract every configured feature (or `features`) for the items whose input changed."""
     cfg = load_config(config)
-    return extract_stage(cfg, _ws(cfg, workspace), force, features)
+    with model_pool() if cfg.run.engine == "ray" else nullcontext():
+        return extract_stage(cfg, _ws(cfg, workspace), force, features)
 
 
 @flow(name="recipes")
@@ -211,7 +214,9 @@ def refresh_flow(
     # Prefect bookkeeping, which a refresh with nothing to do would otherwise spend several times over.
     result["ingest"] = ingest_stage(cfg, ws, force)
     result["forget"] = forget_stage(cfg, ws) if serve_forget else []
-    result["extract"] = extract_stage(cfg, ws, force)
+    # One Ray actor per model for the whole refresh (extractors/model_pool.py), released even when a step fails.
+    with model_pool() if cfg.run.engine == "ray" else nullcontext():
+        result["extract"] = extract_stage(cfg, ws, force)
     result["recipes"] = recipes_stage(cfg, ws, force)
     result["snapshot"] = _with(snapshot_step, cfg)(ws.uri, cfg, snapshot) if snapshot else None
     result["report"] = _with(report_step, cfg)(ws.uri, cfg) if cfg.report and report else None
