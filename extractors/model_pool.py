@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from stores.errors import TransientError
+
 # Extractor classes whose instances of one model id share an actor (the towers of one CLIP checkpoint).
 _FAMILIES = {"ClipImageEncoder": "clip", "ClipTextEncoder": "clip"}
 CPU_SLOTS = ("cpu",)  # the key of the CPU actors, which keep every model they are given
@@ -139,16 +141,15 @@ class ModelPool:
     ) -> Iterator[dict[str, Any]]:
         """Apply the model to each input (a batch or the ObjectRef of one) on `count` actors, round robin, with a
         bounded number in flight; results come back in input order."""
-        import ray
 
         actors = self.handles(spec, count, use_gpu, threads)
         pending: list[Any] = []
         for i, batch in enumerate(inputs):
             pending.append(actors[i % len(actors)].run.remote(spec, stage, batch))
             if len(pending) >= _IN_FLIGHT * len(actors):
-                yield ray.get(pending.pop(0))
+                yield _get(pending.pop(0))
         while pending:
-            yield ray.get(pending.pop(0))
+            yield _get(pending.pop(0))
 
     def built(self) -> dict[tuple, list[list[str]]]:
         """For each model key, the extractor classes each of its live actors has built."""
@@ -172,6 +173,17 @@ class ModelPool:
                     for actor in handles:
                         ray.kill(actor)
             self.actors.clear()
+
+
+def _get(ref: Any) -> Any:
+    """`ray.get`, where a SystemError out of Ray's object fetch (seen when a node dies holding a batch's input)
+    is a lost result: transient, like Ray's own lost-object errors (extractors/ray_session.py)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except SystemError as exc:
+        raise TransientError(f"Ray could not return a model batch ({exc}); retrying") from exc
 
 
 _active: ModelPool | None = None
