@@ -16,6 +16,17 @@ def _show(info: dict) -> None:
     click.echo(json.dumps(brief, indent=2, default=str))
 
 
+RECIPE_ENGINE = click.option(
+    "--engine",
+    type=click.Choice(["auto", "memory", "stream", "ray"]),
+    default="auto",
+    show_default=True,
+    help="memory: whole table; stream: batches, bounded memory; ray: Ray tasks over partitions ($RAY_ADDRESS "
+    "or a local Ray); auto: stream above 2M rows. All write the same rows.",
+)
+"""The engine option of `split` and `graph user-item` (recipes.pipeline.ENGINES)."""
+
+
 @click.command()
 @click.option("--name", required=True, help="Split name (table split_<name>).")
 @click.option(
@@ -38,9 +49,10 @@ def _show(info: dict) -> None:
 )
 @click.option("--cutoff", help="valid_start,test_start as ISO dates, for --scheme cutoff.")
 @click.option("--dedup", type=click.Choice(["first", "last", "all"]), default="first", show_default=True)
+@RECIPE_ENGINE
 @click.pass_context
 @_errors
-def split(ctx, name, scheme, kcore, kcore_counts, seed, ratios, cutoff, dedup):
+def split(ctx, name, scheme, kcore, kcore_counts, seed, ratios, cutoff, dedup, engine):
     """Filter and split the interactions into a versioned split table with a manifest."""
     from recipes.pipeline import build_split
     from recipes.splits import SplitConfig
@@ -59,7 +71,7 @@ def split(ctx, name, scheme, kcore, kcore_counts, seed, ratios, cutoff, dedup):
         cutoff=cut,
         dedup=dedup,
     )
-    _show(build_split(_ws(ctx), name, cfg))
+    _show(build_split(_ws(ctx), name, cfg, engine=engine))
 
 
 @click.group()
@@ -71,13 +83,14 @@ def graph() -> None:
 @click.option("--split", "split_name", required=True)
 @click.option("--norm", type=click.Choice(["none", "sym", "lattice"]), default="sym", show_default=True)
 @click.option("--name", help="Graph name (default derived from the parameters).")
+@RECIPE_ENGINE
 @click.pass_context
 @_errors
-def graph_ui(ctx, split_name, norm, name):
+def graph_ui(ctx, split_name, norm, name, engine):
     """User-item graph: raw, D^-1/2 A D^-1/2 (FREEDOM/LightGCN) or LATTICE row-normalised with self-loops."""
     from recipes.pipeline import build_ui_graph
 
-    _show(build_ui_graph(_ws(ctx), split_name, norm, name))
+    _show(build_ui_graph(_ws(ctx), split_name, norm, name, engine=engine))
 
 
 @graph.command("knn")

@@ -352,9 +352,13 @@ class Schedule(_Strict):
 
 class RunSettings(_Strict):
     """How flows run: `engine` ray (local Ray, or the cluster at $RAY_ADDRESS / `ray_address`) or local (no Ray);
-    per-step timeout and retries of transient failures (a retried extraction resumes from its committed chunks)."""
+    per-step timeout and retries of transient failures (a retried extraction resumes from its committed chunks).
+    `recipes_engine` runs the splits and user-item graphs: auto (in memory, streamed above 2M rows), memory,
+    stream, or ray (Ray tasks over partitions of the table, on the same cluster; same output, see
+    recipes/distributed.py)."""
 
     engine: Literal["ray", "local"] = "ray"
+    recipes_engine: Literal["auto", "memory", "stream", "ray"] = "auto"
     ray_address: str | None = None
     step_timeout_s: float = Field(3600, gt=0)
     retries: int = Field(2, ge=0, le=10)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from recipes import splits, streamed
+from recipes import distributed, splits, streamed
 from recipes.graphs import cooccur, hypergraph, knn_ann
 from recipes.graphs import knn as knn_graph
 from recipes.graphs import user_item as ui_graph
@@ -42,14 +42,20 @@ def build_split(
 ) -> dict:
     """Split the workspace's interactions (at a pinned version) and store `split_<name>` with its manifest.
     engine "memory" reads the table whole, "stream" in batches (recipes/streamed.py: same rows, bounded memory),
-    "auto" streams above streamed.STREAM_ABOVE_ROWS rows."""
+    "auto" streams above streamed.STREAM_ABOVE_ROWS rows, "ray" runs Ray tasks over partitions of the table
+    (recipes/distributed.py, on the cluster at $RAY_ADDRESS or a local Ray: same rows)."""
     version = ws.version("interactions") if interactions_version is None else interactions_version
     if version is None:
         raise KeyError("the workspace has no interactions yet; run `mmfeat ingest ...` first")
-    if engine not in ("auto", "memory", "stream"):
-        raise ValueError(f"engine={engine!r}; expected 'auto', 'memory' or 'stream'")
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; expected one of {ENGINES}")
 
     def build() -> tuple[str, int, dict]:
+        if engine == "ray":
+            stream, keys, counts = _on_ray(
+                "split on Ray", lambda tasks: distributed.split_partitioned(ws, version, cfg, tasks)
+            )
+            return f"split_{name}", artifacts.write_split(ws, name, stream, keys), {"counts": counts}
         rows = ws.dataset("interactions", version).count_rows()
         if engine == "stream" or (engine == "auto" and rows > streamed.STREAM_ABOVE_ROWS):
             stream, keys, counts = streamed.split_stream(ws, version, cfg)
@@ -58,6 +64,19 @@ def build_split(
         return f"split_{name}", artifacts.write_split(ws, name, split), {"counts": splits.split_counts(split)}
 
     return run_step(ws, Step("split", name, {"interactions": version}, dataclasses.asdict(cfg), build), force)
+
+
+ENGINES = ("auto", "memory", "stream", "ray")
+"""Engines of the split and user-item graph steps."""
+
+
+def _on_ray(what: str, run: Callable):
+    """run(tasks) with Ray tasks as the runner, Ray's failures classified (extractors/ray_session.py)."""
+    from extractors.partition_tasks import RayTasks
+    from extractors.ray_session import ray_errors
+
+    with ray_errors(what):
+        return run(RayTasks())
 
 
 def _split_inputs(ws: Workspace, split_name: str) -> dict:
@@ -94,14 +113,30 @@ def graph_step(
 
 
 def build_ui_graph(
-    ws: Workspace, split_name: str, norm: str = "sym", name: str | None = None, force: bool = False
+    ws: Workspace,
+    split_name: str,
+    norm: str = "sym",
+    name: str | None = None,
+    force: bool = False,
+    engine: str = "auto",
 ) -> dict:
-    """User-item graph from the split's train rows: raw, symmetric (FREEDOM/LightGCN) or LATTICE-normalised."""
+    """User-item graph from the split's train rows: raw, symmetric (FREEDOM/LightGCN) or LATTICE-normalised.
+    engine as in `build_split` ("ray": the train matrix summed from per-partition blocks built by Ray tasks)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; expected one of {ENGINES}")
     inputs = _split_inputs(ws, split_name)
 
     def build() -> tuple[sp.spmatrix, pa.Table | tuple[np.ndarray, np.ndarray]]:
         table, version = f"split_{inputs['split']}", inputs["split_version"]
-        if ws.dataset(table, version).count_rows() > streamed.STREAM_ABOVE_ROWS:  # batches: bounded memory
+        if engine == "ray":
+            train, nodes = _on_ray(
+                "user-item graph on Ray",
+                lambda tasks: distributed.train_matrix_partitioned(ws, table, version, tasks),
+            )
+            return ui_graph.normalize(ui_graph.bipartite(train), norm), nodes
+        if engine == "stream" or (
+            engine == "auto" and ws.dataset(table, version).count_rows() > streamed.STREAM_ABOVE_ROWS
+        ):  # batches: bounded memory
             train, nodes = streamed.train_matrix_stream(ws, table, version)
             return ui_graph.normalize(ui_graph.bipartite(train), norm), nodes
         split = _load(ws, inputs)

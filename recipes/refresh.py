@@ -156,7 +156,11 @@ def build_split(ws: Workspace, cfg: PipelineConfig, name: str, interactions_vers
     from recipes import pipeline
 
     spec = next(s for s in cfg.splits if s.name == name)
-    return brief(pipeline.build_split(ws, name, spec.to_split_config(), interactions_version))
+    return brief(
+        pipeline.build_split(
+            ws, name, spec.to_split_config(), interactions_version, engine=cfg.run.recipes_engine
+        )
+    )
 
 
 def build_graph(ws: Workspace, cfg: PipelineConfig, name: str) -> dict:
@@ -164,7 +168,7 @@ def build_graph(ws: Workspace, cfg: PipelineConfig, name: str) -> dict:
 
     g = next(g for g in cfg.graphs if graph_name(g) == name)
     if isinstance(g, UserItemGraph):
-        info = rp.build_ui_graph(ws, g.split, g.norm, name)
+        info = rp.build_ui_graph(ws, g.split, g.norm, name, engine=cfg.run.recipes_engine)
     elif isinstance(g, KnnGraph):
         info = rp.build_knn_graph(
             ws, g.split, list(g.features), g.k, g.norm, g.weights, g.symmetric, g.self_loops, name

@@ -83,6 +83,15 @@ def split_stream(
     present: dict = {}
     # the code arrays are made inside the call so no reference outlives their first filtering in split_codes
     keep, labels = split_owned_codes(_code_columns(dataset, table, users, items), cfg, present)
+    return labelled_rows(dataset, users, items, present, keep, labels)
+
+
+def labelled_rows(
+    dataset, users: pa.Array, items: pa.Array, present: dict, keep: np.ndarray, labels: np.ndarray
+) -> tuple[pa.RecordBatchReader, dict[str, set[str]], dict[str, int]]:
+    """`split_stream`'s (rows, keys, counts) from a decided split: `keep` a mask of the dataset's rows, `labels`
+    the kept rows' labels in row order, `present` the "users"/"items" code masks of the kept rows (as
+    `split_codes` fills them; shorter than the id maps when the last ids are gone). Shared by the Ray engine."""
     kept_users = np.zeros(len(users), dtype=bool)
     kept_users[: len(present["users"])] = present["users"]
     kept_items = np.zeros(len(items), dtype=bool)
