@@ -37,13 +37,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from recipes.ingest.records import SourceError, file_label
 from stores.erasure.keys import DenyList
 from stores.schema import INTERACTIONS
 from stores.workspace import UpsertResult, Workspace
 
-BATCH_BYTES = 16 << 20
+# Small batches keep the transient copies of a batch (bytes, strings, classified columns, Lance's encoding) near
+# 100 MB in all; larger ones bought no CPU at 2M rows (bench/ingest.py) but cost ~150 MB more peak.
+BATCH_BYTES = 4 << 20
+PARQUET_BATCH_ROWS = 1 << 17
 FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
 
 MIN_SECONDS = 0  # 1970-01-01: no interaction log predates the unix epoch
@@ -120,6 +124,51 @@ class CsvStream:
                 table = table.append_column("__line", pa.array(np.arange(line, line + n, dtype=np.int64)))
                 line += n
                 yield table
+
+
+@dataclass
+class ParquetStream:
+    """A Parquet interactions file read lazily by record batch, every column as strings (the same conversion as a
+    whole-file read), so memory does not grow with the file. Only files whose columns are all scalar stream; a nested
+    column (quarantined row by row as `bad_value`) takes the whole-file path in `sources`."""
+
+    path: Path
+    mapping: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return file_label(self.path.name)
+
+    @property
+    def header(self) -> list[str]:
+        return pq.ParquetFile(self.path).schema_arrow.names
+
+    @property
+    def fields(self) -> list[str]:
+        return [self.mapping.get(c, c) for c in self.header]
+
+    def drain_malformed(self) -> Iterator[str]:
+        return iter(())  # Parquet has no ragged rows
+
+    def batches(self) -> Iterator[pa.Table]:
+        line = 1
+        with pq.ParquetFile(self.path) as pf:
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                columns = {}
+                for name, col in zip(batch.schema.names, batch.columns, strict=True):
+                    if pa.types.is_timestamp(col.type) and col.type.unit == "s":
+                        # the stored value is already unix seconds (UTC): no ISO round trip through DuckDB
+                        col = col.cast(pa.int64())
+                    columns[self.mapping.get(name, name)] = (
+                        col if pa.types.is_string(col.type) else col.cast(pa.string(), safe=False)
+                    )
+                n = batch.num_rows
+                columns["__line"] = pa.array(np.arange(line, line + n, dtype=np.int64))
+                line += n
+                yield pa.table(columns)
+
+
+Stream = CsvStream | ParquetStream
 
 
 @contextlib.contextmanager
@@ -202,12 +251,12 @@ def check_unique(names: list[str], path: Path | str) -> None:
         seen.add(name)
 
 
-def check_readable(interactions: pa.Table | CsvStream) -> None:
+def check_readable(interactions: pa.Table | Stream) -> None:
     """What must hold before anything is written: a header without duplicates (after --map), the key columns
     present, and, for a gzipped file, compression that decodes to its end."""
-    if isinstance(interactions, CsvStream):
+    if isinstance(interactions, Stream):
         fields, name = interactions.fields, interactions.path
-        if is_gzip(interactions.path):
+        if isinstance(interactions, CsvStream) and is_gzip(interactions.path):
             try:
                 with gzip.open(interactions.path, "rb") as fh:
                     while fh.read(16 << 20):
@@ -225,8 +274,8 @@ def check_readable(interactions: pa.Table | CsvStream) -> None:
         raise SourceError(f"{name} has no {', '.join(missing)} column; map one with --map COLUMN=FIELD")
 
 
-def iter_batches(interactions: pa.Table | CsvStream) -> Iterator[pa.Table]:
-    if isinstance(interactions, CsvStream):
+def iter_batches(interactions: pa.Table | Stream) -> Iterator[pa.Table]:
+    if isinstance(interactions, Stream):
         yield from interactions.batches()
     else:
         yield from (pa.Table.from_batches([b]) for b in interactions.to_batches(max_chunksize=1 << 20))
@@ -399,12 +448,12 @@ def _classify(
 class _Seen:
     """Key hashes of the rows already streamed, to number repeated (user, item, time, event) rows.
 
-    A 64 MB bit map over the low hash bits says which rows cannot have been seen (about 98% of them at 10M rows);
+    A 16 MB bit map over the low hash bits says which rows cannot have been seen (about 93% of them at 10M rows);
     only the rest are counted exactly against the sorted hashes of earlier batches. A 64-bit hash collision between two
     different keys only bumps `seq` for one of them: keys stay unique.
     """
 
-    SLOTS = 1 << 29  # bits
+    SLOTS = 1 << 27  # bits
 
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
@@ -464,7 +513,7 @@ def ingest_interactions(
     items: set[str] = set()
     users: set[str] = set()
     updates: list[pa.Table] = []
-    file = src.interactions.file if isinstance(src.interactions, CsvStream) else None
+    file = src.interactions.file if isinstance(src.interactions, Stream) else None
 
     failure: list[SourceError] = []
 
@@ -494,7 +543,7 @@ def ingest_interactions(
     def clean_batches() -> Iterator[pa.RecordBatch]:
         for raw in read_batches():
             name = file or raw["__file"][0].as_py()
-            if isinstance(src.interactions, CsvStream):
+            if isinstance(src.interactions, Stream):
                 quarantine_malformed(name)
             selected = raw.select([c for c in raw.column_names if c in FIELDS or c == "__line"])
             raw, bad_utf8 = _utf8(selected)
@@ -577,7 +626,7 @@ def ingest_interactions(
         if failure:  # Lance wraps errors raised inside its reader: surface ours, one line
             raise failure[-1] from None
         raise
-    if isinstance(src.interactions, CsvStream):  # ragged rows the last batch left, or a file of only those
+    if isinstance(src.interactions, Stream):  # ragged rows the last batch left, or a file of only those
         quarantine_malformed(src.interactions.file)
     if updates:
         changed = pa.concat_tables(updates)
@@ -590,7 +639,7 @@ def ingest_interactions(
     return result, items, users
 
 
-def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 4) -> Iterator[pa.RecordBatch]:
+def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
     """Produce batches in a Python thread of our own: parsing and classifying overlap with Lance's encoding,
     and our DuckDB/Arrow work never runs inside Lance's reader callback."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 
 from recipes.ingest.interactions import (
     CsvStream,
+    ParquetStream,
+    Stream,
     check_unique,
     first_line,
     is_gzip,
@@ -314,10 +316,15 @@ def _pack_attributes(table: pa.Table, keep: tuple[str, ...]) -> pa.Table:
     return table.append_column("attributes", pa.array(attrs, pa.string()))
 
 
-def _interactions(path: Path, mapping: dict[str, str], src: RawSource) -> pa.Table | CsvStream:
+def _interactions(path: Path, mapping: dict[str, str], src: RawSource) -> pa.Table | Stream:
     """Interactions, lazily: delimited files stream in batches (UTF-8 checked per row at ingest); Parquet and
     JSONL are read whole (their unparseable rows quarantined into `src`)."""
     path = _require(Path(path), "interactions file", "check the path")
+    if _format(path) == "parquet" and _streamable_parquet(path):
+        stream = ParquetStream(path, mapping)
+        check_unique(stream.header, path)
+        check_unique(stream.fields, path)
+        return stream
     if _format(path) != "csv":
         rejects: list[Reject] = []
         table = read_table_file(path, rejects=rejects, scalar=_scalar_columns(INTERACTION_FIELDS, mapping))
@@ -328,8 +335,20 @@ def _interactions(path: Path, mapping: dict[str, str], src: RawSource) -> pa.Tab
     return stream
 
 
-def _fields(interactions: pa.Table | CsvStream) -> list[str]:
-    return interactions.fields if isinstance(interactions, CsvStream) else interactions.column_names
+def _fields(interactions: pa.Table | Stream) -> list[str]:
+    return interactions.fields if isinstance(interactions, Stream) else interactions.column_names
+
+
+def _streamable_parquet(path: Path) -> bool:
+    """An uncompressed-on-disk Parquet file with only scalar columns streams by batch; otherwise it is read whole
+    (a nested value is quarantined row by row there)."""
+    if is_gzip(path):
+        return False
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except (pa.ArrowInvalid, OSError):
+        return False  # the whole-file read reports the error
+    return not any(pa.types.is_nested(f.type) for f in schema)
 
 
 # ---- MovieLens ---------------------------------------------------------------------------------------------
