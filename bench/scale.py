@@ -123,6 +123,11 @@ def stage(name: str, args: list[str], ws: Path | None = None) -> dict:
     if ws is not None:
         row["workspace_gb"] = dir_gb(ws)
         row["out"] = printed_json(out.decode(errors="replace"))
+    print(
+        f"{name}: {wall:.1f} s wall, {row['cpu_s']:.1f} s CPU, {row['peak_gb']:.2f} GB",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
