@@ -488,9 +488,11 @@ class _Seen:
         return seq
 
 
-def _known(ws: Workspace, name: str, column: str, extra: list[str] | None) -> pa.Array:
+def _known(ws: Workspace, name: str, column: str, extra: pa.Array | list[str] | None) -> pa.Array:
     ids = ws.read(name, columns=[column])[column].combine_chunks()
-    return pa.concat_arrays([ids, pa.array(extra or [], pa.string())]) if extra else ids
+    if extra is None or not len(extra):
+        return ids
+    return pa.concat_arrays([ids, pa.array(extra, pa.string()).cast(ids.type)])
 
 
 def ingest_interactions(
@@ -498,8 +500,8 @@ def ingest_interactions(
     src,
     q,
     denied: DenyList,
-    new_items: list[str] | None = None,
-    new_users: list[str] | None = None,
+    new_items: pa.Array | list[str] | None = None,
+    new_users: pa.Array | list[str] | None = None,
 ) -> tuple[UpsertResult, set[str], set[str]]:
     """Stream `src.interactions` into the interactions table in one commit; returns the upsert result and the
     clean ids. `new_items`/`new_users` are ids of this source not yet written, known alongside the workspace's."""

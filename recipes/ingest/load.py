@@ -25,11 +25,15 @@ an interrupted ingest keeps what it fetched, and a URL whose bytes are stored fo
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from extractors.fetch import FetchPolicy, fetch_many
@@ -40,6 +44,7 @@ from recipes.ingest.records import (
     Quarantine,
     RawSource,
     content_hash,
+    content_hashes,
     decode_cell,
     excerpt,
     file_label,
@@ -62,17 +67,175 @@ IMAGE_BATCH_ROWS = 256
 IMAGE_BATCH_BYTES = 16 * 1024 * 1024
 
 
+class _Columns:
+    """A raw table checked a column at a time (Arrow casts, null/empty and whitespace checks, deny-list, duplicate
+    keys): `values` are the cells decoded as strings (null where a row is sent to the per-row path) and `slow` the
+    positions of the rows that need the per-row path. Every other row is clean: its key is stripped, non-empty,
+    not denied, unique, and no slow row's key equals it, so it is stored exactly as the per-row path would."""
+
+    def __init__(self, values: dict[str, pa.Array], slow: np.ndarray):
+        self.values, self.slow = values, slow
+
+    @classmethod
+    def check(
+        cls,
+        table: pa.Table,
+        key: str,
+        utf8: tuple[str, ...],
+        text: tuple[str, ...],
+        src: RawSource,
+        kind: str,
+        denied: DenyList,
+    ) -> _Columns | None:
+        """None where a column is not text or the text encoding is not UTF-8 (the per-row path does it all)."""
+        n = table.num_rows
+        strict = codecs.lookup(src.text_encoding).name == "utf-8"
+        flagged = np.zeros(n, bool)
+        values: dict[str, pa.Array] = {}
+        for name in utf8 + text:
+            if name not in table.column_names:
+                values[name] = pa.nulls(n, pa.string())
+                continue
+            column = table[name].combine_chunks()
+            if pa.types.is_null(column.type) or pa.types.is_string(column.type):
+                values[name] = column.cast(pa.string())
+                continue
+            if not pa.types.is_binary(column.type) or (name in text and not strict):
+                return None
+            try:
+                values[name] = column.cast(pa.string())
+            except pa.ArrowInvalid:  # some cell is not UTF-8: the per-row path names the byte
+                bad = np.array([v is not None and not _is_utf8(v) for v in column.to_pylist()], bool)
+                flagged |= bad
+                values[name] = pc.if_else(pa.array(bad), pa.scalar(None, pa.binary()), column).cast(
+                    pa.string()
+                )
+        ids = values[key]
+        # An id that is null, empty, or starts or ends with anything but printable ASCII goes the per-row path,
+        # whose str.strip() is the definition of the key (Arrow's whitespace is not Python's).
+        odd = pc.or_kleene(
+            pc.equal(ids, ""), pc.match_substring_regex(ids, r"^[^\x21-\x7e]|[^\x21-\x7e]$")
+        ).fill_null(True)
+        flagged |= odd.to_numpy(zero_copy_only=False)
+        if denied:
+            flagged |= np.array([v is not None and denied.has(kind, v) for v in ids.to_pylist()], bool)
+        counts = pc.value_counts(ids)
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+        if len(repeated):
+            flagged |= pc.is_in(ids, value_set=repeated).fill_null(False).to_numpy(zero_copy_only=False)
+        slow = np.flatnonzero(flagged)
+        if len(slow):  # a clean row whose key a slow row strips to goes with it, so first-wins holds
+            stripped = set()
+            for raw in table[key].take(slow).to_pylist() if key in table.column_names else []:
+                with contextlib.suppress(UnicodeDecodeError):
+                    stripped.add((decode_cell(raw, "utf-8") or "").strip())
+            flagged |= (
+                pc.is_in(ids, value_set=pa.array(sorted(stripped), pa.string()))
+                .fill_null(False)
+                .to_numpy(zero_copy_only=False)
+            )
+            slow = np.flatnonzero(flagged)
+        return cls(values, slow)
+
+    def clean(self, n: int) -> pa.Array:
+        """Positions of the clean rows."""
+        keep = np.ones(n, bool)
+        keep[self.slow] = False
+        return pa.array(np.flatnonzero(keep))
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _tally_clean(table: pa.Table, clean: pa.Array, q: Quarantine) -> None:
+    """Count every row as read (files in order of first appearance, as the per-row path creates them) and the
+    clean rows as stored."""
+    files = table["__file"].combine_chunks()
+    if isinstance(files, pa.DictionaryArray):
+        files = files.dictionary_decode()
+    for file in pc.unique(files).to_pylist():
+        q.tally(file)
+    for row in pc.value_counts(files).to_pylist():
+        q.tally(row["values"]).read += row["counts"]
+    for row in pc.value_counts(files.take(clean)).to_pylist():
+        q.tally(row["values"]).stored += row["counts"]
+
+
+_ITEM_UTF8 = ("item_id", "rights", "image", "image_url")
+_ITEM_TEXT = ("title", "text", "attributes")
+
+
 def _validate_items(
     src: RawSource, q: Quarantine, denied: DenyList
-) -> tuple[list[dict], list[ImageRef], list[ImageRef]]:
-    """Items → clean rows, plus the image refs: local paths, and URLs of items that name no local image."""
-    rows: dict[str, dict] = {}
-    images: list[ImageRef] = []
-    urls: list[ImageRef] = []
-    now = utc_now()
-    for raw in src.items.to_pylist():
+) -> tuple[pa.Table, list[ImageRef], list[ImageRef]]:
+    """Items → clean rows (first-occurrence order), plus the image refs: local paths, and URLs of items that name
+    no local image. Checked a column at a time; only the rows a column check flags go the per-row path."""
+    table, now = src.items, utc_now()
+    cols = _Columns.check(table, "item_id", _ITEM_UTF8, _ITEM_TEXT, src, "item", denied)
+    if cols is None:
+        rows, images, urls = _item_rows(src, enumerate(table.to_pylist()), q, denied, now)
+        return _ordered(rows, ITEMS.schema), [r for _, r in images], [r for _, r in urls]
+    clean = cols.clean(table.num_rows)
+    _tally_clean(table, clean, q)
+    slow_raw = zip(cols.slow.tolist(), table.take(cols.slow).to_pylist(), strict=True)
+    rows, images, urls = _item_rows(src, slow_raw, q, denied, now, tally_read=False)
+    v = {name: cols.values[name].take(clean) for name in _ITEM_UTF8 + _ITEM_TEXT}
+    n = len(clean)
+    fast = pa.table(
+        {
+            "item_id": v["item_id"],
+            "title": v["title"],
+            "text": v["text"],
+            "attributes": v["attributes"],
+            "source": pa.array([src.name] * n, pa.string()),
+            "rights": v["rights"],
+            "content_hash": content_hashes(v["title"], v["text"], v["attributes"], v["rights"]),
+            "created_at": pa.array([now] * n, ITEMS.schema.field("created_at").type),
+            "updated_at": pa.array([now] * n, ITEMS.schema.field("updated_at").type),
+        },
+        schema=ITEMS.schema,
+    )
+    if v["image"].null_count < n or v["image_url"].null_count < n:
+        files = table["__file"].combine_chunks().take(clean).cast(pa.string()).to_pylist()
+        lines = table["__line"].combine_chunks().take(clean).to_pylist()
+        given = zip(
+            clean.to_pylist(),
+            v["item_id"].to_pylist(),
+            v["image"].to_pylist(),
+            v["image_url"].to_pylist(),
+            files,
+            lines,
+            strict=True,
+        )
+        for i, item_id, image, url, file, line in given:
+            if image is not None and image.strip():
+                images.append((i, (item_id, image.strip(), file, line)))
+            elif url is not None and url.strip():
+                urls.append((i, (item_id, url.strip(), file, line)))
+    return (
+        _merge(fast, clean, rows, ITEMS.schema),
+        [r for _, r in sorted(images, key=lambda x: x[0])],
+        [r for _, r in sorted(urls, key=lambda x: x[0])],
+    )
+
+
+def _item_rows(
+    src: RawSource, raws, q: Quarantine, denied: DenyList, now, tally_read: bool = True
+) -> tuple[list[tuple[int, dict]], list[tuple[int, ImageRef]], list[tuple[int, ImageRef]]]:
+    """The per-row path: (position, raw row) pairs in source order → (position, clean row) pairs and
+    (position, image ref) pairs; the first row of a key wins, an identical repeat is merged."""
+    rows: dict[str, tuple[int, dict]] = {}
+    images: list[tuple[int, ImageRef]] = []
+    urls: list[tuple[int, ImageRef]] = []
+    for at, raw in raws:
         file, line = raw["__file"], raw["__line"]
-        q.tally(file).read += 1
+        if tally_read:
+            q.tally(file).read += 1
         try:
             item_id = (decode_cell(raw.get("item_id"), "utf-8") or "").strip()
             title = decode_cell(raw.get("title"), src.text_encoding)
@@ -99,7 +262,7 @@ def _validate_items(
             continue
         digest = content_hash(title, text, attributes, rights)
         if item_id in rows:
-            if rows[item_id]["content_hash"] == digest:
+            if rows[item_id][1]["content_hash"] == digest:
                 q.tally(file).merged += 1
             else:
                 q.add(
@@ -112,23 +275,39 @@ def _validate_items(
                     excerpt(raw),
                 )
             continue
-        rows[item_id] = {
-            "item_id": item_id,
-            "title": title,
-            "text": text,
-            "attributes": attributes,
-            "source": src.name,
-            "rights": rights,
-            "content_hash": digest,
-            "created_at": now,
-            "updated_at": now,
-        }
+        rows[item_id] = (
+            at,
+            {
+                "item_id": item_id,
+                "title": title,
+                "text": text,
+                "attributes": attributes,
+                "source": src.name,
+                "rights": rights,
+                "content_hash": digest,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
         q.tally(file).stored += 1
         if image is not None and image.strip():
-            images.append((item_id, image.strip(), file, line))
+            images.append((at, (item_id, image.strip(), file, line)))
         elif url is not None and url.strip():
-            urls.append((item_id, url.strip(), file, line))
+            urls.append((at, (item_id, url.strip(), file, line)))
     return list(rows.values()), images, urls
+
+
+def _ordered(rows: list[tuple[int, dict]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([r for _, r in rows], schema=schema)
+
+
+def _merge(fast: pa.Table, clean: pa.Array, rows: list[tuple[int, dict]], schema: pa.Schema) -> pa.Table:
+    """The clean rows and the per-row path's rows in source order (first occurrence), as one table."""
+    if not rows:
+        return fast
+    at = pa.concat_arrays([clean.cast(pa.int64()), pa.array([i for i, _ in rows], pa.int64())])
+    both = pa.concat_tables([fast, _ordered(rows, schema)])
+    return both.take(pc.sort_indices(at))
 
 
 def _check_images(
@@ -316,12 +495,38 @@ def _fetch_url_images(
     return batches.commit()
 
 
-def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dict]:
-    rows: dict[str, dict] = {}
-    now = utc_now()
-    for raw in src.users.to_pylist():
+def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> pa.Table:
+    """Users → clean rows (first-occurrence order), checked a column at a time like items."""
+    table, now = src.users, utc_now()
+    cols = _Columns.check(table, "user_id", ("user_id",), ("attributes",), src, "user", denied)
+    if cols is None:
+        return _ordered(_user_rows(src, enumerate(table.to_pylist()), q, denied, now), USERS.schema)
+    clean = cols.clean(table.num_rows)
+    _tally_clean(table, clean, q)
+    slow_raw = zip(cols.slow.tolist(), table.take(cols.slow).to_pylist(), strict=True)
+    rows = _user_rows(src, slow_raw, q, denied, now, tally_read=False)
+    n = len(clean)
+    fast = pa.table(
+        {
+            "user_id": cols.values["user_id"].take(clean),
+            "attributes": cols.values["attributes"].take(clean),
+            "source": pa.array([src.name] * n, pa.string()),
+            "created_at": pa.array([now] * n, USERS.schema.field("created_at").type),
+        },
+        schema=USERS.schema,
+    )
+    return _merge(fast, clean, rows, USERS.schema)
+
+
+def _user_rows(
+    src: RawSource, raws, q: Quarantine, denied: DenyList, now, tally_read: bool = True
+) -> list[tuple[int, dict]]:
+    """The per-row path for users: (position, raw row) pairs → (position, clean row) pairs."""
+    rows: dict[str, tuple[int, dict]] = {}
+    for at, raw in raws:
         file, line = raw["__file"], raw["__line"]
-        q.tally(file).read += 1
+        if tally_read:
+            q.tally(file).read += 1
         try:
             user_id = (decode_cell(raw.get("user_id"), "utf-8") or "").strip()
             attributes = decode_cell(raw.get("attributes"), src.text_encoding)
@@ -335,7 +540,7 @@ def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dic
             q.add(file, line, None, "forgotten", "user was erased by a forget request; not re-ingested", None)
             continue
         if user_id in rows:
-            if rows[user_id]["attributes"] == attributes:
+            if rows[user_id][1]["attributes"] == attributes:
                 q.tally(file).merged += 1
             else:
                 q.add(
@@ -347,7 +552,10 @@ def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> list[dic
                     excerpt(raw),
                 )
             continue
-        rows[user_id] = {"user_id": user_id, "attributes": attributes, "source": src.name, "created_at": now}
+        rows[user_id] = (
+            at,
+            {"user_id": user_id, "attributes": attributes, "source": src.name, "created_at": now},
+        )
         q.tally(file).stored += 1
     return list(rows.values())
 
@@ -385,14 +593,14 @@ def _ingest_locked(ws: Workspace, src: RawSource, fetch: FetchPolicy) -> IngestR
             src,
             q,
             denied,
-            new_items=[r["item_id"] for r in items or []],
-            new_users=[r["user_id"] for r in users or []],
+            new_items=items["item_id"].combine_chunks() if items is not None else None,
+            new_users=users["user_id"].combine_chunks() if users is not None else None,
         )
 
     if items is not None:
-        tables["items"] = ws.upsert(ITEMS, pa.Table.from_pylist(items, schema=ITEMS.schema))
+        tables["items"] = ws.upsert(ITEMS, items)
     if users is not None:
-        tables["users"] = ws.upsert(USERS, pa.Table.from_pylist(users, schema=USERS.schema))
+        tables["users"] = ws.upsert(USERS, users)
     if checked_images is not None:  # after the rows checked in full: image batches commit one by one
         tables["item_images"] = _store_images(ws, src, checked_images, q)
 
