@@ -282,7 +282,8 @@ def train_model(
         model = Freedom(train_m, cfg.dim, ui, ii, dims, cfg.ui_layers, cfg.ii_layers, cfg.edge_keep)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.mf_lr if kind == "mf_bpr" else cfg.lr)
-    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=cfg.workers)
+    # workers: persistent spawn processes that send index arrays (stores/reader.py BprLoader)
+    loader = data.loader(cfg.workers) if cfg.workers else DataLoader(data, batch_size=None, shuffle=False)
     best, best_state, best_epoch, waited, epoch = -1.0, None, 0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         data.set_epoch(epoch)
@@ -309,6 +310,8 @@ def train_model(
             waited += 1
             if waited >= cfg.patience:
                 break
+    if cfg.workers:
+        loader.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

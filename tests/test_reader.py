@@ -3,6 +3,7 @@ pickling into DataLoader workers, and the all-ranking metrics the example traine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -193,6 +194,19 @@ def test_train_example_runs_on_a_tiny_snapshot(reader):
     for r in results.values():
         assert all(0.0 <= r[f"{m}@{k}"] <= 1.0 for m in ("recall", "ndcg") for k in (10, 20))
     assert results["freedom"]["train"]["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_train_example_with_workers_trains_the_same_model(reader):
+    """`TrainConfig(workers=2)` reads through persistent spawn workers (BprDataset.loader) and trains exactly the
+    model the in-process reads train: the same batches in the same order, so the same metrics."""
+    cfg = TrainConfig(models=("mf_bpr",), epochs=2, eval_every=1, batch_size=32, dim=8)
+    alone = compare(reader, cfg)["mf_bpr"]
+    workers = compare(reader, dataclasses.replace(cfg, workers=2))["mf_bpr"]
+    drop = ("train",)
+    assert {k: v for k, v in workers.items() if k not in drop} == {
+        k: v for k, v in alone.items() if k not in drop
+    }
 
 
 def test_copy_of_workspace_reads_the_same(reader, tiny_ws, tmp_path):
