@@ -871,3 +871,49 @@ def test_erasure_on_s3_deletes_unreferenced_objects_and_scans_every_object(s3_ws
     assert any("exports/copy.bin" in p for p in receipt["verification"]["problems"])
     delete_file(ws, "exports/copy.bin")
     assert verify(ws, "s3-1")["verified"] and ".mmfeat/secret" in list_files(ws)
+
+
+def test_patched_split_counts_and_ui_graph_equal_a_rebuild_after_user_then_item_forgets(tmp_path):
+    """The split counts erasure records (recorded counts minus the deleted rows, not a re-scan) equal the counts
+    of the split left, including an item that only the forgotten user held and a user left with no row after an
+    item forget; the patched user-item graph (only the stored edges' ids read, written with the keys the patch
+    knows) equals a rebuild on the erased split row for row, after a user forget and again after an item forget
+    (whose removal changes its users' degrees and so the weights of all their edges)."""
+    from recipes.pipeline import build_split, build_ui_graph
+    from recipes.splits import SplitConfig, split_counts
+
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(3)
+    pairs = {(f"u{u}", f"i{i:02d}") for u in range(8) for i in rng.choice(12, 6, replace=False)}
+    pairs |= {("heavy", f"i{i:02d}") for i in range(12)} | {("heavy", "solo"), ("loner", "i05")}
+    rows = [
+        {
+            "user_id": u,
+            "item_id": i,
+            "timestamp": NOW - timedelta(days=k),
+            "event": "rating",
+            "seq": 0,
+            "value": 1.0,
+            "source": "syn",
+        }
+        for k, (u, i) in enumerate(sorted(pairs))
+    ]
+    ws.upsert(INTERACTIONS, pa.Table.from_pylist(rows, schema=INTERACTIONS.schema))
+    build_split(ws, "main", SplitConfig(scheme="random", kcore=0, seed=0))
+    build_ui_graph(ws, "main", "sym", name="ui")
+    for k, request in enumerate(
+        (
+            ForgetRequest("r-user", "user", users=("heavy",), reason="t"),
+            ForgetRequest("r-item", "item", items=("i05",), reason="t"),
+        )
+    ):
+        receipt = forget(ws, request)
+        assert receipt["verification"]["verified"], receipt["verification"]
+        assert receipt["artifacts"]["graphs"]["ui"]["action"].startswith("patched")
+        assert artifacts.manifest(ws, "split", "main")["counts"] == split_counts(ws.read("split_main"))
+        build_ui_graph(ws, "main", "sym", name=f"ui_rebuilt{k}")
+        assert ws.read("graph_ui").equals(ws.read(f"graph_ui_rebuilt{k}"))
+    counts = artifacts.manifest(ws, "split", "main")["counts"]
+    held = set(ws.read("split_main")["user_id"].to_pylist())
+    assert "loner" not in held and "solo" not in set(ws.read("split_main")["item_id"].to_pylist())
+    assert counts["users"] == len(held)

@@ -184,8 +184,14 @@ def _carry_out(ws: Workspace, row: dict, scope: ForgetScope | None = None) -> di
 
     # 3. delete the rows (graphs that can be re-derived are skipped: step 5 re-derives them)
     refreshable = {g["table"] for g in art.list_artifacts(ws, "graph")} if ws.exists("artifacts") else set()
+    gone: dict[str, pa.Table] = {}  # the deleted rows' ids and labels: split counts are recorded minus these
     removed = delete_rows(
-        ws, targets, classes, skip=refreshable, planned=lambda counts: phase("delete_plan", {"rows": counts})
+        ws,
+        targets,
+        classes,
+        skip=refreshable,
+        planned=lambda counts: phase("delete_plan", {"rows": counts}),
+        deleted=gone,
     )
     phase("delete", {"removed": removed})
     removed_ever = set(removed).union(
@@ -200,7 +206,7 @@ def _carry_out(ws: Workspace, row: dict, scope: ForgetScope | None = None) -> di
     # are re-derived, so the versions their manifests pin are the ones that stay. The heavy reads of the
     # re-derivation need only the rows left, so they run meanwhile.
     with ThreadPoolExecutor(1) as pool:
-        early = pool.submit(prepare_refresh, ws, removed_ever, scope)
+        early = pool.submit(prepare_refresh, ws, removed_ever, scope, gone, before_versions)
         rewrite = [n for n in sorted(set(removed) | set(held)) if ws.exists(n)]
         physical = parallel(lambda n: compact(ws, n), rewrite)
         prepared = early.result()

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from recipes.graphs.knn import KnnConfig, fuse_graphs
 from recipes.splits import TEST, TRAIN, VALID
-from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained, ui_weights
+from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained, ui_runs, ui_weights
 from stores.features import feature_table
 from stores.missing import missing_counts, present_rows
 from stores.steps import Step, run_step
@@ -169,15 +169,52 @@ def _split_counts(split: pa.Table) -> dict[str, int]:
     }
 
 
-def patched_ui_edges(ws, info: dict, users: set[str], items: set[str]) -> tuple[pa.Table, int]:
+def _still_present(ws, table: str, column: str, values: set[str]) -> set[str]:
+    """Which of `values` the split's current rows still hold in `column` (one filtered column read)."""
+    if not values:
+        return set()
+    flt = pc.field(column).isin(pa.array(sorted(values), pa.string()))
+    held = ws.dataset(table).to_table(columns=[column], filter=flt)[column]
+    return set(pc.unique(held).to_pylist())
+
+
+def counts_after_delete(ws, info: dict, gone: pa.Table, scope: ForgetScope) -> dict[str, int]:
+    """The counts of split `info` (its manifest, recorded on the version the delete started from) once the rows
+    `gone` (their user_id, item_id and label) left it: the recorded counts minus those rows, without reading
+    the split. A user (item) the scope names is gone with all its rows; another one of the deleted rows is
+    gone only when the split no longer holds it (a filtered read of that column, for those ids only).
+    Equals `_split_counts` of the split after the delete."""
+    old = info["counts"]
+    labels = (
+        {r["values"]: r["counts"] for r in pc.value_counts(gone["label"]).to_pylist()} if len(gone) else {}
+    )
+    out = dict(old) | {"rows": old["rows"] - gone.num_rows}
+    for key, label in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
+        out[key] = old[key] - labels.get(label, 0)
+    for key, named in (("users", set(scope.users)), ("items", set(scope.items))):
+        column = f"{key[:-1]}_id"
+        ids = set(pc.unique(gone[column]).to_pylist())
+        unsure = ids - named
+        out[key] = (
+            old[key] - len(ids & named) - len(unsure - _still_present(ws, info["table"], column, unsure))
+        )
+    return out
+
+
+def patched_ui_edges(
+    ws, info: dict, users: set[str], items: set[str]
+) -> tuple[pa.Table, int, dict[str, set[str]] | None]:
     """The edges of stored user-item graph `info` once whole users and items left its split: theirs go and,
     for norm "sym", every remaining edge is re-weighted with the new degrees exactly as
-    `ui_graph.sym_normalize` weighs a rebuild (same edges, same order, same float32 weights). Returns the edge
-    table and the number of edges removed; raises ValueError where only a rebuild will do."""
+    `ui_graph.sym_normalize` weighs a rebuild (same edges, same order, same float32 weights; the stored weights
+    are not read). Returns the edge table, the number of edges removed and the users and items it names (the
+    sources of its runs: the graph is symmetric, so every node is a source; None when not in save_graph's
+    order); raises ValueError where only a rebuild will do."""
     norm = info["params"]["norm"]
     if norm not in ("sym", "none"):
         raise ValueError(f"norm {norm!r} is rebuilt, not patched")
-    edges = ws.read(info["table"], version=info["table_version"])
+    columns = ["src", "dst", "src_kind", "dst_kind"] if norm == "sym" else None
+    edges = ws.read(info["table"], columns=columns, version=info["table_version"])
     keys = pa.array(sorted(users | items), pa.string())
     drop = np.zeros(edges.num_rows, dtype=bool)
     for side in ("src", "dst"):
@@ -191,25 +228,41 @@ def patched_ui_edges(ws, info: dict, users: set[str], items: set[str]) -> tuple[
             ]
     keep = ~drop
     kept = edges.filter(pa.array(keep))
+    runs = ui_runs(edges)
     if norm == "sym":
-        weight = ui_weights(edges, keep)
+        weight = ui_weights(edges, keep, runs)
         if weight is None:
             raise ValueError(f"graph {info['name']!r} is not in save_graph's edge order; rebuilding it")
-        kept = kept.set_column(
-            kept.schema.get_field_index("weight"), edges.schema.field("weight"), pa.array(weight)
-        )
-    return kept, int(drop.sum())
+        kept = kept.append_column(pa.field("weight", pa.float32(), nullable=False), pa.array(weight))
+    nodes = None
+    if runs is not None and edges.num_rows:
+        run, n_user = runs
+        first = np.flatnonzero(np.diff(run, prepend=-1))  # each run's first row
+        first = first[np.bincount(run[keep], minlength=len(first)) > 0]  # runs with a kept edge
+        ids = edges["src"].take(pa.array(first)).to_pylist()
+        nodes = {
+            "user": {k for k, r in zip(ids, first, strict=True) if r < n_user},
+            "item": {k for k, r in zip(ids, first, strict=True) if r >= n_user},
+        }
+    return kept, int(drop.sum()), nodes
 
 
-def _save_patched_ui(ws, info: dict, split_version: int, edges: pa.Table, removed: int, nodes: int) -> dict:
+def _save_patched_ui(
+    ws, info: dict, split_version: int, patched: tuple[pa.Table, int, dict | None], nodes: int
+) -> dict:
     from stores import artifacts
 
+    edges, removed, keys = patched
     inputs = {"split": info["split"], "split_version": split_version}
     body = manifest_body(info) | inputs
     body |= {"nodes": nodes, "edges": edges.num_rows, "retained": {"edges_removed": removed}}
+    stored = ws.dataset(info["table"], info["table_version"]).schema
+    edges = edges.select(stored.names).cast(stored)
+    # the keys are known from the patch: written as a stream, the table is not grouped again to find them
+    data = pa.RecordBatchReader.from_batches(edges.schema, edges.to_batches()) if keys is not None else edges
 
     def write() -> tuple[str, int, dict]:
-        return info["table"], artifacts.write_table(ws, info["table"], edges), body
+        return info["table"], artifacts.write_table(ws, info["table"], data, keys), body
 
     return run_step(ws, Step("graph", info["name"], inputs, info["params"], write), force=True)
 
@@ -226,15 +279,35 @@ def _ui_patchable(info: dict, split_manifests: dict[str, dict], scope: ForgetSco
     )
 
 
-def prepare_refresh(ws, changed: set[str], scope: ForgetScope | None) -> dict:
+def prepare_refresh(
+    ws,
+    changed: set[str],
+    scope: ForgetScope | None,
+    deleted: dict[str, pa.Table] | None = None,
+    before: dict[str, int] | None = None,
+) -> dict:
     """The heavy reads of `refresh_artifacts` that need only the rows left, not the final versions: the counts
-    of the changed splits and the patched user-item edge tables. Erasure runs it while it compacts."""
+    of the changed splits and the patched user-item edge tables. Erasure runs it while it compacts.
+
+    `deleted` (the rows this attempt's delete removed, per table) and `before` (the table versions it started
+    from) let a split whose manifest pins that version and records its counts be counted by subtraction
+    (`counts_after_delete`) instead of a full read."""
     from stores import artifacts
 
     splits = {i["name"]: i for i in artifacts.list_artifacts(ws, "split") if i["table"] in changed}
     out: dict[str, dict] = {"counts": {}, "ui": {}}
+    deleted, before = deleted or {}, before or {}
     for name, info in splits.items():
-        out["counts"][name] = _split_counts(ws.read(info["table"], columns=["user_id", "item_id", "label"]))
+        table = info["table"]
+        if (
+            scope is not None
+            and table in deleted
+            and info.get("counts")
+            and before.get(table) == info["table_version"]
+        ):
+            out["counts"][name] = counts_after_delete(ws, info, deleted[table], scope)
+        else:
+            out["counts"][name] = _split_counts(ws.read(table, columns=["user_id", "item_id", "label"]))
     for info in artifacts.list_artifacts(ws, "graph"):
         if _ui_patchable(info, splits, scope):
             try:
@@ -325,10 +398,11 @@ def refresh_artifacts(
             elif _ui_patchable(info, old_manifests, scope):
                 nodes = counts[split]["users"] + counts[split]["items"]
                 try:
-                    edges, removed = prepared["ui"].get(info["name"]) or patched_ui_edges(
+                    patched = prepared["ui"].get(info["name"]) or patched_ui_edges(
                         ws, info, set(scope.users), set(scope.items)
                     )
-                    out = _save_patched_ui(ws, info, split_version, edges, removed, nodes)
+                    removed = patched[1]
+                    out = _save_patched_ui(ws, info, split_version, patched, nodes)
                     action = f"patched ({removed} edges removed, weights renormalised)"
                 except ValueError:
                     out, action = rebuild_graph(ws, info, split), "rebuilt"

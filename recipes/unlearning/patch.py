@@ -107,11 +107,9 @@ def edges_matrix(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int) -> sp.
 # ---- retained user-item graphs ------------------------------------------------------------------------------
 
 
-def ui_weights(edges: pa.Table, keep: np.ndarray) -> np.ndarray | None:
-    """D^-1/2 A D^-1/2 weights (float32, as `ui_graph.sym_normalize`) of the kept rows of a stored user-item
-    graph, from the degrees left after dropping the other rows. The table is in save_graph's order (users
-    first, each source's edges together), so a source's degree is the length of its run and a target's degree
-    its count among the kept rows of the other section; None when the table is not in that order."""
+def ui_runs(edges: pa.Table) -> tuple[np.ndarray, int] | None:
+    """The source run of every row of a stored user-item graph in save_graph's order (users first, each
+    source's edges together) and the number of user rows; None when the table is not in that order."""
     n = edges.num_rows
     is_user = pc.equal(edges["src_kind"], "user")
     n_user = int(pc.sum(is_user).as_py() or 0)
@@ -123,7 +121,21 @@ def ui_weights(edges: pa.Table, keep: np.ndarray) -> np.ndarray | None:
         starts[1:] = pc.not_equal(src.slice(1), src.slice(0, n - 1)).to_numpy(zero_copy_only=False)
     if 0 < n_user < n:
         starts[n_user] = True
-    run = np.cumsum(starts) - 1
+    return np.cumsum(starts) - 1, n_user
+
+
+def ui_weights(
+    edges: pa.Table, keep: np.ndarray, runs: tuple[np.ndarray, int] | None = None
+) -> np.ndarray | None:
+    """D^-1/2 A D^-1/2 weights (float32, as `ui_graph.sym_normalize`) of the kept rows of a stored user-item
+    graph, from the degrees left after dropping the other rows. The table is in save_graph's order (`ui_runs`),
+    so a source's degree is the length of its run and a target's degree its count among the kept rows of the
+    other section; None when the table is not in that order."""
+    n = edges.num_rows
+    runs = runs or ui_runs(edges)
+    if runs is None:
+        return None
+    run, n_user = runs
     src_degree = np.bincount(run[keep], minlength=int(run[-1]) + 1 if n else 0).astype(np.float64)
     weight = np.power(src_degree[run] + 1e-7, -0.5)
     for lo, hi in ((0, n_user), (n_user, n)):

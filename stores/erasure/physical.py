@@ -41,11 +41,13 @@ def delete_rows(
     skip: set[str] = frozenset(),
     only: set[str] | None = None,
     planned: Callable[[dict[str, int]], None] | None = None,
+    deleted: dict[str, pa.Table] | None = None,
 ) -> dict[str, int]:
     """Delete the rows that mention the targets from every table (or those in `only`) but `skip` and the
     bookkeeping tables. Small deletions commit `_rowid IN (...)`; large ones rewrite the table without them.
     `planned` is called with the counts about to be deleted before the first delete (what a crash mid-way
-    leaves in the request log)."""
+    leaves in the request log). `deleted`, when given, receives each table's deleted rows (their user_id,
+    item_id and label columns, where it has them): what the re-derivation subtracts from recorded counts."""
     plan: dict[str, tuple[lance.LanceDataset, np.ndarray, list[int]]] = {}
     for name in ws.table_names():
         if name in skip or name in BOOKKEEPING or (only is not None and name not in only):
@@ -58,6 +60,9 @@ def delete_rows(
         mask = mentions(rows, classes.get(name, TableClass()), targets)
         if mask.any():
             plan[name] = (ds, mask, rows["_rowid"].filter(pa.array(mask)).to_pylist())
+            kept = [c for c in ("user_id", "item_id", "label") if c in ds.schema.names]
+            if deleted is not None and kept:  # a scan's row offsets are take()'s indices
+                deleted[name] = ds.take(pa.array(np.flatnonzero(mask)), columns=kept)
     if planned is not None:
         planned({name: len(ids) for name, (_, _, ids) in plan.items()})
     removed = {}
