@@ -462,7 +462,7 @@ class _Seen:
     def seq(self, h: np.ndarray) -> np.ndarray:
         """Occurrences of each row's key before it: in earlier batches, then earlier in this one."""
         slots = (h & np.uint64(self.SLOTS - 1)).astype(np.int64)
-        byte, bit = slots >> 3, (1 << (slots & 7)).astype(np.uint8)
+        byte, bit = slots >> 3, np.left_shift(np.uint8(1), (slots & 7).astype(np.uint8))
         prior = np.zeros(len(h), np.int64)
         maybe = np.flatnonzero(self.filter[byte] & bit)
         if len(maybe):
@@ -483,7 +483,11 @@ class _Seen:
         run_start = np.maximum.accumulate(np.where(starts, np.arange(len(h)), 0))
         seq = np.empty(len(h), np.int32)
         seq[order] = prior[order] + np.arange(len(h)) - run_start
-        np.bitwise_or.at(self.filter, byte, bit)
+        # One OR per distinct byte, the bits of its slots combined first (sorted slots): ufunc.at is ~2x slower.
+        slots.sort()
+        byte, bit = slots >> 3, np.left_shift(np.uint8(1), (slots & 7).astype(np.uint8))
+        first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        self.filter[byte[first]] |= np.bitwise_or.reduceat(bit, first)
         self.chunks.append(sorted_h)
         return seq
 
