@@ -506,9 +506,9 @@ def ingest_interactions(
     denied: DenyList,
     new_items: pa.Array | list[str] | None = None,
     new_users: pa.Array | list[str] | None = None,
-) -> tuple[UpsertResult, set[str], set[str]]:
+) -> tuple[UpsertResult, pa.Array, pa.Array]:
     """Stream `src.interactions` into the interactions table in one commit; returns the upsert result and the
-    clean ids. `new_items`/`new_users` are ids of this source not yet written, known alongside the workspace's."""
+    distinct clean item and user ids (empty unless the source derives them). `new_items`/`new_users` are ids of this source not yet written, known alongside the workspace's."""
     table = ws.ensure(INTERACTIONS)
     result = UpsertResult("interactions")
     existing = _existing_hashes(table) if table.count_rows() else None
@@ -516,8 +516,7 @@ def ingest_interactions(
     known_items = None if src.derive_items else _known(ws, "items", "item_id", new_items)
     known_users = None if src.derive_users else _known(ws, "users", "user_id", new_users)
     seen = _Seen()
-    items: set[str] = set()
-    users: set[str] = set()
+    items, users = _Distinct(), _Distinct()
     updates: list[pa.Table] = []
     file = src.interactions.file if isinstance(src.interactions, Stream) else None
 
@@ -599,9 +598,9 @@ def ingest_interactions(
                 continue
             seq = seen.seq(good["h1"].to_numpy().astype(np.uint64))
             if src.derive_items:
-                items.update(pc.unique(good["i"]).to_pylist())
+                items.add(good["i"])
             if src.derive_users:
-                users.update(pc.unique(good["u"]).to_pylist())
+                users.add(good["u"])
             rows = pa.table(
                 {
                     "user_id": good["u"],
@@ -642,7 +641,29 @@ def ingest_interactions(
         result.updated = changed.num_rows
     result.version = table.version
     con.close()
-    return result, items, users
+    return result, items.values(), users.values()
+
+
+class _Distinct:
+    """The distinct strings of many batches, kept in Arrow: each batch's distinct values are held until they
+    outnumber the distinct values so far, then folded in, so memory stays near the number of distinct ids."""
+
+    def __init__(self) -> None:
+        self.done = pa.array([], pa.string())
+        self.pending: list[pa.Array] = []
+        self.size = 0
+
+    def add(self, values: pa.ChunkedArray | pa.Array) -> None:
+        self.pending.append(pc.unique(values))
+        self.size += len(self.pending[-1])
+        if self.size > max(len(self.done), 1 << 16):
+            self.done = self.values()
+
+    def values(self) -> pa.Array:
+        if self.pending:
+            self.done = pc.unique(pa.chunked_array([self.done, *self.pending], pa.string()))
+            self.pending, self.size = [], 0
+        return self.done
 
 
 def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:

@@ -560,6 +560,12 @@ def _user_rows(
     return list(rows.values())
 
 
+def _new_ids(ids: pa.Array, stored: pa.ChunkedArray) -> pa.Array:
+    """The distinct `ids` not in `stored`, sorted (UTF-8 byte order is code-point order, as Python sorts str)."""
+    new = ids.filter(pc.invert(pc.is_in(ids, value_set=stored.combine_chunks().cast(pa.string()))))
+    return new.take(pc.sort_indices(new))
+
+
 def ingest(ws: Workspace, src: RawSource, fetch: FetchPolicy | None = None) -> IngestReport:
     """Validate and write one source into the workspace; see the module docstring for the guarantees. `fetch`
     says how images named by URL are downloaded (default: public addresses only, `FetchPolicy()`).
@@ -608,8 +614,7 @@ def _ingest_locked(ws: Workspace, src: RawSource, fetch: FetchPolicy) -> IngestR
         items, users = seen_items, seen_users
         now = utc_now()
         if src.derive_items:  # only ids the workspace lacks: never overwrite a real item with a bare one
-            items -= set(ws.read("items", columns=["item_id"])["item_id"].to_pylist())
-            derived = pa.table({"item_id": sorted(items)})
+            derived = pa.table({"item_id": _new_ids(items, ws.read("items", columns=["item_id"])["item_id"])})
             n = derived.num_rows
             derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
             derived = derived.append_column("content_hash", pa.array([content_hash()] * n, pa.string()))
@@ -618,8 +623,7 @@ def _ingest_locked(ws: Workspace, src: RawSource, fetch: FetchPolicy) -> IngestR
             )
             tables["items"] = ws.upsert(ITEMS, conform(derived, ITEMS.schema))
         if src.derive_users:
-            users -= set(ws.read("users", columns=["user_id"])["user_id"].to_pylist())
-            derived = pa.table({"user_id": sorted(users)})
+            derived = pa.table({"user_id": _new_ids(users, ws.read("users", columns=["user_id"])["user_id"])})
             n = derived.num_rows
             derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
             derived = derived.append_column(
