@@ -302,7 +302,8 @@ def prepare_refresh(
         if (
             scope is not None
             and table in deleted
-            and info.get("counts")
+            and {"user_id", "item_id", "label"} <= set(deleted[table].column_names)
+            and {"rows", "users", "items", "train", "valid", "test"} <= set(info.get("counts") or {})
             and before.get(table) == info["table_version"]
         ):
             out["counts"][name] = counts_after_delete(ws, info, deleted[table], scope)
