@@ -22,6 +22,13 @@ from flows.cli_context import workspace_of as _ws
     "--balanced", is_flag=True, help="rq-kmeans: capacity-constrained assignment, codes spread evenly."
 )
 @click.option("--steps", default=1000, show_default=True, help="rq-vae: training steps (256 items each).")
+@click.option("--latent", default=64, show_default=True, help="rq-vae: the encoder's output dimension.")
+@click.option(
+    "--pca",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Quantise the vectors' top PCA components (centred) instead of the vectors.",
+)
 @click.option(
     "--missing",
     type=click.Choice(["mean", "drop"]),
@@ -35,20 +42,27 @@ from flows.cli_context import workspace_of as _ws
 @click.pass_context
 @_errors
 def semantic_ids(
-    ctx, features, weights, levels, codebook, method, balanced, steps, missing, name, seed, force
+    ctx, features, weights, levels, codebook, method, balanced, steps, latent, pca, missing, name, seed, force
 ):
     """Semantic IDs (TIGER-style): L codes per item plus a collision suffix, skipped when the features are unchanged.
 
     \b
     mmfeat semantic-ids --feature text --levels 3 --codebook 256 --name text_rq
-    mmfeat semantic-ids --feature text --method rq-vae --name text_vae
+    mmfeat semantic-ids --feature text --method rq-vae --pca 32 --latent 32 --name text_vae
     mmfeat export recbole --split main --out out/ --semantic-ids text_rq
     """
     from recipes.pipeline import build_semantic_ids
     from recipes.semantic_ids import SemanticIdConfig
 
     cfg = SemanticIdConfig(
-        levels=levels, codebook=codebook, method=method, balanced=balanced, seed=seed, steps=steps
+        levels=levels,
+        codebook=codebook,
+        method=method,
+        balanced=balanced,
+        seed=seed,
+        steps=steps,
+        latent=latent,
+        pca=pca,
     )
     info = build_semantic_ids(_ws(ctx), name, list(features), cfg, list(weights) or None, missing, force)
     brief = {k: v for k, v in info.items() if k not in ("inputs", "fingerprint")}

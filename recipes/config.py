@@ -262,6 +262,8 @@ class SemanticIdSpec(_Strict):
     method: Literal["rq-kmeans", "rq-vae"] = "rq-kmeans"
     balanced: bool = False
     steps: int = Field(1000, ge=1)
+    latent: int = Field(64, ge=1)
+    pca: int | None = Field(None, ge=1)
     seed: int = 0
     missing: Literal["mean", "drop"] = "mean"
 
@@ -278,7 +280,7 @@ class SemanticIdSpec(_Strict):
         """The recipe's SemanticIdConfig (what the step fingerprints)."""
         from recipes.semantic_ids import SemanticIdConfig
 
-        keys = ("levels", "codebook", "method", "balanced", "steps", "seed")
+        keys = ("levels", "codebook", "method", "balanced", "steps", "latent", "pca", "seed")
         return SemanticIdConfig(**{k: getattr(self, k) for k in keys})
 
 

@@ -37,7 +37,9 @@ VAE_RESET_EVERY = 50  # steps between dead-code resets
 class SemanticIdConfig:
     """levels: codes per item; codebook: centroids per level; balanced: capacity-constrained assignment (each
     centroid holds at most ceil(n / codebook) items, so codes spread evenly; rq-kmeans only); iters: k-means
-    iterations. rq-vae: `steps` Adam steps of VAE_BATCH rows, an MLP of `hidden` units to a `latent`-d space."""
+    iterations. rq-vae: `steps` Adam steps of VAE_BATCH rows, an MLP of `hidden` units to a `latent`-d space.
+    pca: quantise the vectors' projection on their top `pca` principal components (centred) instead of the
+    vectors themselves; the metrics then describe that projection and record the variance it keeps."""
 
     levels: int = 3
     codebook: int = 256
@@ -48,12 +50,15 @@ class SemanticIdConfig:
     steps: int = 1000
     hidden: int = 256
     latent: int = 64
+    pca: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not implemented; use one of {', '.join(METHODS)}")
         if self.balanced and self.method != "rq-kmeans":
             raise ValueError(f"balanced=True is for rq-kmeans, not {self.method!r}; drop --balanced")
+        if self.pca is not None and self.pca < 1:
+            raise ValueError(f"pca={self.pca}; give the number of principal components to keep (>= 1)")
         if self.levels < 1 or self.codebook < 2:
             raise ValueError(
                 f"levels={self.levels}, codebook={self.codebook}; expected levels >= 1 and codebook >= 2"
@@ -281,9 +286,28 @@ def _rq_vae(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
     return _finish(codes.numpy().astype(np.int32), [b.detach().numpy().copy() for b in books], errors, cfg)
 
 
+def principal_components(x: np.ndarray, d: int) -> tuple[np.ndarray, float]:
+    """(float32 [n, min(d, rank)] projection of the centred rows of `x` on their top principal components, the
+    share of the variance it keeps). Each component's sign is fixed (largest loading positive), so the same
+    input gives the same projection."""
+    x = np.asarray(x, dtype=np.float64)
+    centred = x - x.mean(0)
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    d = min(d, len(sing))
+    basis = vt[:d] * np.sign(vt[:d][np.arange(d), np.abs(vt[:d]).argmax(1)])[:, None]
+    kept = float((sing[:d] ** 2).sum() / max((sing**2).sum(), 1e-30))
+    return (centred @ basis.T).astype(np.float32), kept
+
+
 def quantise(x: np.ndarray, cfg: SemanticIdConfig) -> SemanticIds:
-    """Semantic IDs of the rows of `x` by `cfg.method`."""
-    return rq_vae(x, cfg) if cfg.method == "rq-vae" else rq_kmeans(x, cfg)
+    """Semantic IDs of the rows of `x` by `cfg.method` (on their top `cfg.pca` principal components if set)."""
+    kept = None
+    if cfg.pca is not None:
+        x, kept = principal_components(x, cfg.pca)
+    sid = rq_vae(x, cfg) if cfg.method == "rq-vae" else rq_kmeans(x, cfg)
+    if kept is not None:
+        sid.metrics["pca"] = {"components": x.shape[1], "variance_kept": round(kept, 4)}
+    return sid
 
 
 __all__ = [
@@ -294,6 +318,7 @@ __all__ = [
     "collision_suffix",
     "fuse_vectors",
     "l2_normalise",
+    "principal_components",
     "quantise",
     "rq_kmeans",
     "rq_vae",

@@ -110,6 +110,30 @@ def test_rq_vae_codes_are_unique_repeat_for_a_seed_and_carry_the_metrics():
     assert not np.array_equal(other.codes, a.codes)
 
 
+def test_pca_option_quantises_the_top_components_deterministically():
+    """`pca=D` quantises the centred vectors' top-D principal components: the projection keeps the variance it
+    reports (all of it for data of rank <= D), is the same for the same input (component signs fixed), and the
+    codes repeat for a seed; the manifest says how many components and how much variance were kept."""
+    from recipes.semantic_ids import principal_components
+
+    rng = np.random.default_rng(1)
+    low_rank = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 12)) + 5.0
+    proj, kept = principal_components(low_rank, 3)
+    assert proj.shape == (200, 3) and kept == pytest.approx(1.0)
+    centred = low_rank - low_rank.mean(0)
+    assert np.allclose((proj.astype(np.float64) ** 2).sum(), (centred**2).sum(), rtol=1e-4)
+    again, _ = principal_components(low_rank.copy(), 3)
+    assert np.array_equal(proj, again)
+    x = rng.normal(size=(300, 16))
+    cfg = SemanticIdConfig(levels=2, codebook=8, seed=2, pca=4)
+    a, b = quantise(x, cfg), quantise(x, cfg)
+    assert np.array_equal(a.codes, b.codes) and a.metrics["pca"]["components"] == 4
+    assert 0.25 < a.metrics["pca"]["variance_kept"] < 1.0
+    assert [c.shape for c in a.codebooks] == [(8, 4), (8, 4)]
+    with pytest.raises(ValueError, match="pca=0"):
+        SemanticIdConfig(pca=0)
+
+
 def test_semantic_ids_skip_when_unchanged_and_rebuild_identically(ws, tmp_path):
     """Items without the feature get no codes (and are counted); a re-run over unchanged features makes no new
     version; a forced rebuild with the same seed writes the same codes; changed vectors rebuild."""
