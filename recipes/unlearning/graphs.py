@@ -178,11 +178,14 @@ def _still_present(ws, table: str, column: str, values: set[str]) -> set[str]:
     return set(pc.unique(held).to_pylist())
 
 
-def counts_after_delete(ws, info: dict, gone: pa.Table, scope: ForgetScope) -> dict[str, int]:
+def counts_after_delete(
+    ws, info: dict, gone: pa.Table, scope: ForgetScope, known: dict[str, set[str]] | None = None
+) -> dict[str, int]:
     """The counts of split `info` (its manifest, recorded on the version the delete started from) once the rows
     `gone` (their user_id, item_id and label) left it: the recorded counts minus those rows, without reading
     the split. A user (item) the scope names is gone with all its rows; another one of the deleted rows is
-    gone only when the split no longer holds it (a filtered read of that column, for those ids only).
+    gone only when the split no longer holds it (a filtered read of that column, for those ids only, less the
+    ids `known` ({"user": ids, "item": ids}) to be still held: the nodes of a patched user-item graph).
     Equals `_split_counts` of the split after the delete."""
     old = info["counts"]
     labels = (
@@ -194,7 +197,7 @@ def counts_after_delete(ws, info: dict, gone: pa.Table, scope: ForgetScope) -> d
     for key, named in (("users", set(scope.users)), ("items", set(scope.items))):
         column = f"{key[:-1]}_id"
         ids = set(pc.unique(gone[column]).to_pylist())
-        unsure = ids - named
+        unsure = ids - named - (known or {}).get(key[:-1], set())
         out[key] = (
             old[key] - len(ids & named) - len(unsure - _still_present(ws, info["table"], column, unsure))
         )
@@ -297,6 +300,16 @@ def prepare_refresh(
     splits = {i["name"]: i for i in artifacts.list_artifacts(ws, "split") if i["table"] in changed}
     out: dict[str, dict] = {"counts": {}, "ui": {}}
     deleted, before = deleted or {}, before or {}
+    known: dict[str, dict[str, set[str]]] = {}  # per split: users and items a patched graph still links
+    for info in artifacts.list_artifacts(ws, "graph"):
+        if _ui_patchable(info, splits, scope):
+            try:
+                patched = patched_ui_edges(ws, info, set(scope.users), set(scope.items))
+            except ValueError:
+                continue
+            out["ui"][info["name"]] = patched
+            if patched[2] is not None:
+                known.setdefault(info["split"], patched[2])
     for name, info in splits.items():
         table = info["table"]
         if (
@@ -306,15 +319,9 @@ def prepare_refresh(
             and {"rows", "users", "items", "train", "valid", "test"} <= set(info.get("counts") or {})
             and before.get(table) == info["table_version"]
         ):
-            out["counts"][name] = counts_after_delete(ws, info, deleted[table], scope)
+            out["counts"][name] = counts_after_delete(ws, info, deleted[table], scope, known.get(name))
         else:
             out["counts"][name] = _split_counts(ws.read(table, columns=["user_id", "item_id", "label"]))
-    for info in artifacts.list_artifacts(ws, "graph"):
-        if _ui_patchable(info, splits, scope):
-            try:
-                out["ui"][info["name"]] = patched_ui_edges(ws, info, set(scope.users), set(scope.items))
-            except ValueError:
-                continue
     return out
 
 
