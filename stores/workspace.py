@@ -77,6 +77,14 @@ class WorkspaceNotFound(FileNotFoundError):
         )
 
 
+def _committed(path: Path) -> bool:
+    """A local dataset directory holds a table once its first version is committed: a writer killed while
+    creating the table leaves the directory without one, and the table is then created again rather than
+    failing every later read."""
+    versions = path / "_versions"
+    return versions.is_dir() and any(v.suffix == ".manifest" for v in versions.iterdir())
+
+
 class Workspace:
     """A LanceDB root with the platform's tables. Cheap to construct; picklable (holds only its URI)."""
 
@@ -127,7 +135,7 @@ class Workspace:
     def table_names(self) -> list[str]:
         if self.is_local:  # a local LanceDB root is a directory of <name>.lance datasets
             root = Path(self.uri)
-            return sorted(p.name.removesuffix(".lance") for p in root.glob("*.lance") if p.is_dir())
+            return sorted(p.name.removesuffix(".lance") for p in root.glob("*.lance") if _committed(p))
         names: list[str] = []
         token = None
         while True:

@@ -117,6 +117,21 @@ def check_erased(ws: Workspace, receipt: dict, before: dict[str, int]) -> None:
     assert receipt["removed"].get("users") == 1
 
 
+def test_a_table_whose_creation_was_killed_is_created_again(tmp_path):
+    """A writer killed while creating a table leaves its directory without a committed version (seen here when a
+    forget was killed creating the deny-list): the workspace does not list it, so the next writer creates it and
+    readers never fail on it (before, every later ingest failed reading the half-made deny-list)."""
+    from stores.schema import DENY_LIST
+
+    ws = Workspace(tmp_path / "ws")
+    ws.ensure(DENY_LIST)
+    shutil.rmtree(Path(ws.table_uri(DENY_LIST.name)) / "_versions")  # what the kill leaves behind
+    ws = Workspace(tmp_path / "ws")
+    assert not ws.exists(DENY_LIST.name) and deny_list(ws).hashes == frozenset()
+    ws.ensure(DENY_LIST)
+    assert ws.exists(DENY_LIST.name) and ws.count(DENY_LIST.name) == 0
+
+
 def _logged_yet(path: Path) -> dict | None:
     """The request's log row, None until it is readable (the log table may be in the middle of its creation)."""
     try:
