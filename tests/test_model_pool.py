@@ -4,6 +4,7 @@ the extractor's own; the actors are gone when the block ends, also when it raise
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,14 @@ def test_a_refresh_builds_each_model_once_and_releases_its_actors(tmp_path, ray_
     assert {k: [sorted(b) for b in v] for k, v in built.items()} == {
         CPU_SLOTS: [["ClipImageEncoder", "ClipTextEncoder", "TextEncoder"]]
     }
-    for actor in actors:
+    for (
+        actor
+    ) in actors:  # ray.kill is asynchronous: a call racing it may still be served, so ask until refused
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.pid.remote(), timeout=60)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                ray.get(actor.pid.remote(), timeout=60)
+                time.sleep(0.5)
 
     rows = ws.read("feat_clip_image", columns=["item_id", "vector"])
     images = ws.read("item_images", columns=["item_id", "image"])
