@@ -27,7 +27,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from extractors.images import ImageError, decode_image
+from extractors.images import decode_rows
 from extractors.text import model_revision, packaged_minilm_path
 
 TINY_CAPTIONER = "test:tiny-captioner"
@@ -245,17 +245,7 @@ class Captioner:
         n = len(data)
         captions = np.empty(n, dtype=object)
         errors = np.empty(n, dtype=object)
-        rows: list[int] = []
-        images: list[Image.Image] = []
-        for i, raw in enumerate(data):
-            if raw is None:
-                errors[i] = "missing_image: no image bytes"
-                continue
-            try:
-                images.append(decode_image(bytes(raw)))
-                rows.append(i)
-            except ImageError as exc:
-                errors[i] = str(exc)
+        rows, images = decode_rows(data, errors)
         for start in range(0, len(rows), self.batch_size):
             end = start + self.batch_size
             kept, inputs = self._screened_inputs(rows[start:end], images[start:end], errors)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import stat
 import warnings
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,23 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")
+
+
+def decode_rows(data: Sequence, errors: MutableSequence) -> tuple[list[int], list[Image.Image]]:
+    """Decode a batch's image bytes: (rows that decoded, their images); a row without bytes or that fails to
+    decode gets its reason in `errors` ("missing_image: ..." or the `ImageError` text)."""
+    rows: list[int] = []
+    images: list[Image.Image] = []
+    for i, raw in enumerate(data):
+        if raw is None:
+            errors[i] = "missing_image: no image bytes"
+            continue
+        try:
+            images.append(decode_image(bytes(raw)))
+            rows.append(i)
+        except ImageError as exc:
+            errors[i] = str(exc)
+    return rows, images
 
 
 def device_decodable(data: bytes | None, max_pixels: int = MAX_PIXELS) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from extractors.images import ImageError, decode_image
+from extractors.images import decode_rows
 from stores.errors import TerminalError
 
 DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."  # the same default as extractors/captioner.py
@@ -177,17 +177,7 @@ class VllmCaptioner:
         n = len(data)
         captions = np.empty(n, dtype=object)
         errors = np.empty(n, dtype=object)
-        rows: list[int] = []
-        images: list[Image.Image] = []
-        for i, raw in enumerate(data):
-            if raw is None:
-                errors[i] = "missing_image: no image bytes"
-                continue
-            try:
-                images.append(decode_image(bytes(raw)))
-                rows.append(i)
-            except ImageError as exc:
-                errors[i] = str(exc)
+        rows, images = decode_rows(data, errors)
         if rows:
             if self._llm is None:
                 self._start()

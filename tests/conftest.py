@@ -55,6 +55,19 @@ def prefect_api(tmp_path_factory):
         yield PREFECT_API_URL.value()
 
 
+# The start of a driver script run in a child process against a two-node local cluster ($RAY_ADDRESS): join it and
+# wait until both nodes are alive. Scripts append their own imports and work.
+JOIN_TWO_NODES = """
+import json, sys, time
+import numpy as np, ray
+ray.init(include_dashboard=False, log_to_driver=False)
+deadline = time.time() + 90
+while sum(n["Alive"] for n in ray.nodes()) < 2:
+    assert time.time() < deadline, "the second Ray node did not join within 90 s"
+    time.sleep(0.5)
+"""
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """The one local Ray of the session (2 CPUs); yields its address so that CLI subprocesses can join it. Tests

@@ -25,6 +25,7 @@ from stores import artifacts
 from stores.features import feature_spec
 from stores.ids import id_maps
 from stores.workspace import conform
+from tests.conftest import JOIN_TWO_NODES
 from tests.test_ray_multinode import two_node_cluster  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,14 +134,9 @@ def test_exact_knn_on_ray_actors_equals_one_process(ray_local, ws, tmp_path):
     assert (stored != local).nnz == 0
 
 
-DRIVER = """
-import json, sys, time
-import numpy as np, ray
-ray.init(include_dashboard=False, log_to_driver=False)
-deadline = time.time() + 90
-while sum(n["Alive"] for n in ray.nodes()) < 2:
-    assert time.time() < deadline, "the second Ray node did not join within 90 s"
-    time.sleep(0.5)
+DRIVER = (
+    JOIN_TWO_NODES
+    + """
 from extractors.knn_actors import ray_map_blocks
 from recipes.graphs.knn import knn_topk
 x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
@@ -149,6 +145,7 @@ remote = knn_topk(x, 10, block_rows=128, map_blocks=ray_map_blocks)
 print("RESULT " + json.dumps({"equal": bool(np.array_equal(local[0], remote[0]) and
       np.array_equal(local[1], remote[1])), "nodes": sum(n["Alive"] for n in ray.nodes())}), flush=True)
 """
+)
 
 
 @pytest.mark.slow

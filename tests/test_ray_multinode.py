@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import JOIN_TWO_NODES
+
 pytestmark = pytest.mark.slow
 
 RAY = Path(sys.executable).parent / "ray"
@@ -97,20 +99,16 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 # The flow runs in a child process: a clean Ray driver, whatever Ray sessions (and auth modes) this test process
 # went through before. It waits for both nodes, then runs the ingest and encode flows against the test's Prefect API.
-DRIVER = """
-import json, sys, time
-import ray
-ray.init(include_dashboard=False, log_to_driver=False)
-deadline = time.time() + 90
-while sum(n["Alive"] for n in ray.nodes()) < 2:
-    assert time.time() < deadline, "the second Ray node did not join within 90 s"
-    time.sleep(0.5)
+DRIVER = (
+    JOIN_TWO_NODES
+    + """
 print("READY", flush=True)
 from flows.pipeline import extract_flow, ingest_flow
 ingest_flow(sys.argv[1], sys.argv[2])
 result = extract_flow(sys.argv[1], sys.argv[2])
 print("RESULT " + json.dumps(result[0], default=str), flush=True)
 """
+)
 
 
 @pytest.fixture

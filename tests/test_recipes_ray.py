@@ -16,6 +16,7 @@ from recipes import distributed
 from recipes.pipeline import build_split, build_ui_graph
 from recipes.splits import SplitConfig
 from stores import artifacts
+from tests.conftest import JOIN_TWO_NODES
 from tests.test_outofcore import CONFIGS, REPO, _workspace, interactions
 from tests.test_ray_multinode import two_node_cluster  # noqa: F401  (the fixture)
 
@@ -123,14 +124,9 @@ def test_ray_engine_writes_the_local_split_and_graph(ray_local, ws):
     assert (a.data == b.data).all()
 
 
-DRIVER = """
-import json, sys, time
-import ray
-ray.init(include_dashboard=False, log_to_driver=False)
-deadline = time.time() + 90
-while sum(n["Alive"] for n in ray.nodes()) < 2:
-    assert time.time() < deadline, "the second Ray node did not join within 90 s"
-    time.sleep(0.5)
+DRIVER = (
+    JOIN_TWO_NODES
+    + """
 from recipes.pipeline import build_split, build_ui_graph
 from recipes.splits import SplitConfig
 from stores import artifacts
@@ -147,6 +143,7 @@ edges = bool(a.nnz > 0 and (a != b).nnz == 0)
 print("RESULT " + json.dumps({"split": bool(same), "graph": edges,
       "nodes": sum(n["Alive"] for n in ray.nodes())}), flush=True)
 """
+)
 
 
 @pytest.mark.slow
