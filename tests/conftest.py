@@ -68,6 +68,28 @@ while sum(n["Alive"] for n in ray.nodes()) < 2:
 """
 
 
+def run_driver(address: str, script: str, *args: str) -> dict:
+    """Run a JOIN_TWO_NODES driver script against the cluster at `address`; returns the JSON of its last
+    "RESULT " line (the test fails with the driver's stderr when it printed none)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    env = os.environ | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    return json.loads(lines[-1][7:])
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """The one local Ray of the session (2 CPUs); yields its address so that CLI subprocesses can join it. Tests

@@ -3,11 +3,7 @@ and normalisation as exact) and the exact path over Ray actors by query block (i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,7 @@ from stores import artifacts
 from stores.features import feature_spec
 from stores.ids import id_maps
 from stores.workspace import conform
-from tests.conftest import JOIN_TWO_NODES
+from tests.conftest import JOIN_TWO_NODES, run_driver
 from tests.test_ray_multinode import two_node_cluster  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,15 +149,4 @@ def test_exact_knn_on_a_two_node_cluster_equals_one_process(two_node_cluster):  
     """A driver joining a real two-node Ray cluster through RAY_ADDRESS gets the same exact top-k from the actor
     pool (one actor per node's CPU) as from one process."""
     address, _ = two_node_cluster
-    env = os.environ | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(DRIVER)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    assert json.loads(lines[-1][7:]) == {"equal": True, "nodes": 2}
+    assert run_driver(address, DRIVER) == {"equal": True, "nodes": 2}

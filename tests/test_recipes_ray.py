@@ -4,20 +4,14 @@ same split rows, labels and order, the same manifest counts and the same user-it
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 from recipes import distributed
 from recipes.pipeline import build_split, build_ui_graph
 from recipes.splits import SplitConfig
 from stores import artifacts
-from tests.conftest import JOIN_TWO_NODES
-from tests.test_outofcore import CONFIGS, REPO, _workspace, interactions
+from tests.conftest import JOIN_TWO_NODES, run_driver
+from tests.test_outofcore import CONFIGS, _workspace, interactions
 from tests.test_ray_multinode import two_node_cluster  # noqa: F401  (the fixture)
 
 
@@ -151,18 +145,7 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(two_node_cluster, tmp_pat
     """A driver joining a real two-node Ray cluster through RAY_ADDRESS (tasks on both nodes, partitions passed
     between them through the object store) writes the memory engine's temporal k-core split and graph edges."""
     address, _ = two_node_cluster
-    env = os.environ | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(DRIVER), str(tmp_path / "ws")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    assert json.loads(lines[-1][7:]) == {"split": True, "graph": True, "nodes": 2}
+    assert run_driver(address, DRIVER, str(tmp_path / "ws")) == {"split": True, "graph": True, "nodes": 2}
 
 
 def test_config_names_the_recipes_engine():
