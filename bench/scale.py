@@ -240,21 +240,35 @@ def catalogue(root: Path, n_items: int, n_users: int, seed: int = 0) -> tuple[np
     return item_ids, user_ids, info
 
 
-def run_full(n: int, n_items: int, n_users: int, workdir: Path) -> tuple[list[dict], dict]:
-    """Generate the catalogue and purchases, then every product stage as a CLI child (see the module docstring)."""
+def run_full(
+    n: int, n_items: int, n_users: int, workdir: Path, checkpoint: str | None = None, redo: bool = False
+) -> tuple[list[dict], dict]:
+    """Generate the catalogue and purchases, then every product stage as a CLI child (see the module docstring).
+
+    With `checkpoint` (a stage name), the workspace is copied aside just before that stage; with `redo`, an earlier
+    run's data and checkpoint in `workdir` are reused and only the stages from the checkpoint on run again (their
+    earlier rows are kept from its summary.json), so a fix to a late stage is measured without regenerating."""
     data, ws, out = workdir / "data", workdir / "ws", workdir / "export"
-    shutil.rmtree(workdir, ignore_errors=True)
-    data.mkdir(parents=True)
-    t0 = time.perf_counter()
-    item_ids, user_ids, info = catalogue(data, n_items, n_users)
-    rng = np.random.default_rng(1)
-    item_w, user_w = purchases(data / "interactions.parquet", rng, n, item_ids, user_ids)
-    info |= {"generate_s": time.perf_counter() - t0, "users": n_users, "items": n_items}
-    info["data_gb"] = dir_gb(data)
-    # The forgotten user and item are the most active ones, so they surely survive the 5-core and the erasure
-    # has rows, vectors and graph edges to remove everywhere.
-    user, item = str(user_ids[np.argmax(user_w)]), str(item_ids[np.argmax(item_w)])
-    info |= {"forgotten_user": user, "forgotten_item": item}
+    summary, saved = workdir / "summary.json", workdir / "ws.checkpoint"
+    if redo:
+        earlier = json.loads(summary.read_text())
+        info, checkpoint = earlier["info"], earlier["info"]["checkpoint"]
+        shutil.rmtree(ws, ignore_errors=True)
+        shutil.copytree(saved, ws)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+        data.mkdir(parents=True)
+        t0 = time.perf_counter()
+        item_ids, user_ids, info = catalogue(data, n_items, n_users)
+        rng = np.random.default_rng(1)
+        item_w, user_w = purchases(data / "interactions.parquet", rng, n, item_ids, user_ids)
+        info |= {"generate_s": time.perf_counter() - t0, "users": n_users, "items": n_items}
+        info["data_gb"] = dir_gb(data)
+        # The forgotten user and item are the most active ones, so they surely survive the 5-core and the erasure
+        # has rows, vectors and graph edges to remove everywhere.
+        user, item = str(user_ids[np.argmax(user_w)]), str(item_ids[np.argmax(item_w)])
+        info |= {"forgotten_user": user, "forgotten_item": item, "checkpoint": checkpoint}
+    user, item = info["forgotten_user"], info["forgotten_item"]
     base = [MMFEAT, "--workspace", str(ws)]
     local = ["--engine", "local", "--no-progress", "--json"]
     steps = [
@@ -301,10 +315,20 @@ def run_full(n: int, n_items: int, n_users: int, workdir: Path) -> tuple[list[di
         ("forget item", [*base, "forget", "item", item, "--request-id", "scale-item"]),
         ("report", [*base, "report", "--split", "main", "--out", str(workdir / "report.html")]),
     ]  # fmt: skip
-    rows = [stage(name, args, ws) for name, args in steps]
+    names = [name for name, _ in steps]
+    if checkpoint is not None and checkpoint not in names:
+        raise SystemExit(f"--checkpoint {checkpoint!r} is not a stage; choose one of {names}")
+    rows = [r for r in earlier["stages"] if names.index(r["stage"]) < names.index(checkpoint)] if redo else []
+    for name, args in steps[len(rows) :]:
+        if name == checkpoint and not redo:
+            shutil.rmtree(saved, ignore_errors=True)
+            shutil.copytree(ws, saved)
+        rows.append(stage(name, args, ws))
+        # Written after every stage, so a run cut short still shows what it measured.
+        summary.write_text(json.dumps({"info": info, "stages": rows}, indent=2, default=str))
     info["workspace_gb"] = rows[-1]["workspace_gb"]
     info["export_files"] = sorted(p.name for p in out.rglob("*") if p.is_file())
-    (workdir / "summary.json").write_text(json.dumps({"info": info, "stages": rows}, indent=2, default=str))
+    summary.write_text(json.dumps({"info": info, "stages": rows}, indent=2, default=str))
     return rows, info
 
 
@@ -364,13 +388,23 @@ def main() -> None:
         "--workdir", type=Path, default=None, help="default: a temp folder, removed afterwards"
     )
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help='--full: copy the workspace aside before this stage (e.g. "forget user")',
+    )
+    parser.add_argument(
+        "--redo", action="store_true", help="--full: rerun from the checkpoint of an earlier run in --workdir"
+    )
     args = parser.parse_args()
+    if args.redo and (args.workdir is None or not (args.workdir / "ws.checkpoint").is_dir()):
+        parser.error("--redo needs --workdir of an earlier --full run made with --checkpoint")
     n = args.interactions or (HM_PURCHASES if args.full else 10_000_000)
     settings, start_load = thread_settings(), loadavg()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mmfeat-scale-"))
     try:
         if args.full:
-            rows, info = run_full(n, args.items, args.users, workdir)
+            rows, info = run_full(n, args.items, args.users, workdir, args.checkpoint, args.redo)
         else:
             rows, info = run_interactions(n, workdir)
     finally:
