@@ -7,6 +7,7 @@ file; None means untrained weights (seeded, so every worker builds the same mode
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from extractors.images import ImageError, decode_image
+from extractors.pixels import prepare_image
 from extractors.text import fingerprint, model_revision
 
 TINY_CLIP = "test:tiny-clip"
@@ -40,8 +42,22 @@ class _Clip:
     revision: str
 
 
+# Models live in this process, by (model, pretrained, device): the image and text towers of one checkpoint built
+# in one process (a refresh's model actor) load its weights once. Weak: a model goes when no tower holds it.
+_LOADED: weakref.WeakValueDictionary[tuple, _Clip] = weakref.WeakValueDictionary()
+
+
 def _load_clip(model: str, pretrained: str | None, device: str | None) -> _Clip:
-    """Build the model on `device` (CUDA if present), fp16 on GPU, in eval mode."""
+    """The model on `device` (CUDA if present), fp16 on GPU, in eval mode; shared with a live tower of the same
+    checkpoint in this process."""
+    key = (model, pretrained, device)
+    loaded = _LOADED.get(key)
+    if loaded is None:
+        loaded = _LOADED[key] = _build_clip(model, pretrained, device)
+    return loaded
+
+
+def _build_clip(model: str, pretrained: str | None, device: str | None) -> _Clip:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     arch, overrides = ("ViT-B-32", _TINY_CLIP_CFG) if model == TINY_CLIP else (model, {})
     if model == TINY_CLIP and pretrained is not None and not Path(pretrained).is_file():
@@ -93,21 +109,6 @@ def pixel_transform(preprocess_cfg: dict[str, Any]) -> Callable[[Any], np.ndarra
         return np.array(image, dtype=np.uint8)  # writable: torch.from_numpy takes it without a copy
 
     return transform
-
-
-def prepare_image(
-    data: bytes | None, transform: Callable[[Any], np.ndarray]
-) -> tuple[np.ndarray | None, str]:
-    """One image's bytes to uint8 pixels with the safe decoder, or None and the reason `ClipImageEncoder` gives
-    the same bytes ("missing_image", the decoder's codes, "preprocess_error")."""
-    if data is None:
-        return None, "missing_image: no image bytes"
-    try:
-        return transform(decode_image(bytes(data))), ""
-    except ImageError as exc:
-        return None, str(exc)
-    except Exception as exc:  # a decodable but unusable picture is a bad row, not a bad batch
-        return None, f"preprocess_error: {type(exc).__name__}: {exc}"
 
 
 class ClipImageEncoder:
