@@ -157,3 +157,39 @@ def kcore(table: pa.Table, k: int | tuple[int, int] = 5, counts: KcoreCounts = "
     item, _ = sorted_codes(table["item_id"], with_uniques=False)
     mask = kcore_mask(user, item, k_user, k_item, counts)
     return table if mask.all() else table.filter(pa.array(mask))
+
+
+CHUNK_ROWS = 1 << 22
+"""Rows per slice in the masked passes of `kcore_alive`: the temporaries are a few bytes times this."""
+
+
+def masked_bincount(codes: np.ndarray, mask: np.ndarray, length: int) -> np.ndarray:
+    """`np.bincount(codes[mask], minlength=length)` made slice by slice, so no copy of the masked codes is held."""
+    total = np.zeros(length, dtype=np.int64)
+    for at in range(0, len(codes), CHUNK_ROWS):
+        total += np.bincount(codes[at : at + CHUNK_ROWS][mask[at : at + CHUNK_ROWS]], minlength=length)
+    return total
+
+
+def kcore_alive(
+    user: np.ndarray, item: np.ndarray, alive: np.ndarray, first: np.ndarray, k_user: int, k_item: int
+) -> None:
+    """`kcore_mask`'s rounds on a row mask, in place: `alive` (the rows still in) loses every row dropped, `first`
+    marks the rows a degree counts (all rows for counts="rows", the first row of each pair for "partners"). Each
+    round is two masked bincounts and one pass over slices, so the columns are never copied or sorted whole."""
+    n_users = int(user.max()) + 1 if len(user) else 0
+    n_items = int(item.max()) + 1 if len(item) else 0
+    counted = alive & first
+    while True:
+        bad_u = masked_bincount(user, counted, n_users) < k_user
+        bad_i = masked_bincount(item, counted, n_items) < k_item
+        dropped = False
+        for at in range(0, len(user), CHUNK_ROWS):
+            part = slice(at, at + CHUNK_ROWS)
+            drop = alive[part] & (bad_u[user[part]] | bad_i[item[part]])
+            if drop.any():
+                alive[part] &= ~drop
+                counted[part] &= ~drop
+                dropped = True
+        if not dropped:
+            return

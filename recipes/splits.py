@@ -25,7 +25,8 @@ from recipes.kcore import (
     KcoreCounts,
     check_interactions,
     dedup_mask,
-    kcore_mask,
+    kcore_alive,
+    masked_bincount,
     pair_order,
 )
 from stores.ids import id_maps, seconds, sorted_codes
@@ -205,58 +206,116 @@ def split_codes(
     return split_owned_codes([user, item, ts], cfg, present)
 
 
+PART_ROWS = 1 << 22
+"""Rows per user-range partition in `split_owned_codes`: the sorts and per-row temporaries (~80 bytes a row)
+are made for one partition at a time, so the whole split holds ~19 bytes a row plus one partition's."""
+
+
+def _user_parts(user: np.ndarray, n_users: int) -> list[tuple[int, int]]:
+    """Contiguous user-code ranges [lo, hi) of about PART_ROWS rows each (a heavier user gets a range alone)."""
+    ends = np.cumsum(np.bincount(user, minlength=n_users))
+    parts, lo, base = [], 0, 0
+    while lo < n_users:
+        hi = max(lo + 1, int(np.searchsorted(ends, base + PART_ROWS, side="right")))
+        hi = min(hi, n_users)
+        parts.append((lo, hi))
+        base, lo = int(ends[hi - 1]), hi
+    return parts
+
+
+def _part_rows(user: np.ndarray, lo: int, hi: int, whole: bool) -> np.ndarray | slice:
+    """The rows of users [lo, hi), ascending (row order kept); all rows as a slice when there is one part."""
+    if whole:
+        return slice(None)
+    return np.flatnonzero((user >= lo) & (user < hi))
+
+
+def _kept_rows(user: np.ndarray, keep: np.ndarray, lo: int, hi: int, whole: bool) -> np.ndarray:
+    """The kept rows of users [lo, hi), ascending."""
+    if whole:
+        return np.flatnonzero(keep)
+    rows = _part_rows(user, lo, hi, whole)
+    return rows[keep[rows]]
+
+
 def split_owned_codes(
     columns: list[np.ndarray], cfg: SplitConfig, present: dict | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`split_codes` of [user, item, ts] in a list it empties: a caller that keeps no other reference (the
-    streamed split, recipes/streamed.py) frees the full-length columns as soon as they are filtered, so the
-    k-core runs with ~16 bytes a kept row plus its sorts."""
+    """`split_codes` of [user, item, ts] in a list it empties.
+
+    Every decision but the k-core is per user (a pair has one user; hold-outs are per user; the canonical order
+    is by user first), so dedup and labels run on contiguous user-code ranges of PART_ROWS rows one at a time, in
+    user order (so the random scheme's draws come in the same sequence as one draw over all rows). The k-core
+    works on a row mask with masked bincounts (`kcore.kcore_alive`). Memory: the three columns (16 bytes a row),
+    three masks and the labels (~4 bytes a row), and one partition's sorts; nothing the size of all rows is
+    sorted or copied. The result does not depend on PART_ROWS (tests/test_splits_partitioned.py)."""
     user, item, ts = columns
     columns.clear()
-    keep = dedup_mask(user, item, ts, cfg.dedup)
-    if not keep.all():
-        user, item, ts = user[keep], item[keep], ts[keep]
+    n = len(user)
+    n_users = int(user.max()) + 1 if n else 0
+    parts = _user_parts(user, n_users)
+    whole = len(parts) <= 1
+    keep = np.ones(n, dtype=bool)
+    if cfg.dedup != "all":
+        for lo, hi in parts:
+            rows = _part_rows(user, lo, hi, whole)
+            keep[rows] = dedup_mask(user[rows], item[rows], ts[rows], cfg.dedup)
     k_user, k_item = (cfg.kcore, cfg.kcore) if isinstance(cfg.kcore, int) else cfg.kcore
-    if k_user > 1 or k_item > 1:
-        core = kcore_mask(user, item, k_user, k_item, cfg.kcore_counts)
-        if not core.all():
-            keep[keep] = core
-            user, item, ts = user[core], item[core], ts[core]
-        del core
+    if (k_user > 1 or k_item > 1) and n:
+        first = np.ones(n, dtype=bool)
+        if cfg.kcore_counts == "partners" and cfg.dedup == "all":
+            # A pair's rows live or die together, so the first row of each pair is fixed once.
+            for lo, hi in parts:
+                rows = _kept_rows(user, keep, lo, hi, whole)
+                key, order = pair_order(user[rows], item[rows])
+                sorted_key = key[order]
+                first[rows[order[1:][sorted_key[1:] == sorted_key[:-1]]]] = False
+                del key, order, sorted_key, rows
+        kcore_alive(user, item, keep, first, k_user, k_item)
+        del first
     if not keep.any():
         raise ValueError(f"nothing left after dedup={cfg.dedup!r} and kcore={cfg.kcore!r}; lower kcore")
-    canonical = None
-    if cfg.scheme != "cutoff":
-        key, order = pair_order(user, item)
-        canonical = _canonical_order(np.ones(len(user), dtype=bool), key, order, ts)
-        del key, order
-    # Re-number to contiguous codes after filtering (order-preserving, so still sorted by string id).
     if present is not None:
-        present["users"] = np.bincount(user) > 0
-        present["items"] = np.bincount(item) > 0
-    user = np.cumsum(np.bincount(user) > 0)[user] - 1
-    del item
-
-    labels = np.zeros(len(user), dtype=np.int8)
+        for name, codes in (("users", user), ("items", item)):
+            seen = masked_bincount(codes, keep, int(codes.max()) + 1) > 0
+            present[name] = seen[: int(np.flatnonzero(seen)[-1]) + 1]
     if cfg.scheme == "cutoff":
-        labels = _cutoff_labels(ts, cfg)
-    else:
-        n_users = int(user.max()) + 1
-        if cfg.scheme == "random":
-            rng = np.random.default_rng(cfg.seed)
-            draw = rng.integers(0, 2**32, size=len(canonical), dtype=np.int64)
-            order = canonical[np.argsort((user[canonical].astype(np.int64) << 32) | draw)]
-            del draw
-        else:
-            order = _chronological(user, ts, canonical)
-        del canonical
-        counts = np.bincount(user, minlength=n_users)
-        if cfg.scheme == "loo":
-            n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
-        else:
-            n_valid, n_test = holdout_counts(counts, cfg.ratios, cfg.min_ratio_inters)
-        labels[order] = _labels_by_position(user[order], n_valid, n_test)
+        return keep, _cutoff_labels(ts[keep], cfg)
+
+    rng = np.random.default_rng(cfg.seed) if cfg.scheme == "random" else None
+    every = np.zeros(n, dtype=np.int8)
+    for lo, hi in parts:
+        rows = _kept_rows(user, keep, lo, hi, whole)
+        if not len(rows):
+            continue
+        every[rows] = _part_labels(user[rows] - lo, item[rows], ts[rows], hi - lo, cfg, rng)
+        del rows
+    labels = every[keep]
     return keep, labels
+
+
+def _part_labels(
+    user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_users: int, cfg: SplitConfig, rng
+) -> np.ndarray:
+    """Labels (input order) of the kept rows of one user range, `user` its codes from 0: the ratio/loo schemes."""
+    key, order = pair_order(user, item)
+    canonical = _canonical_order(np.ones(len(user), dtype=bool), key, order, ts)
+    del key, order, item
+    if cfg.scheme == "random":
+        draw = rng.integers(0, 2**32, size=len(canonical), dtype=np.int64)
+        order = canonical[np.argsort((user[canonical].astype(np.int64) << 32) | draw)]
+        del draw
+    else:
+        order = _chronological(user, ts, canonical)
+    del canonical
+    counts = np.bincount(user, minlength=n_users)
+    if cfg.scheme == "loo":
+        n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
+    else:
+        n_valid, n_test = holdout_counts(counts, cfg.ratios, cfg.min_ratio_inters)
+    labels = np.zeros(len(user), dtype=np.int8)
+    labels[order] = _labels_by_position(user[order], n_valid, n_test)
+    return labels
 
 
 def make_split(interactions: pa.Table, cfg: SplitConfig) -> pa.Table:
