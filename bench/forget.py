@@ -221,6 +221,8 @@ def main() -> None:
     env.stop()
     ratio = forget_s / rebuild_s
     ok = ws.count("interactions") == Workspace(work / "rebuild").count("interactions")
+    # the patched user-item graph (pairs layout: the user's rows deleted) is the rebuilt one, row for row
+    same_ui = ws.read("graph_main_ui").equals(Workspace(work / "rebuild").read("graph_main_ui"))
 
     layout = (
         f"clustered by user_id in {args.cluster_rows:,}-row fragments"
@@ -232,7 +234,7 @@ def main() -> None:
         f"with {args.dim}-d vectors + IVF_HNSW_SQ index, 5-core random split, sym user-item graph, {args.k}-NN graph; "
         f"workspace {size_mb:,.0f} MiB. Forgotten: the most active user ({degree:,} interactions). "
         f"{os.cpu_count()} CPUs ({platform.machine()}), peak RSS {peak_mb():,.0f} MiB. "
-        f"Interactions left equal in both workspaces: {ok}. Data generated in {gen_s:.0f} s (not timed). Load "
+        f"Interactions left equal in both workspaces: {ok}; user-item graph tables equal: {same_ui}. Data generated in {gen_s:.0f} s (not timed). Load "
         f"average when the forget started: {load} (the machine is shared; CPU seconds are less noisy).",
         "",
         "| step | seconds |",

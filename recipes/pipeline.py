@@ -126,24 +126,28 @@ def build_ui_graph(
         raise ValueError(f"engine={engine!r}; expected one of {ENGINES}")
     inputs = _split_inputs(ws, split_name)
 
-    def build() -> tuple[sp.spmatrix, pa.Table | tuple[np.ndarray, np.ndarray]]:
+    def write() -> tuple[str, int, dict]:
         table, version = f"split_{inputs['split']}", inputs["split_version"]
         if engine == "ray":
-            train, nodes = _on_ray(
+            train, (users, items) = _on_ray(
                 "user-item graph on Ray",
                 lambda tasks: distributed.train_matrix_partitioned(ws, table, version, tasks),
             )
-            return ui_graph.normalize(ui_graph.bipartite(train), norm), nodes
-        if engine == "stream" or (
+        elif engine == "stream" or (
             engine == "auto" and ws.dataset(table, version).count_rows() > streamed.STREAM_ABOVE_ROWS
         ):  # batches: bounded memory
-            train, nodes = streamed.train_matrix_stream(ws, table, version)
-            return ui_graph.normalize(ui_graph.bipartite(train), norm), nodes
-        split = _load(ws, inputs)
-        return ui_graph.ui_adjacency(split, norm), split
+            train, (users, items) = streamed.train_matrix_stream(ws, table, version)
+        else:
+            split = _load(ws, inputs)
+            train, (users, items) = ui_graph.train_matrix(split), id_maps(split)
+            del split
+        # stored as its train pairs, normalised on read: a forget deletes its rows instead of re-weighting all
+        graph_version, shape = artifacts.write_ui_pairs(ws, graph, train, users, items, norm)
+        return f"graph_{graph}", graph_version, inputs | shape
 
+    graph = name or f"{split_name}_ui_{norm}"
     params = {"type": "user-item", "norm": norm}
-    return graph_step(ws, name or f"{split_name}_ui_{norm}", inputs, params, "user+item", build, force=force)
+    return run_step(ws, Step("graph", graph, inputs, params, write), force)
 
 
 def build_knn_graph(

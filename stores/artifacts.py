@@ -2,7 +2,8 @@
 
 A split named N lives in table `split_N` (the interactions plus `label`: 0 train, 1 validation, 2 test). A graph
 named G lives in `graph_G` as an edge table over string ids (`src`, `dst`, `src_kind`, `dst_kind`, `weight`), so
-erasure and verification can find a user or item by its key. Its nodes are the split's contiguous id maps (sorted
+erasure and verification can find a user or item by its key. A user-item graph whose manifest says `layout: pairs`
+holds only its train pairs (user -> item, weight 1) and is normalised on read (`ui_pairs_matrix`). Its nodes are the split's contiguous id maps (sorted
 string ids: users first, then items, for user-item graphs), so `load_graph` rebuilds the exact matrix.
 Each write is a new Lance version of the table; the manifest pins it together with the input versions.
 """
@@ -251,6 +252,16 @@ def write_graph(
     for kind in keys:
         mask = used & pc.equal(kinds_arr, kind).to_numpy(zero_copy_only=False)
         keys[kind] = set(ids_arr.filter(pa.array(mask)).to_pylist())
+    stream = _edge_stream(csr, (ids_arr, kinds_arr), (ids_arr, kinds_arr))
+    version = write_table(ws, f"graph_{name}", stream, keys)
+    return version, {"node_kind": node_kind, "nodes": len(ids), "edges": int(csr.nnz)}
+
+
+def _edge_stream(
+    csr: sp.csr_matrix, rows: tuple[pa.Array, pa.Array], cols: tuple[pa.Array, pa.Array]
+) -> pa.RecordBatchReader:
+    """The entries of `csr` as GRAPH_SCHEMA rows in row-major order, `rows`/`cols` the (ids, kinds) of its rows
+    and columns, a block of rows at a time, so the string columns are never whole in memory."""
 
     def blocks():
         start = 0
@@ -260,25 +271,83 @@ def write_graph(
             stop = min(max(stop, start + 1), csr.shape[0])
             lo, hi = int(csr.indptr[start]), int(csr.indptr[stop])
             if hi > lo:
-                rows = pa.array(
+                src = pa.array(
                     np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(csr.indptr[start : stop + 1]))
                 )
-                cols = pa.array(csr.indices[lo:hi].astype(np.int64))
+                dst = pa.array(csr.indices[lo:hi].astype(np.int64))
                 yield pa.record_batch(
                     [
-                        ids_arr.take(rows),
-                        ids_arr.take(cols),
-                        kinds_arr.take(rows),
-                        kinds_arr.take(cols),
+                        rows[0].take(src),
+                        cols[0].take(dst),
+                        rows[1].take(src),
+                        cols[1].take(dst),
                         pa.array(csr.data[lo:hi].astype(np.float32)),
                     ],
                     schema=GRAPH_SCHEMA,
                 )
             start = stop
 
-    stream = pa.RecordBatchReader.from_batches(GRAPH_SCHEMA, blocks())
-    version = write_table(ws, f"graph_{name}", stream, keys)
-    return version, {"node_kind": node_kind, "nodes": len(ids), "edges": int(csr.nnz)}
+    return pa.RecordBatchReader.from_batches(GRAPH_SCHEMA, blocks())
+
+
+UI_PAIRS = "pairs"
+"""The `layout` of a user-item graph stored as its train pairs (user -> item, weight 1) and normalised on read."""
+
+
+def write_ui_pairs(
+    ws: Workspace, name: str, train: sp.spmatrix, users: np.ndarray, items: np.ndarray, norm: str
+) -> tuple[int, dict]:
+    """Write user-item graph `graph_<name>` as the pairs of `train` (binary users x items over the split's id
+    maps): one row (src user, dst item, weight 1) per pair, users in id order, each user's items in id order.
+    The normalised adjacency is derived on read (`ui_pairs_matrix`), so erasing a user deletes that user's rows
+    only (a few fragments) and erasing an item its rows: no stored weight depends on another node's degree.
+    Returns the version and the manifest's {node_kind, nodes, edges (of the normalised matrix), layout, pairs}."""
+    csr = sp.csr_matrix(train, dtype=np.float32)
+    csr.sum_duplicates()
+    csr.data[:] = 1.0
+    if csr.shape != (len(users), len(items)):
+        raise ValueError(
+            f"train matrix shape {csr.shape} does not match {len(users)} users x {len(items)} items"
+        )
+    user_ids, item_ids = pa.array(users, pa.string()), pa.array(items, pa.string())
+    keys = {
+        "user": set(user_ids.filter(pa.array(np.diff(csr.indptr) > 0)).to_pylist()),
+        "item": set(
+            item_ids.filter(pa.array(np.bincount(csr.indices, minlength=len(items)) > 0)).to_pylist()
+        ),
+    }
+    rows = (user_ids, pa.array(np.full(len(users), "user", dtype=object), pa.string()))
+    cols = (item_ids, pa.array(np.full(len(items), "item", dtype=object), pa.string()))
+    version = write_table(ws, f"graph_{name}", _edge_stream(csr, rows, cols), keys)
+    return version, ui_pairs_shape(int(csr.nnz), len(users) + len(items), norm)
+
+
+def ui_pairs_shape(pairs: int, nodes: int, norm: str) -> dict:
+    """The manifest's shape of a pairs-layout user-item graph: `edges` counts the normalised matrix's entries
+    (both directions, plus the self-loops of "lattice"), as for a graph stored normalised."""
+    edges = 2 * pairs + (nodes if norm == "lattice" else 0)
+    return {"node_kind": "user+item", "nodes": nodes, "edges": edges, "layout": UI_PAIRS, "pairs": pairs}
+
+
+def ui_pairs_matrix(edges: pa.Table, users: np.ndarray, items: np.ndarray, norm: str) -> sp.csr_matrix:
+    """The normalised (n_users + n_items)^2 adjacency of a pairs-layout graph's rows (`src` user ids, `dst` item
+    ids) over the split's id maps: the matrix `user_item.ui_adjacency` gives on that split."""
+    from stores.bipartite import bipartite, normalize
+
+    u = pc.index_in(edges["src"], value_set=pa.array(users, pa.string()))
+    i = pc.index_in(edges["dst"], value_set=pa.array(items, pa.string()))
+    if u.null_count or i.null_count:
+        raise ValueError(
+            "user-item graph names a user or item its split does not hold; rebuild it "
+            "(`mmfeat graph ui` / recipes.pipeline.build_ui_graph(..., force=True))"
+        )
+    u, i = u.to_numpy(zero_copy_only=False), i.to_numpy(zero_copy_only=False)
+    train = sp.csr_matrix(
+        (np.ones(len(u), np.float32), (u, i)), shape=(len(users), len(items)), dtype=np.float32
+    )
+    train.sum_duplicates()
+    train.data[:] = 1.0
+    return sp.csr_matrix(normalize(bipartite(train), norm))
 
 
 _EDGE_BLOCK = 1 << 21
@@ -291,6 +360,11 @@ def load_graph(ws: Workspace, name: str, version: int | None = None) -> tuple[sp
     version = info["table_version"] if version is None else version
     split = load_split(ws, info["split"], info["split_version"])
     ids, _ = node_ids(split, info["node_kind"])
+    if info.get("layout") == UI_PAIRS:
+        from stores.ids import id_maps
+
+        pairs = ws.read(f"graph_{name}", columns=["src", "dst"], version=version)
+        return ui_pairs_matrix(pairs, *id_maps(split), info["params"]["norm"]), ids
     edges = ws.read(f"graph_{name}", version=version)
     value_set = pa.array(ids, pa.string())
     if info["node_kind"] == "user+item":  # user and item ids may collide: index each kind in its own range
@@ -348,6 +422,7 @@ __all__ = [
     "GRAPH_SCHEMA",
     "SPLIT_SCHEMA",
     "TIMESTAMP",
+    "UI_PAIRS",
     "feature_matrix",
     "list_artifacts",
     "load_graph",
@@ -359,7 +434,10 @@ __all__ = [
     "save_graph",
     "save_split",
     "semantic_id_matrix",
+    "ui_pairs_matrix",
+    "ui_pairs_shape",
     "write_graph",
+    "write_ui_pairs",
     "write_split",
     "write_table",
 ]

@@ -234,6 +234,9 @@ class FeatureReader:
         def load() -> sp.csr_matrix:
             info = self.manifest["graph_manifests"][name]
             table = info["table"]
+            if info.get("layout") == artifacts.UI_PAIRS:  # train pairs, normalised on read
+                pairs = self._ws().read(table, columns=["src", "dst"], version=self.manifest["tables"][table])
+                return artifacts.ui_pairs_matrix(pairs, self.users, self.items, info["params"]["norm"])
             edges = self._ws().read(table, version=self.manifest["tables"][table])
             kind = info["node_kind"]
             nu, ni = self.n_users, self.n_items

@@ -876,9 +876,11 @@ def test_erasure_on_s3_deletes_unreferenced_objects_and_scans_every_object(s3_ws
 def test_patched_split_counts_and_ui_graph_equal_a_rebuild_after_user_then_item_forgets(tmp_path):
     """The split counts erasure records (recorded counts minus the deleted rows, not a re-scan) equal the counts
     of the split left, including an item that only the forgotten user held and a user left with no row after an
-    item forget; the patched user-item graph (only the stored edges' ids read, written with the keys the patch
-    knows) equals a rebuild on the erased split row for row, after a user forget and again after an item forget
-    (whose removal changes its users' degrees and so the weights of all their edges)."""
+    item forget; the patched user-item graph (stored as train pairs: only the forgotten node's rows deleted)
+    equals a rebuild on the erased split row for row, with the same manifest counts, after a user forget and
+    again after an item forget (whose removal changes its users' degrees, so the weights read back change too:
+    the matrix read equals `ui_adjacency` of the split left)."""
+    from recipes.graphs.user_item import ui_adjacency
     from recipes.pipeline import build_split, build_ui_graph
     from recipes.splits import SplitConfig, split_counts
 
@@ -913,7 +915,59 @@ def test_patched_split_counts_and_ui_graph_equal_a_rebuild_after_user_then_item_
         assert artifacts.manifest(ws, "split", "main")["counts"] == split_counts(ws.read("split_main"))
         build_ui_graph(ws, "main", "sym", name=f"ui_rebuilt{k}")
         assert ws.read("graph_ui").equals(ws.read(f"graph_ui_rebuilt{k}"))
+        patched, rebuilt = (artifacts.manifest(ws, "graph", g) for g in ("ui", f"ui_rebuilt{k}"))
+        assert patched["layout"] == artifacts.UI_PAIRS
+        assert {k: patched[k] for k in ("nodes", "edges", "pairs", "split_version")} == {
+            k: rebuilt[k] for k in ("nodes", "edges", "pairs", "split_version")
+        }
+        mat, _ = artifacts.load_graph(ws, "ui")
+        ref = ui_adjacency(ws.read("split_main"), "sym")
+        assert mat.nnz == ref.nnz == patched["edges"] and abs(mat - ref).max() == 0
     counts = artifacts.manifest(ws, "split", "main")["counts"]
     held = set(ws.read("split_main")["user_id"].to_pylist())
     assert "loner" not in held and "solo" not in set(ws.read("split_main")["item_id"].to_pylist())
     assert counts["users"] == len(held)
+
+
+def test_ui_graph_stored_normalised_by_an_older_version_stays_readable_and_a_forget_rebuilds_it(tmp_path):
+    """A user-item graph written before the pairs layout (D^-1/2 A D^-1/2 weights per edge, no `layout` in its
+    manifest) reads back as the same matrix through load_graph and FeatureReader, and a forget rebuilds it into
+    the pairs layout (equal to a fresh build) instead of patching a table it cannot patch."""
+    from recipes.graphs.user_item import ui_adjacency
+    from recipes.pipeline import build_split, build_ui_graph
+    from recipes.splits import SplitConfig
+    from stores.reader import FeatureReader
+    from stores.snapshots import create_snapshot
+
+    ws = Workspace(tmp_path / "ws")
+    rows = [
+        {
+            "user_id": f"u{u}",
+            "item_id": f"i{(u * 3 + j) % 9}",
+            "timestamp": NOW - timedelta(days=u * 5 + j),
+            "event": "rating",
+            "seq": 0,
+            "value": 1.0,
+            "source": "syn",
+        }
+        for u in range(6)
+        for j in range(4)
+    ]
+    ws.upsert(INTERACTIONS, pa.Table.from_pylist(rows, schema=INTERACTIONS.schema))
+    build_split(ws, "main", SplitConfig(scheme="random", kcore=0, seed=0))
+    split = artifacts.load_split(ws, "main")
+    old = ui_adjacency(split, "sym")
+    pins = {"split": "main", "split_version": artifacts.manifest(ws, "split", "main")["table_version"]}
+    params = {"type": "user-item", "norm": "sym"}
+    artifacts.save_graph(ws, "ui", old, split, "user+item", {"params": params, "inputs": pins} | pins)
+    assert "layout" not in artifacts.manifest(ws, "graph", "ui")
+    mat, _ = artifacts.load_graph(ws, "ui")
+    assert abs(mat - old).max() == 0
+    create_snapshot(ws, "s", "main", graphs=["ui"])
+    assert abs(FeatureReader(ws, "s").graph_matrix("ui") - old).max() == 0
+    receipt = forget(ws, ForgetRequest("r1", "user", users=("u2",), reason="t"))
+    assert receipt["verification"]["verified"], receipt["verification"]
+    assert receipt["artifacts"]["graphs"]["ui"]["action"] == "rebuilt"
+    assert artifacts.manifest(ws, "graph", "ui")["layout"] == artifacts.UI_PAIRS
+    build_ui_graph(ws, "main", "sym", name="ui_fresh")
+    assert ws.read("graph_ui").equals(ws.read("graph_ui_fresh"))

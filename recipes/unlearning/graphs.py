@@ -3,9 +3,9 @@ Every re-pinned, patched or rebuilt artifact is recorded through the step runner
 its manifest and fingerprint are the ones a fresh build would have.
 
 kNN graphs are re-pinned when their items and vectors are the same, else patched (`knn_patch`, single feature)
-or rebuilt per feature and fused again; a user-item graph losing whole users or items is patched from its stored
-edges (`patched_ui_edges`: their edges go, degrees and D^-1/2 A D^-1/2 weights are recomputed), row for row what
-`recipes.pipeline.build_ui_graph` writes; other graphs are rebuilt with their parameters. Each keeps its name.
+or rebuilt per feature and fused again; a user-item graph (stored as its train pairs, normalised on read) losing
+whole users or items is patched by deleting their rows (`delete_ui_pairs`: a few fragments rewritten), row for row
+what `recipes.pipeline.build_ui_graph` writes; other graphs are rebuilt with their parameters. Each keeps its name.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import pyarrow.compute as pc
 
 from recipes.graphs.knn import KnnConfig, fuse_graphs
 from recipes.splits import TEST, TRAIN, VALID
-from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained, ui_runs, ui_weights
+from recipes.unlearning.patch import edges_matrix, knn_patch, knn_retained
 from stores.features import feature_table
+from stores.lease import write_lease
 from stores.missing import missing_counts, present_rows
 from stores.steps import Step, run_step
 
@@ -178,14 +179,11 @@ def _still_present(ws, table: str, column: str, values: set[str]) -> set[str]:
     return set(pc.unique(held).to_pylist())
 
 
-def counts_after_delete(
-    ws, info: dict, gone: pa.Table, scope: ForgetScope, known: dict[str, set[str]] | None = None
-) -> dict[str, int]:
+def counts_after_delete(ws, info: dict, gone: pa.Table, scope: ForgetScope) -> dict[str, int]:
     """The counts of split `info` (its manifest, recorded on the version the delete started from) once the rows
     `gone` (their user_id, item_id and label) left it: the recorded counts minus those rows, without reading
     the split. A user (item) the scope names is gone with all its rows; another one of the deleted rows is
-    gone only when the split no longer holds it (a filtered read of that column, for those ids only, less the
-    ids `known` ({"user": ids, "item": ids}) to be still held: the nodes of a patched user-item graph).
+    gone only when the split no longer holds it (a filtered read of that column, for those ids only).
     Equals `_split_counts` of the split after the delete."""
     old = info["counts"]
     labels = (
@@ -197,84 +195,57 @@ def counts_after_delete(
     for key, named in (("users", set(scope.users)), ("items", set(scope.items))):
         column = f"{key[:-1]}_id"
         ids = set(pc.unique(gone[column]).to_pylist())
-        unsure = ids - named - (known or {}).get(key[:-1], set())
+        unsure = ids - named
         out[key] = (
             old[key] - len(ids & named) - len(unsure - _still_present(ws, info["table"], column, unsure))
         )
     return out
 
 
-def patched_ui_edges(
-    ws, info: dict, users: set[str], items: set[str]
-) -> tuple[pa.Table, int, dict[str, set[str]] | None]:
-    """The edges of stored user-item graph `info` once whole users and items left its split: theirs go and,
-    for norm "sym", every remaining edge is re-weighted with the new degrees exactly as
-    `ui_graph.sym_normalize` weighs a rebuild (same edges, same order, same float32 weights; the stored weights
-    are not read). Returns the edge table, the number of edges removed and the users and items it names (the
-    sources of its runs: the graph is symmetric, so every node is a source; None when not in save_graph's
-    order); raises ValueError where only a rebuild will do."""
-    norm = info["params"]["norm"]
-    if norm not in ("sym", "none"):
-        raise ValueError(f"norm {norm!r} is rebuilt, not patched")
-    columns = ["src", "dst", "src_kind", "dst_kind"] if norm == "sym" else None
-    edges = ws.read(info["table"], columns=columns, version=info["table_version"])
-    keys = pa.array(sorted(users | items), pa.string())
-    drop = np.zeros(edges.num_rows, dtype=bool)
-    for side in ("src", "dst"):
-        rows = np.flatnonzero(pc.is_in(edges[side], keys).to_numpy(zero_copy_only=False))
-        if len(rows):  # an id may name a user and an item: check the kind on the few rows that match
-            hit = edges.select([side, f"{side}_kind"]).take(pa.array(rows)).to_pylist()
-            drop[rows] |= [
-                (r[side] in users and r[f"{side}_kind"] == "user")
-                or (r[side] in items and r[f"{side}_kind"] == "item")
-                for r in hit
-            ]
-    keep = ~drop
-    kept = edges.filter(pa.array(keep))
-    runs = ui_runs(edges)
-    if norm == "sym":
-        weight = ui_weights(edges, keep, runs)
-        if weight is None:
-            raise ValueError(f"graph {info['name']!r} is not in save_graph's edge order; rebuilding it")
-        kept = kept.append_column(pa.field("weight", pa.float32(), nullable=False), pa.array(weight))
-    nodes = None
-    if runs is not None and edges.num_rows:
-        run, n_user = runs
-        first = np.flatnonzero(np.diff(run, prepend=-1))  # each run's first row
-        first = first[np.bincount(run[keep], minlength=len(first)) > 0]  # runs with a kept edge
-        ids = edges["src"].take(pa.array(first)).to_pylist()
-        nodes = {
-            "user": {k for k, r in zip(ids, first, strict=True) if r < n_user},
-            "item": {k for k, r in zip(ids, first, strict=True) if r >= n_user},
-        }
-    return kept, int(drop.sum()), nodes
+def delete_ui_pairs(ws, info: dict, users: set[str], items: set[str]) -> tuple[int, int, int]:
+    """Remove whole users and items from stored pairs-layout user-item graph `info` (stores/artifacts.py
+    `write_ui_pairs`): their rows are deleted and the fragments that held them rewritten (`compact`), the other
+    rows are kept as they are, in their order; the weights are derived on read from the pairs left, so the table
+    is the one a rebuild on the retained split writes. Returns (version, pairs removed, pairs left).
+
+    The caller holds the workspace's write lease (erasure does)."""
+    from stores.erasure.physical import compact
+    from stores.schema import sql_string
+
+    table = info["table"]
+    clauses = [
+        f"({side}_kind = '{kind}' AND {side} IN ({', '.join(sql_string(k) for k in sorted(keys))}))"
+        for side, kind, keys in (("src", "user", users), ("dst", "item", items))
+        if keys
+    ]
+    before = ws.dataset(table).count_rows()
+    if clauses:
+        ws.open(table).delete(" OR ".join(clauses))
+        compact(ws, table)
+    left = ws.dataset(table).count_rows()
+    return ws.version(table), before - left, left
 
 
-def _save_patched_ui(
-    ws, info: dict, split_version: int, patched: tuple[pa.Table, int, dict | None], nodes: int
-) -> dict:
+def _save_patched_ui(ws, info: dict, split_version: int, patched: tuple[int, int, int], nodes: int) -> dict:
     from stores import artifacts
 
-    edges, removed, keys = patched
+    version, removed, left = patched
     inputs = {"split": info["split"], "split_version": split_version}
-    body = manifest_body(info) | inputs
-    body |= {"nodes": nodes, "edges": edges.num_rows, "retained": {"edges_removed": removed}}
-    stored = ws.dataset(info["table"], info["table_version"]).schema
-    edges = edges.select(stored.names).cast(stored)
-    # the keys are known from the patch: written as a stream, the table is not grouped again to find them
-    data = pa.RecordBatchReader.from_batches(edges.schema, edges.to_batches()) if keys is not None else edges
-
-    def write() -> tuple[str, int, dict]:
-        return info["table"], artifacts.write_table(ws, info["table"], data, keys), body
-
-    return run_step(ws, Step("graph", info["name"], inputs, info["params"], write), force=True)
+    body = manifest_body(info) | inputs | artifacts.ui_pairs_shape(left, nodes, info["params"]["norm"])
+    body |= {"retained": {"edges_removed": 2 * removed}}
+    built = (info["table"], version, body)
+    return run_step(ws, Step("graph", info["name"], inputs, info["params"], lambda: built), force=True)
 
 
 def _ui_patchable(info: dict, split_manifests: dict[str, dict], scope: ForgetScope | None) -> bool:
+    """A pairs-layout user-item graph on the split version erasure started from, losing whole users or items:
+    patched by deleting their rows. Others (a graph stored normalised, by an older version) are rebuilt."""
+    from stores import artifacts
+
     split = split_manifests.get(info.get("split"))
     return (
         info["params"]["type"] == "user-item"
-        and info["params"].get("norm") in ("sym", "none")
+        and info.get("layout") == artifacts.UI_PAIRS
         and scope is not None
         and not (scope.pairs or scope.before)
         and split is not None
@@ -290,7 +261,7 @@ def prepare_refresh(
     before: dict[str, int] | None = None,
 ) -> dict:
     """The heavy reads of `refresh_artifacts` that need only the rows left, not the final versions: the counts
-    of the changed splits and the patched user-item edge tables. Erasure runs it while it compacts.
+    of the changed splits. Erasure runs it while it compacts.
 
     `deleted` (the rows this attempt's delete removed, per table) and `before` (the table versions it started
     from) let a split whose manifest pins that version and records its counts be counted by subtraction
@@ -298,18 +269,8 @@ def prepare_refresh(
     from stores import artifacts
 
     splits = {i["name"]: i for i in artifacts.list_artifacts(ws, "split") if i["table"] in changed}
-    out: dict[str, dict] = {"counts": {}, "ui": {}}
+    out: dict[str, dict] = {"counts": {}}
     deleted, before = deleted or {}, before or {}
-    known: dict[str, dict[str, set[str]]] = {}  # per split: users and items a patched graph still links
-    for info in artifacts.list_artifacts(ws, "graph"):
-        if _ui_patchable(info, splits, scope):
-            try:
-                patched = patched_ui_edges(ws, info, set(scope.users), set(scope.items))
-            except ValueError:
-                continue
-            out["ui"][info["name"]] = patched
-            if patched[2] is not None:
-                known.setdefault(info["split"], patched[2])
     for name, info in splits.items():
         table = info["table"]
         if (
@@ -319,7 +280,7 @@ def prepare_refresh(
             and {"rows", "users", "items", "train", "valid", "test"} <= set(info.get("counts") or {})
             and before.get(table) == info["table_version"]
         ):
-            out["counts"][name] = counts_after_delete(ws, info, deleted[table], scope, known.get(name))
+            out["counts"][name] = counts_after_delete(ws, info, deleted[table], scope)
         else:
             out["counts"][name] = _split_counts(ws.read(table, columns=["user_id", "item_id", "label"]))
     return out
@@ -349,7 +310,7 @@ def refresh_artifacts(
     from stores import artifacts
 
     report: dict[str, dict] = {"splits": {}, "graphs": {}, "failed": {}}
-    prepared = prepared or {"counts": {}, "ui": {}}
+    prepared = prepared or {"counts": {}}
     old_manifests, counts = {}, {}
     for info in artifacts.list_artifacts(ws, "split"):
         if not ws.exists(info["table"]) or (info["table"] not in changed and "interactions" not in changed):
@@ -405,15 +366,15 @@ def refresh_artifacts(
                 )
             elif _ui_patchable(info, old_manifests, scope):
                 nodes = counts[split]["users"] + counts[split]["items"]
-                try:
-                    patched = prepared["ui"].get(info["name"]) or patched_ui_edges(
-                        ws, info, set(scope.users), set(scope.items)
-                    )
-                    removed = patched[1]
-                    out = _save_patched_ui(ws, info, split_version, patched, nodes)
-                    action = f"patched ({removed} edges removed, weights renormalised)"
-                except ValueError:
+                patched = None
+                if ws.version(info["table"]) == info["table_version"]:
+                    with write_lease(ws, f"artifact:{info['table']}"):
+                        patched = delete_ui_pairs(ws, info, set(scope.users), set(scope.items))
+                if patched is None:  # written since its manifest was recorded
                     out, action = rebuild_graph(ws, info, split), "rebuilt"
+                else:
+                    out = _save_patched_ui(ws, info, split_version, patched, nodes)
+                    action = f"patched ({2 * patched[1]} edges removed, weights renormalised on read)"
             else:
                 out, action = rebuild_graph(ws, info, split), "rebuilt"
         except Exception as exc:  # recorded; erasure then deletes the graph's rows instead
