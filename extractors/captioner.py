@@ -246,10 +246,25 @@ class Captioner:
         captions = np.empty(n, dtype=object)
         errors = np.empty(n, dtype=object)
         rows, images = decode_rows(data, errors)
+        self._caption(rows, images, captions, errors)
+        return {**batch, self.output_column: captions, self.error_column: errors}
+
+    def caption_decoded(self, decoded: np.ndarray, errors: np.ndarray) -> dict[str, np.ndarray]:
+        """Captions for pictures the runner's CPU stage decoded (`runner.decode_images`: uint8 RGB [h, w, 3], None
+        with a reason in `errors` for a bad one): the same pictures `__call__` decodes, so the same captions."""
+        errors = np.array([e if isinstance(e, str) and e else None for e in errors], dtype=object)
+        captions = np.empty(len(decoded), dtype=object)
+        rows = [i for i, array in enumerate(decoded) if array is not None and errors[i] is None]
+        images = [Image.fromarray(np.asarray(decoded[i], np.uint8), "RGB") for i in rows]
+        self._caption(rows, images, captions, errors)
+        return {self.output_column: captions, self.error_column: errors}
+
+    def _caption(
+        self, rows: list[int], images: list[Image.Image], captions: np.ndarray, errors: np.ndarray
+    ) -> None:
         for start in range(0, len(rows), self.batch_size):
             end = start + self.batch_size
             kept, inputs = self._screened_inputs(rows[start:end], images[start:end], errors)
             if kept:
                 for row, caption in zip(kept, self._generate(inputs), strict=True):
                     captions[row] = caption
-        return {**batch, self.output_column: captions, self.error_column: errors}

@@ -111,6 +111,10 @@ class ExtractSummary:
     inputs: dict[str, int] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    # Seconds per stage: "read" (the input scan and the driver producing batches), "encode" (inside the model,
+    # summed over batches and actors), "write" (chunk commits), "loop" (wall time from first batch asked to last
+    # commit). encode + write above loop means the model ran while the driver wrote.
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -198,6 +202,30 @@ def check_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**batch, "image": images, "error": errors}
 
 
+def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CPU stage for a model that takes decoded pictures (`caption_decoded`, e.g. Captioner): each image decoded
+    once here with the safe decoder to uint8 RGB [h, w, 3] in `decoded` (None with the reason in `error` for one
+    that fails); the encoded bytes are dropped, so the model decodes nothing."""
+    images = batch["image"]
+    decoded = np.full(len(images), None, dtype=object)
+    errors = np.full(len(images), "", dtype=object)
+    for i, data in enumerate(images):
+        if data is None:
+            errors[i] = "missing_image: no image bytes"
+            continue
+        try:
+            decoded[i] = np.asarray(decode_image(bytes(data)), dtype=np.uint8)
+        except ImageError as exc:
+            errors[i] = str(exc)
+    return {name: v for name, v in batch.items() if name != "image"} | {"decoded": decoded, "error": errors}
+
+
+def decoded_pipeline(extractor: ExtractorSpec, source: Source) -> bool:
+    """Whether images for this extractor are decoded in the CPU stage and reach the model as RGB arrays: a model
+    that takes decoded pictures (`caption_decoded`)."""
+    return source == "image" and callable(getattr(extractor.cls, "caption_decoded", None))
+
+
 def pixel_pipeline(extractor: ExtractorSpec, source: Source) -> bool:
     """Whether images for this extractor are decoded, resized and cropped in the CPU stage and reach the model as
     uint8 pixels: an image encoder that takes prepared pixels (`encode_prepared`, e.g. ClipImageEncoder)."""
@@ -216,7 +244,7 @@ def prepare_pixels(
     """CPU stage of the pixel pipeline: each image decoded with the safe decoder, resized and center-cropped
     exactly as open_clip does (PIL), as uint8 `pixels` [n, H, W, 3]; a bad one gets its reason and zeros. With
     `device_decode`, JPEGs the GPU can take keep their bytes in `jpeg` and are decoded by the model stage."""
-    from extractors.clip import pixel_transform, prepare_image
+    from extractors.pixels import pixel_transform, prepare_image  # PIL and NumPy: this task imports no torch
 
     transform = pixel_transform(preprocess_cfg)
     size = preprocess_cfg["size"]
@@ -309,6 +337,7 @@ class ModelStage:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         out = apply_model(self.extractor, batch, self.input_column, self.output)
         out["input_hash"] = np.array(
             [input_hash(self.source, d, self.provenance, self.params_json) for d in batch["digest"]],
@@ -317,6 +346,9 @@ class ModelStage:
         stamp = np.full(len(out["item_id"]), None, dtype=object)
         stamp[:1] = self.stamp
         out["provenance"] = stamp
+        seconds = np.zeros(len(out["item_id"]), np.float64)
+        seconds[:1] = time.perf_counter() - started  # this batch's time in the model, for summary.stages
+        out["seconds"] = seconds
         return out
 
 
@@ -329,6 +361,10 @@ def apply_model(
     n = len(ids)
     errors = _errors(batch["error"]) if "error" in batch else np.full(n, "", dtype=object)
     ready = errors == ""
+    if "decoded" in batch and callable(getattr(extractor, "caption_decoded", None)):  # from `decode_images`
+        out = extractor.caption_decoded(batch["decoded"], errors)
+        errors = _errors(out["error"])
+        return {"item_id": ids, output: out[output], "error": errors, "called": ready}
     if input_column == "pixels":  # prepared by `prepare_pixels`: the model takes the whole batch
         jpegs = None
         if "on_device" in batch:
@@ -401,7 +437,9 @@ def run_extraction(
         raise ValueError(f"cannot extract {feature!r} from {source}: {missing} missing in {ws.uri}; {fix}")
     summary = ExtractSummary(feature, table_name, inputs=dict(versions))
     untrained_input = untrained_captions(ws, source, versions)
+    read_started = time.perf_counter()
     eligible, summary.items = _inputs(ws, source, fields, versions)
+    stages = summary.stages = {"read": time.perf_counter() - read_started, "encode": 0.0, "write": 0.0}
     summary.eligible, summary.no_input = eligible.num_rows, summary.items - eligible.num_rows
     stored, failed = hashes(ws, table_name), hashes(ws, FAILURES.name, feature)
 
@@ -416,6 +454,7 @@ def run_extraction(
     # workers hash the inputs themselves, and the driver loads no model (that is most of a first run's overhead).
     # The pixel pipeline's CPU stage needs the model's preprocessing config before any worker starts.
     pixels = pixel_pipeline(extractor, source)
+    decoded = decoded_pipeline(extractor, source)
     preprocess_cfg: dict[str, Any] | None = None
     if pixels or stored or failed or overwrite or not use_ray or eligible.num_rows <= batch_size:
         if pool is not None:
@@ -455,7 +494,9 @@ def run_extraction(
             stage = partial(
                 ModelStage, None, source, fields, output, expect=expect, untrained_input=untrained_input
             )
-            inputs = _pool_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, use_gpu)
+            inputs = _timed(
+                _pool_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, use_gpu, decoded), stages
+            )
             count = concurrency or _default_actors(use_gpu)
             batches = pool.run(extractor, stage, inputs, count, use_gpu, threads or 1)
         elif use_ray:
@@ -465,10 +506,14 @@ def run_extraction(
         else:
             stage = ModelStage(None, source, fields, output, model=model, untrained_input=untrained_input)
             device_decode = pixels and str(getattr(model, "device", "cpu")).startswith("cuda")
-            inputs = _local_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, device_decode)
+            inputs = _timed(
+                _local_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, device_decode, decoded),
+                stages,
+            )
             batches = (stage(batch) for batch in inputs)
         pending: list[dict[str, np.ndarray]] = []
         rows = 0
+        loop_started = time.perf_counter()
         for batch in batches:
             if writer.spec is None:  # the driver loaded no model: the workers say what they ran
                 stamp = json.loads(batch["provenance"][0])
@@ -478,10 +523,12 @@ def run_extraction(
             rows += len(batch["item_id"])
             summary.model_calls += int(np.count_nonzero(batch["called"]))
             bar.update(len(batch["item_id"]))
+            stages["encode"] += float(np.sum(batch["seconds"]))
             if rows >= chunk_rows:
                 _flush(writer, pending, output, summary)
                 pending, rows = [], 0
         _flush(writer, pending, output, summary)
+        stages["loop"] = time.perf_counter() - loop_started
         summary.skipped_forgotten = writer.skipped_forgotten
         bar.close()
         merge_small_fragments(ws, table_name)
@@ -662,11 +709,12 @@ def _local_inputs(
     batch_size: int,
     preprocess_cfg: dict[str, Any] | None = None,
     device_decode: bool = False,
+    decoded: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray pipeline's read and decode stages in this process, one batch at a time."""
     where = _images_at(ws, versions) if source == "image" else None
     for block in _blocks(todo, batch_size):
-        yield prepare_block(block, source, where, preprocess_cfg, device_decode)
+        yield prepare_block(block, source, where, preprocess_cfg, device_decode, decoded)
 
 
 def _images_at(ws: Workspace, versions: dict[str, int]) -> tuple[str, int, dict[str, str]]:
@@ -680,9 +728,11 @@ def prepare_block(
     where: tuple[str, int, dict[str, str]] | None,
     preprocess_cfg: dict[str, Any] | None,
     device_decode: bool,
+    decoded: bool = False,
 ) -> dict[str, np.ndarray]:
     """The read and decode stages for one block of the items to do: image bytes taken from `where` (uri,
-    version, storage options of `item_images`) and checked or prepared as pixels; text passes as is."""
+    version, storage options of `item_images`) and checked, decoded (`decoded`) or prepared as pixels; text
+    passes as is."""
     if source == "image":
         block = read_images(block, *where)
     batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
@@ -690,7 +740,7 @@ def prepare_block(
         return batch
     if preprocess_cfg is not None:
         return prepare_pixels(batch, preprocess_cfg, device_decode)
-    return check_images(batch)
+    return decode_images(batch) if decoded else check_images(batch)
 
 
 def _pool_inputs(
@@ -701,6 +751,7 @@ def _pool_inputs(
     batch_size: int,
     preprocess_cfg: dict[str, Any] | None,
     device_decode: bool,
+    decoded: bool = False,
 ) -> Iterator[Any]:
     """Inputs for the model pool: text batches as they are, image blocks as the ObjectRefs of CPU tasks that
     read and decode them (the pool's window bounds how many run ahead of the model)."""
@@ -712,7 +763,18 @@ def _pool_inputs(
     task = ray.remote(num_cpus=1)(prepare_block)
     where = _images_at(ws, versions)
     for block in _blocks(todo, batch_size):
-        yield task.remote(block, source, where, preprocess_cfg, device_decode)
+        yield task.remote(block, source, where, preprocess_cfg, device_decode, decoded)
+
+
+def _timed(inputs: Iterator[Any], stages: dict[str, float]) -> Iterator[Any]:
+    """`inputs`, adding the time spent producing each one to `stages["read"]`."""
+    while True:
+        started = time.perf_counter()
+        item = next(inputs, None)
+        stages["read"] += time.perf_counter() - started
+        if item is None:
+            return
+        yield item
 
 
 def _flush(
@@ -721,6 +783,7 @@ def _flush(
     """Commit the buffered batches as one chunk and count what happened to them."""
     if not batches:
         return
+    started = time.perf_counter()
 
     def column(name: str) -> np.ndarray:
         return np.concatenate([b[name] for b in batches])
@@ -736,3 +799,4 @@ def _flush(
     summary.failed += sum(counts.values())
     for reason, n in counts.items():
         summary.reasons[reason] = summary.reasons.get(reason, 0) + n
+    summary.stages["write"] = summary.stages.get("write", 0.0) + time.perf_counter() - started
