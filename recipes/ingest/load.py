@@ -192,11 +192,11 @@ def _validate_items(
             "title": v["title"],
             "text": v["text"],
             "attributes": v["attributes"],
-            "source": pa.array([src.name] * n, pa.string()),
+            "source": pa.repeat(pa.scalar(src.name, pa.string()), n),
             "rights": v["rights"],
             "content_hash": content_hashes(v["title"], v["text"], v["attributes"], v["rights"]),
-            "created_at": pa.array([now] * n, ITEMS.schema.field("created_at").type),
-            "updated_at": pa.array([now] * n, ITEMS.schema.field("updated_at").type),
+            "created_at": pa.repeat(pa.scalar(now, ITEMS.schema.field("created_at").type), n),
+            "updated_at": pa.repeat(pa.scalar(now, ITEMS.schema.field("updated_at").type), n),
         },
         schema=ITEMS.schema,
     )
@@ -510,8 +510,8 @@ def _validate_users(src: RawSource, q: Quarantine, denied: DenyList) -> pa.Table
         {
             "user_id": cols.values["user_id"].take(clean),
             "attributes": cols.values["attributes"].take(clean),
-            "source": pa.array([src.name] * n, pa.string()),
-            "created_at": pa.array([now] * n, USERS.schema.field("created_at").type),
+            "source": pa.repeat(pa.scalar(src.name, pa.string()), n),
+            "created_at": pa.repeat(pa.scalar(now, USERS.schema.field("created_at").type), n),
         },
         schema=USERS.schema,
     )
@@ -616,18 +616,20 @@ def _ingest_locked(ws: Workspace, src: RawSource, fetch: FetchPolicy) -> IngestR
         if src.derive_items:  # only ids the workspace lacks: never overwrite a real item with a bare one
             derived = pa.table({"item_id": _new_ids(items, ws.read("items", columns=["item_id"])["item_id"])})
             n = derived.num_rows
-            derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
-            derived = derived.append_column("content_hash", pa.array([content_hash()] * n, pa.string()))
+            derived = derived.append_column("source", pa.repeat(pa.scalar(src.name, pa.string()), n))
             derived = derived.append_column(
-                "created_at", pa.array([now] * n, ITEMS.schema.field("created_at").type)
+                "content_hash", pa.repeat(pa.scalar(content_hash(), pa.string()), n)
+            )
+            derived = derived.append_column(
+                "created_at", pa.repeat(pa.scalar(now, ITEMS.schema.field("created_at").type), n)
             )
             tables["items"] = ws.upsert(ITEMS, conform(derived, ITEMS.schema))
         if src.derive_users:
             derived = pa.table({"user_id": _new_ids(users, ws.read("users", columns=["user_id"])["user_id"])})
             n = derived.num_rows
-            derived = derived.append_column("source", pa.array([src.name] * n, pa.string()))
+            derived = derived.append_column("source", pa.repeat(pa.scalar(src.name, pa.string()), n))
             derived = derived.append_column(
-                "created_at", pa.array([now] * n, USERS.schema.field("created_at").type)
+                "created_at", pa.repeat(pa.scalar(now, USERS.schema.field("created_at").type), n)
             )
             tables["users"] = ws.upsert(USERS, conform(derived, USERS.schema))
         tables["interactions"] = result
