@@ -327,6 +327,18 @@ def _strings(batch: pa.Table, name: str, n: int) -> pa.Array:
     return pc.if_else(empty, pa.scalar(None, pa.string()), col)
 
 
+def _strings_cast(batch: pa.Table, name: str, n: int, to: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
+    """`_strings` of a column and, when every value casts to `to` as it stands, that cast (else None). Arrow's
+    number parsing rejects surrounding whitespace and empty strings, so a column that casts needs no trim."""
+    if name in batch.column_names:
+        raw = batch[name].combine_chunks().cast(pa.string())
+        try:
+            return raw, pc.cast(raw, to)
+        except pa.ArrowInvalid:
+            pass
+    return _strings(batch, name, n), None
+
+
 def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
     """Unix seconds from unix-second strings (fast path) or decimals / ISO dates and times (DuckDB, only for
     the rows that need it). Unparseable values become null."""
@@ -411,9 +423,11 @@ def _classify(
     64-bit hash of the (user, item, time, event) key."""
     n = batch.num_rows
     u, i = _strings(batch, "user_id", n), _strings(batch, "item_id", n)
-    ts, v = _strings(batch, "timestamp", n), _strings(batch, "value", n)
+    ts, seconds = _strings_cast(batch, "timestamp", n, pa.int64())
+    v, val = _strings_cast(batch, "value", n, pa.float64())
     e = pc.fill_null(_strings(batch, "event", n), default_event)
-    t, val = plausible_seconds(_seconds(con, ts)), _floats(v)
+    t = plausible_seconds(seconds if seconds is not None else _seconds(con, ts))
+    val = val if val is not None else _floats(v)
     rules = [
         ("empty_id", pc.or_(pc.is_null(u), pc.is_null(i))),
         ("bad_timestamp", pc.is_null(t)),
