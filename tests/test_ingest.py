@@ -184,6 +184,31 @@ def test_string_ids_iso_dates_and_repeat_purchases(ws, bad_source):
     assert iso["t"].to_pylist() == [1700006400]
 
 
+def test_padded_numbers_and_repeats_across_small_batches(ws, tmp_path, monkeypatch):
+    """A padded timestamp or value parses like a bare one (a batch that casts as it stands skips the trim, one that
+    does not is trimmed: same rows), and `seq` numbers a key's repeats in file order, within one batch and across
+    later batches alike."""
+    from recipes.ingest import interactions
+
+    monkeypatch.setattr(interactions, "BATCH_BYTES", 128)  # a few rows per CSV block
+    items = _write_csv(tmp_path / "items.csv", ["item_id", "title"], [["i1", "one"], ["i2", "two"]])
+    filler = [[f"u{k}", "i2", 1700000100 + k, "view", 1] for k in range(3, 20)]
+    rows = [["u1", "i1", 1700000000, "view", 1], ["u1", "i1", " 1700000000 ", "view", " 2.5"], *filler]
+    rows += [["u1", "i1", "1700000000", "view", "4"], *filler[:3]]
+    inter = _write_csv(tmp_path / "inter.csv", ["user_id", "item_id", "timestamp", "event", "value"], rows)
+    report = ingest(ws, table(items, inter, name="pad"))
+    assert report.balanced and report.tables["interactions"].inserted == len(rows)
+    got = run_sql(
+        ws, "select seq, value, epoch(timestamp) t from interactions where user_id='u1' order by seq"
+    ).to_pylist()
+    assert got == [
+        {"seq": 0, "value": 1.0, "t": 1700000000},
+        {"seq": 1, "value": 2.5, "t": 1700000000},
+        {"seq": 2, "value": 4.0, "t": 1700000000},
+    ]
+    assert run_sql(ws, "select max(seq) m from interactions where user_id='u3'")["m"].to_pylist() == [1]
+
+
 def test_changed_content_updates_in_place(ws, tmp_path):
     """Re-ingesting a source whose item text changed updates that one row (no duplicate key)."""
     f = _write_csv(
