@@ -99,9 +99,10 @@ def run_pipeline(items: pa.Table, batch: int, env: dict, workdir: Path, k: int) 
 def overlap_note(stages: dict) -> str:
     """The runner's stage times and whether they overlapped: model time + write time above the loop's wall
     time means the model encoded while the driver committed chunks."""
-    busy = stages["encode"] + stages["write"]
-    return (f"read {stages['read']:.1f} s, encode {stages['encode']:.1f} s, write {stages['write']:.1f} s; "
-            f"(encode + write) / loop wall {stages['loop']:.1f} s = {busy / stages['loop']:.2f}")  # fmt: skip
+    busy, steady = stages["encode"] + stages["write"], stages["loop"] - stages["first_batch"]
+    return (f"read {stages['read']:.1f} s, encode {stages['encode']:.1f} s, write {stages['write']:.1f} s; loop "
+            f"{stages['loop']:.1f} s, {stages['first_batch']:.1f} s of it to the first batch (workers' start); "
+            f"(encode + write) / (loop - first batch) = {busy / steady:.2f}")  # fmt: skip
 
 
 def run_bare(texts_file: Path, batch: int, threads: int, env: dict) -> dict:

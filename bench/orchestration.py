@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,9 @@ def ray_head(env: dict, cpus: int) -> Iterator[tuple[str, float]]:
 
 
 def child(code: str, *args: str, env: dict | None = None) -> dict:
+    """Run a variant; adds "total_cpu": CPU seconds of the child and every process it waited for (Ray's
+    raylet, workers and actors included), which a loaded machine does not inflate as it does wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         [sys.executable, "-c", code, *args],
         cwd=REPO,
@@ -154,7 +158,9 @@ def child(code: str, *args: str, env: dict | None = None) -> dict:
     )
     if out.returncode != 0:
         raise SystemExit(out.stdout[-2000:] + out.stderr[-4000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"total_cpu": total}
 
 
 def demo_config(root: Path, n_items: int, engine: str) -> Path:
@@ -208,7 +214,8 @@ def main() -> None:
                     env=prefect_env | {"PREFECT_API_URL": url},
                 )
             runs["flow"].append(flow | {"server_start": started})
-            print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s" for k, v in runs.items()))
+            print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s / {v[-1]['total_cpu']:.1f} CPU s"
+                                                  for k, v in runs.items()), flush=True)  # fmt: skip
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
     second = statistics.median(r["second_seconds"] for r in runs["flow"])
     server = statistics.median(r["server_start"] for r in runs["flow"])
@@ -226,6 +233,14 @@ def main() -> None:
     prefect_share = (med["flow"] - med["ray"]) / med["flow"]
     total_share = (med["flow"] - med["local"]) / med["flow"]
     ray_init = statistics.median(r["ray_init"] for r in runs["ray"])
+    total = {k: statistics.median(r["total_cpu"] for r in v) for k, v in runs.items()}
+    lines += [
+        "",
+        "| all processes' CPU s (median; Ray's workers included) | local | Ray | flow | Prefect + Ray |",
+        "|---|---:|---:|---:|---:|",
+        f"| | {total['local']:.1f} | {total['ray']:.1f} | {total['flow']:.1f} "
+        f"| {100 * (total['flow'] - total['local']) / total['flow']:.1f}% |",
+    ]
     summary = (
         f"Ray's start (ray.init in the direct Ray child, inside its wall time): {ray_init:.1f} s. "
         f"Prefect's share of the orchestrated wall time: {100 * prefect_share:.1f}% (flow vs the same calls on Ray); "

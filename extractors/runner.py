@@ -113,7 +113,8 @@ class ExtractSummary:
     reasons: dict[str, int] = field(default_factory=dict)
     # Seconds per stage: "read" (the input scan and the driver producing batches), "encode" (inside the model,
     # summed over batches and actors), "write" (chunk commits), "loop" (wall time from first batch asked to last
-    # commit). encode + write above loop means the model ran while the driver wrote.
+    # commit), "first_batch" (loop start to the first result: the workers' start). encode + write above
+    # loop - first_batch means the model ran while the driver read and wrote.
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -515,6 +516,7 @@ def run_extraction(
         rows = 0
         loop_started = time.perf_counter()
         for batch in batches:
+            stages.setdefault("first_batch", time.perf_counter() - loop_started)  # the workers' start
             if writer.spec is None:  # the driver loaded no model: the workers say what they ran
                 stamp = json.loads(batch["provenance"][0])
                 summary.provenance = prov = stamp["provenance"]

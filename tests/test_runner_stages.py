@@ -36,7 +36,7 @@ def test_every_stage_is_timed_and_vectors_match_the_extractor(tmp_path, ray_loca
         summary = run_extraction(ws, "t", spec, source="text", batch_size=8, chunk_rows=16, engine=engine,
                                  progress=False)  # fmt: skip
     assert summary.done == 40 and summary.failed == 0
-    assert set(summary.stages) == {"read", "encode", "write", "loop"}
+    assert set(summary.stages) == {"read", "encode", "write", "loop", "first_batch"}
     assert summary.stages["encode"] > 0 and summary.stages["write"] > 0 and summary.stages["loop"] > 0
     rows = ws.read("feat_t", columns=["item_id", "vector"]).sort_by("item_id")
     texts = [f"title {k}. some text about item {k}" for k in range(40)]
