@@ -26,18 +26,25 @@ def hash_mask(
     hashes: set[str],
     clear: set[str] | None = None,
     secret: bytes | None = None,
+    memo: dict[tuple[str, str], str] | None = None,
 ) -> np.ndarray:
     """Rows whose id hashes (as `kind`, keyed with `secret`) into `hashes`; `clear` (the ids themselves, when
-    known) skips hashing."""
+    known) skips hashing. `memo` ({(kind, id): hash}) keeps the hashes across calls, so a table read batch by
+    batch hashes each id once."""
     n = len(values)
     if not hashes or n == 0:
         return np.zeros(n, dtype=bool)
     if clear is not None:
         hit = sorted(clear)
     else:
-        hit = [
-            v for v in pc.unique(values).drop_null().to_pylist() if key_hash(secret, kind, str(v)) in hashes
-        ]
+        memo = {} if memo is None else memo
+        hit = []
+        for v in pc.unique(values).drop_null().to_pylist():
+            h = memo.get((kind, v))
+            if h is None:
+                h = memo[(kind, v)] = key_hash(secret, kind, str(v))
+            if h in hashes:
+                hit.append(v)
     if not hit:
         return np.zeros(n, dtype=bool)
     return pc.fill_null(pc.is_in(values, pa.array(hit, values.type)), False).to_numpy(zero_copy_only=False)
@@ -83,21 +90,24 @@ def needed_columns(schema: pa.Schema, targets: Targets) -> list[str]:
     return [n for n in schema.names if n in names]
 
 
-def mentions(t: pa.Table, cls: TableClass, targets: Targets) -> np.ndarray:
+def mentions(
+    t: pa.Table, cls: TableClass, targets: Targets, memo: dict[tuple[str, str], str] | None = None
+) -> np.ndarray:
     """Rows of `t` that mention a target: a forgotten user or item by id (in any id column, graph endpoint,
     quarantine key or excerpt), a forgotten pair, an interaction before the cut, an image-derived row of an
-    item whose image is forgotten, or content equal to forgotten vectors, captions or image bytes."""
+    item whose image is forgotten, or content equal to forgotten vectors, captions or image bytes. `memo`: see
+    `hash_mask` (for `t` read batch by batch)."""
     cols = set(t.column_names)
     m = np.zeros(t.num_rows, dtype=bool)
     if t.num_rows == 0:
         return m
     c, key = targets.clear, targets.secret
     if "user_id" in cols:
-        m |= hash_mask(t["user_id"], "user", targets.users, c.get("users"), key)
+        m |= hash_mask(t["user_id"], "user", targets.users, c.get("users"), key, memo)
     if "item_id" in cols:
-        m |= hash_mask(t["item_id"], "item", targets.items, c.get("items"), key)
+        m |= hash_mask(t["item_id"], "item", targets.items, c.get("items"), key, memo)
         if targets.image_items:
-            img = hash_mask(t["item_id"], "item", targets.image_items, c.get("image_items"), key)
+            img = hash_mask(t["item_id"], "item", targets.image_items, c.get("image_items"), key, memo)
             if cls.image_derived:
                 m |= img
             elif "feature" in cols:
@@ -108,8 +118,8 @@ def mentions(t: pa.Table, cls: TableClass, targets: Targets) -> np.ndarray:
         keys = pc.binary_join_element_wise(t["user_id"], t["item_id"], "\x1f")
         m |= pc.fill_null(pc.is_in(keys, pa.array(sorted(c["pairs"]))), False).to_numpy(zero_copy_only=False)
     elif targets.pairs and {"user_id", "item_id"} <= cols:
-        pu = hash_mask(t["user_id"], "user", {p[0] for p in targets.pairs}, secret=key)
-        pi = hash_mask(t["item_id"], "item", {p[1] for p in targets.pairs}, secret=key)
+        pu = hash_mask(t["user_id"], "user", {p[0] for p in targets.pairs}, secret=key, memo=memo)
+        pi = hash_mask(t["item_id"], "item", {p[1] for p in targets.pairs}, secret=key, memo=memo)
         for row in np.flatnonzero(pu & pi):
             pair = (
                 key_hash(key, "user", t["user_id"][row].as_py()),
@@ -125,10 +135,10 @@ def mentions(t: pa.Table, cls: TableClass, targets: Targets) -> np.ndarray:
             continue
         kinds = t[f"{side}_kind"] if f"{side}_kind" in cols else None
         for kind, hashes, known in (("user", targets.users, "users"), ("item", targets.items, "items")):
-            hit = hash_mask(t[side], kind, hashes, c.get(known), key)
+            hit = hash_mask(t[side], kind, hashes, c.get(known), key, memo)
             m |= hit & _eq(kinds, kind) if kinds is not None else hit
         if targets.image_items and cls.image_derived:
-            hit = hash_mask(t[side], "item", targets.image_items, c.get("image_items"), key)
+            hit = hash_mask(t[side], "item", targets.image_items, c.get("image_items"), key, memo)
             m |= hit & _eq(kinds, "item") if kinds is not None else hit
     if "record_key" in cols and (targets.users or targets.items):
         for row, record in enumerate(t["record_key"].to_pylist()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import PurePosixPath
@@ -30,6 +30,7 @@ from stores.workspace import Workspace
 
 _ROWID_DELETE_MAX = 200_000
 _CHUNK = 20_000
+_SCAN_BATCH = 65_536  # rows per batch when matching, which reads only the id columns
 CLUSTER_ROWS = 131_072
 _TEMP_DIRS = {".tmp", "_tmp", "tmp", ".cache", "_cache", "cache"}
 
@@ -48,7 +49,7 @@ def delete_rows(
     `planned` is called with the counts about to be deleted before the first delete (what a crash mid-way
     leaves in the request log). `deleted`, when given, receives each table's deleted rows (their user_id,
     item_id and label columns, where it has them): what the re-derivation subtracts from recorded counts."""
-    plan: dict[str, tuple[lance.LanceDataset, np.ndarray, list[int]]] = {}
+    plan: dict[str, tuple[lance.LanceDataset, np.ndarray, np.ndarray]] = {}
     for name in ws.table_names():
         if name in skip or name in BOOKKEEPING or (only is not None and name not in only):
             continue
@@ -56,10 +57,9 @@ def delete_rows(
         columns = needed_columns(ds.schema, targets)
         if not columns:
             continue
-        rows = ds.to_table(columns=columns, with_row_id=True)
-        mask = mentions(rows, classes.get(name, TableClass()), targets)
-        if mask.any():
-            plan[name] = (ds, mask, rows["_rowid"].filter(pa.array(mask)).to_pylist())
+        mask, ids = matching_rows(ds, columns, classes.get(name, TableClass()), targets)
+        if len(ids):
+            plan[name] = (ds, mask, ids)
             kept = [c for c in ("user_id", "item_id", "label") if c in ds.schema.names]
             if deleted is not None and kept:  # a scan's row offsets are take()'s indices
                 deleted[name] = ds.take(pa.array(np.flatnonzero(mask)), columns=kept)
@@ -70,12 +70,42 @@ def delete_rows(
         table = ws.open(name)
         if len(ids) <= _ROWID_DELETE_MAX:
             for start in range(0, len(ids), _CHUNK):
-                table.delete(f"_rowid IN ({', '.join(str(i) for i in ids[start : start + _CHUNK])})")
+                table.delete(f"_rowid IN ({', '.join(str(i) for i in ids[start : start + _CHUNK].tolist())})")
         else:
-            keep = ds.to_table().filter(pa.array(~mask))
-            table.add(keep, mode="overwrite")
+            table.add(pa.RecordBatchReader.from_batches(ds.schema, _kept_batches(ds, mask)), mode="overwrite")
         removed[name] = len(ids)
     return removed
+
+
+def matching_rows(
+    ds: lance.LanceDataset, columns: list[str], cls: TableClass, targets: Targets
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `ds` that mention the targets, one record batch at a time (never the whole table in memory):
+    a boolean mask over the rows in scan order and their `_rowid`s."""
+    masks, ids = [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=np.uint64)]
+    memo: dict[tuple[str, str], bool] = {}  # hashed ids, when only hashes are known: each id is hashed once
+    for batch in ds.to_batches(columns=columns, with_row_id=True, batch_size=_SCAN_BATCH):
+        m = mentions(pa.Table.from_batches([batch]), cls, targets, memo)
+        masks.append(m)
+        if m.any():
+            ids.append(batch["_rowid"].to_numpy()[m])
+    return np.concatenate(masks), np.concatenate(ids)
+
+
+def _kept_batches(ds: lance.LanceDataset, mask: np.ndarray) -> Iterator[pa.RecordBatch]:
+    """Every row of `ds` whose entry in `mask` (over the rows in scan order) is False, batch by batch."""
+    start = 0
+    for batch in ds.to_batches():
+        drop = mask[start : start + batch.num_rows]
+        start += batch.num_rows
+        if not drop.any():
+            yield batch
+        elif not drop.all():
+            yield batch.filter(pa.array(~drop))
+    if start != len(mask):  # the table changed under the lease: never write a partial or shifted copy
+        raise RuntimeError(
+            f"{ds.uri}: scanned {start} rows, the deletion mask has {len(mask)}; retry the request"
+        )
 
 
 _SCALAR = {
@@ -170,7 +200,7 @@ def compact(ws: Workspace, name: str, target_rows_per_fragment: int | None = Non
     out = {"fragments_rewritten": metrics.fragments_removed, "fragments_written": metrics.fragments_added}
     ds = ws.dataset(name)
     if any(f.metadata.deletion_file is not None for f in ds.get_fragments()):
-        ws.open(name).add(ds.to_table(), mode="overwrite")
+        ws.open(name).add(ds.scanner().to_reader(), mode="overwrite")
         out["rewritten_whole_table"] = True
     out["indices"] = rebuild_indices(ws, name, specs)
     return out

@@ -290,20 +290,22 @@ def recover_scope(ws: Workspace, targets: Targets) -> ForgetScope:
     item_hashes = targets.items | targets.image_items | {i for _, i in targets.pairs}
     users: dict[str, str] = {}
     items: dict[str, str] = {}
+    seen: dict[str, set[str]] = {"user": set(), "item": set()}  # each id hashed once, as each kind
     for name in ws.table_names():
         ds = ws.dataset(name)
         for column in ("user_id", "item_id", "src", "dst"):
             if column not in ds.schema.names or not pa.types.is_string(ds.schema.field(column).type):
                 continue
-            for value in pc.unique(ds.to_table(columns=[column])[column]).drop_null().to_pylist():
-                if column != "item_id" and value not in users:
-                    h = key_hash(targets.secret, "user", value)
-                    if h in user_hashes:
-                        users[value] = h
-                if column != "user_id" and value not in items:
-                    h = key_hash(targets.secret, "item", value)
-                    if h in item_hashes:
-                        items[value] = h
+            # batch by batch: the id maps, never a whole column of a large table, are in memory
+            for batch in ds.to_batches(columns=[column], batch_size=1 << 16):
+                for value in pc.unique(batch[column]).drop_null().to_pylist():
+                    for kind, hashes, found in (("user", user_hashes, users), ("item", item_hashes, items)):
+                        if column == ("item_id" if kind == "user" else "user_id") or value in seen[kind]:
+                            continue
+                        seen[kind].add(value)
+                        h = key_hash(targets.secret, kind, value)
+                        if h in hashes:
+                            found[value] = h
     return ForgetScope(
         users=frozenset(u for u, h in users.items() if h in targets.users),
         items=frozenset(i for i, h in items.items() if h in targets.items),
