@@ -38,17 +38,16 @@ def _center_crop(image: Image.Image, h: int, w: int) -> Image.Image:
     return image.crop((left, top, left + w, top + h))
 
 
-def pixel_transform(preprocess_cfg: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
+def pixel_transform(preprocess_cfg: dict[str, Any]) -> Callable[[Image.Image], np.ndarray] | None:
     """An upright RGB PIL image to uint8 [H, W, 3], the same bytes as open_clip's transform for
-    `preprocess_cfg` cut before ToTensor (`extractors.clip.pixel_transform`)."""
+    `preprocess_cfg` cut before ToTensor (`extractors.clip.pixel_transform`); None for a configuration done
+    here only by open_clip's own transform (the caller falls back to it)."""
     size = preprocess_cfg["size"]
     h, w = size if isinstance(size, (tuple, list)) else (size, size)
     mode = preprocess_cfg.get("resize_mode") or "shortest"
     resample = _FILTERS.get(preprocess_cfg.get("interpolation") or "bicubic")
     if resample is None or mode not in ("shortest", "squash") or (mode == "shortest" and h != w):
-        from extractors.clip import pixel_transform as open_clip_transform
-
-        return open_clip_transform(preprocess_cfg)
+        return None
 
     def transform(image: Image.Image) -> np.ndarray:
         if mode == "squash":

@@ -248,6 +248,10 @@ def prepare_pixels(
     from extractors.pixels import pixel_transform, prepare_image  # PIL and NumPy: this task imports no torch
 
     transform = pixel_transform(preprocess_cfg)
+    if transform is None:  # a resize mode only open_clip's transform does: this task imports torch after all
+        from extractors.clip import pixel_transform as open_clip_transform
+
+        transform = open_clip_transform(preprocess_cfg)
     size = preprocess_cfg["size"]
     h, w = size if isinstance(size, (tuple, list)) else (size, size)
     images = batch["image"]
