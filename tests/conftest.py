@@ -90,6 +90,27 @@ def run_driver(address: str, script: str, *args: str) -> dict:
     return json.loads(lines[-1][7:])
 
 
+def run_capped(code: str, *args: str, timeout: float = 300) -> dict:
+    """Run `code` in a child (`python -c code *args`) for a memory-cap test; returns the JSON of its last stdout
+    line (the test fails with the child's stderr when it exits non-zero). glibc's per-thread malloc arenas (64 MB
+    of address space each) are limited to two, so a child's virtual size does not depend on how many threads ran."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"child exited {proc.returncode}: {proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """The one local Ray of the session (2 CPUs); yields its address so that CLI subprocesses can join it. Tests

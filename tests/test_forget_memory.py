@@ -3,10 +3,6 @@ rows are wide completes in a child whose address space is capped well under the 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,8 +12,7 @@ import pytest
 
 from stores.schema import INTERACTIONS
 from stores.workspace import Workspace
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_capped
 
 CHILD = """
 import json, resource, sys
@@ -73,17 +68,7 @@ def _workspace(root: Path, rows: int, heavy: int) -> Workspace:
 
 
 def _child(ws: Workspace, cap_mb: int, user: str) -> dict:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, ws.uri, str(cap_mb), user],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_capped(CHILD, ws.uri, str(cap_mb), user)
 
 
 @pytest.mark.slow

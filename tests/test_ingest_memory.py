@@ -9,18 +9,16 @@ limited with `MALLOC_ARENA_MAX=2` in every child so the baseline does not depend
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_capped
+
 MARGIN_MB = 300
 N_IMAGES = 300  # of ~3.9 MB each: ~1.2 GB, about 4x the margin
 
@@ -77,17 +75,7 @@ def _folder(root: Path, n: int) -> tuple[Path, Path]:
 
 
 def _child(ws: Path, items: Path, images: Path, cap_mb: int, mode: str = "ingest", *extra: str) -> dict:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ws), str(items), str(images), str(cap_mb), mode, *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, f"child exited {out.returncode} under a {cap_mb} MB cap: {out.stderr[-2000:]}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_capped(CHILD, str(ws), str(items), str(images), str(cap_mb), mode, *extra, timeout=600)
 
 
 @pytest.mark.slow

@@ -3,10 +3,6 @@ memory: a child process under `RLIMIT_AS` splits and graphs interactions larger 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +14,7 @@ from recipes.splits import SplitConfig
 from stores import artifacts
 from stores.schema import INTERACTIONS
 from stores.workspace import Workspace
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_capped
 
 
 def interactions(n: int, n_users: int, n_items: int, seed: int = 0, skewed: bool = True) -> pa.Table:
@@ -111,17 +106,7 @@ MARGIN_MB = 4000  # address space, not RSS: Lance and DuckDB reserve far more th
 
 
 def _child(ws_dir: Path, cap_mb: int, engine: str = "stream") -> dict:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ws_dir), str(cap_mb), engine],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_capped(CHILD, str(ws_dir), str(cap_mb), engine)
 
 
 @pytest.mark.slow
