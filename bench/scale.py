@@ -51,9 +51,7 @@ DAYS = 734
 
 def generate(root: Path, n: int, seed: int = 0) -> tuple[Path, Path, int, int]:
     """items.parquet and interactions.parquet (written CHUNK rows at a time); returns their paths and counts."""
-    scale = n / HM_PURCHASES
-    n_users = max(1000, round(HM_USERS * min(scale, 1.0) if scale < 1 else HM_USERS * scale**0.5))
-    n_items = max(200, round(HM_ITEMS * min(scale, 1.0) if scale < 1 else HM_ITEMS * scale**0.5))
+    n_users, n_items = shape(n)
     rng = np.random.default_rng(seed)
     item_ids, user_ids = hm_ids(rng, n_items, n_users)
     items = root / "items.parquet"
@@ -61,6 +59,14 @@ def generate(root: Path, n: int, seed: int = 0) -> tuple[Path, Path, int, int]:
     inter = root / "interactions.parquet"
     purchases(inter, rng, n, item_ids, user_ids)
     return items, inter, n_users, n_items
+
+
+def shape(n: int) -> tuple[int, int]:
+    """Users and items for n purchases: H&M's in proportion below its size, growing with sqrt(n) above it."""
+    scale = n / HM_PURCHASES
+    n_users = max(1000, round(HM_USERS * min(scale, 1.0) if scale < 1 else HM_USERS * scale**0.5))
+    n_items = max(200, round(HM_ITEMS * min(scale, 1.0) if scale < 1 else HM_ITEMS * scale**0.5))
+    return n_users, n_items
 
 
 def hm_ids(rng: np.random.Generator, n_items: int, n_users: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,13 +153,21 @@ def dir_gb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
 
 
-def run_interactions(n: int, workdir: Path) -> tuple[list[dict], dict]:
+def run_interactions(n: int, workdir: Path, reuse: bool = False) -> tuple[list[dict], dict]:
+    """Generate N purchases (or, with `reuse`, keep the parquet an earlier run of the same N left in WORKDIR/data),
+    then ingest, split and user-item graph as CLI children."""
     data, ws = workdir / "data", workdir / "ws"
-    shutil.rmtree(workdir, ignore_errors=True)
-    data.mkdir(parents=True)
-    t0 = time.perf_counter()
-    items, inter, n_users, n_items = generate(data, n)
-    info = {"generate_s": time.perf_counter() - t0, "users": n_users, "items": n_items}
+    items, inter = data / "items.parquet", data / "interactions.parquet"
+    if reuse and pq.ParquetFile(inter).metadata.num_rows == n:
+        shutil.rmtree(ws, ignore_errors=True)
+        n_users, n_items = shape(n)
+        info = {"generate_s": float("nan"), "users": n_users, "items": n_items, "reused_data": True}
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+        data.mkdir(parents=True)
+        t0 = time.perf_counter()
+        items, inter, n_users, n_items = generate(data, n)
+        info = {"generate_s": time.perf_counter() - t0, "users": n_users, "items": n_items}
     info["parquet_gb"] = dir_gb(data)
     base = [MMFEAT, "--workspace", str(ws)]
     rows = [
@@ -396,6 +410,11 @@ def main() -> None:
     parser.add_argument(
         "--redo", action="store_true", help="--full: rerun from the checkpoint of an earlier run in --workdir"
     )
+    parser.add_argument(
+        "--reuse-data",
+        action="store_true",
+        help="--interactions: keep the parquet of an earlier run in --workdir",
+    )
     args = parser.parse_args()
     if args.redo and (args.workdir is None or not (args.workdir / "ws.checkpoint").is_dir()):
         parser.error("--redo needs --workdir of an earlier --full run made with --checkpoint")
@@ -406,7 +425,7 @@ def main() -> None:
         if args.full:
             rows, info = run_full(n, args.items, args.users, workdir, args.checkpoint, args.redo)
         else:
-            rows, info = run_interactions(n, workdir)
+            rows, info = run_interactions(n, workdir, args.reuse_data)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
