@@ -414,3 +414,30 @@ def test_columnar_validation_equals_per_row_path(tmp_path, monkeypatch):
     per_row = run(tmp_path / "per_row")
     assert columnar[0]["balanced"] and columnar[0]["files"]["items_a.csv"]["reasons"]
     assert columnar == per_row
+
+
+def test_known_id_lookup_equals_is_in_even_on_hash_collisions():
+    """The once-hashed known-id lookup answers exactly what `pc.is_in` answers (nulls unknown), also when a batch
+    id's hash matches a different known id's or two known ids share a hash (collisions forced by passing hashes)."""
+    import duckdb
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from recipes.ingest.interactions import _KnownIds, _uint64
+
+    con = duckdb.connect()
+    known = pa.array(["a", "b", "c", "0042", "a"])  # stored keys: never null
+    ids = pa.array(["a", "x", None, "c", "0042", "42", "b", ""])
+
+    def duck(values: pa.Array) -> np.ndarray:
+        con.register("v", pa.table({"v": values}))
+        return _uint64(con.sql("SELECT hash(v) AS h FROM v").to_arrow_table()["h"])
+
+    expected = np.asarray(pc.fill_null(pc.is_in(ids, value_set=known), False))
+    lookup = _KnownIds(con, known)
+    assert (lookup.has(ids, duck(ids)) == expected).all()
+    forced = duck(ids).copy()
+    forced[1] = duck(pa.array(["a"]))[0]  # "x" collides with "a": not known
+    forced[6] = duck(pa.array(["a"]))[0]  # "b" found only through the fallback
+    assert (lookup.has(ids, forced) == expected).all()
+    assert not _KnownIds(con, pa.array([], pa.string())).has(ids, duck(ids)).any()
