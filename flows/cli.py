@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "report": "flows.report_cli:report",
     "forget": "flows.forget_cli:forget",
     "verify-erasure": "flows.forget_cli:verify_erasure",
+    "optimize": "flows.optimize_cli:optimize",
     "unlearn-split": "flows.forget_cli:unlearn_split",
     "run": "flows.run_cli:run",
     "unlearn-check": "flows.unlearn_check_cli:unlearn_check",

@@ -124,6 +124,11 @@ def forget_step(ws_uri: str, cfg: PipelineConfig, request_id: str) -> dict:
     return out
 
 
+@task(name="cluster-interactions", cache_policy=NO_CACHE)
+def cluster_step(ws_uri: str, min_rows: int) -> dict:
+    return steps.cluster_interactions(Workspace(ws_uri), min_rows)
+
+
 @task(name="resume-forgets", cache_policy=NO_CACHE)
 def resume_step(ws_uri: str) -> list[dict]:
     return steps.resume_forgets(Workspace(ws_uri))
@@ -200,9 +205,12 @@ def refresh_flow(
     force: bool = False,
     serve_forget: bool = True,
     report: bool = True,
+    cluster_min_rows: int = steps.CLUSTER_MIN_ROWS,
 ) -> dict:
-    """Ingest what is new, serve pending forget requests, extract what changed, rebuild the splits and graphs
-    whose inputs changed, publish a snapshot if anything it pins changed, and write the report."""
+    """Ingest what is new, serve pending forget requests, re-cluster interactions by user when rows were
+    appended (tables of `cluster_min_rows` or more: later forgets rewrite few fragments), extract what changed,
+    rebuild the splits and graphs whose inputs changed, publish a snapshot if anything it pins changed, and
+    write the report."""
     started = time.perf_counter()
     cfg = load_config(config)
     ws = _ws(cfg, workspace)
@@ -214,6 +222,7 @@ def refresh_flow(
     # Prefect bookkeeping, which a refresh with nothing to do would otherwise spend several times over.
     result["ingest"] = ingest_stage(cfg, ws, force)
     result["forget"] = forget_stage(cfg, ws) if serve_forget else []
+    result["cluster"] = _with(cluster_step, cfg)(ws.uri, cluster_min_rows)
     # One Ray actor per model for the whole refresh (extractors/model_pool.py), released even when a step fails.
     with model_pool() if cfg.run.engine == "ray" else nullcontext():
         result["extract"] = extract_stage(cfg, ws, force)

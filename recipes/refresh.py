@@ -312,6 +312,35 @@ def serve_forget(ws: Workspace, cfg: PipelineConfig, request_id: str) -> dict:
     }
 
 
+CLUSTER_MIN_ROWS = 1_000_000  # smaller interaction tables forget cheaply in any layout
+
+
+def cluster_interactions(
+    ws: Workspace, min_rows: int = CLUSTER_MIN_ROWS, rows_per_fragment: int | None = None, force: bool = False
+) -> dict:
+    """Cluster interactions by user_id (stores/erasure/physical.py `cluster_if_needed`) when the table has at
+    least `min_rows` rows and more than 5% of them were appended since the last clustering, so that a forget
+    rewrites only the fragments holding the user's rows. Skips while interactions are at the version last checked."""
+    from stores.erasure.physical import CLUSTER_ROWS, cluster_if_needed
+
+    if not ws.exists("interactions"):
+        return {"table": "interactions", "skipped": "no such table"}
+    rows_per_fragment = rows_per_fragment or CLUSTER_ROWS
+    out: dict[str, Any] = {}
+
+    def build() -> tuple[str, int, dict]:
+        out.update(
+            cluster_if_needed(ws, "interactions", "user_id", min_rows, rows_per_fragment=rows_per_fragment)
+        )
+        version = ws.version("interactions") or 0
+        return "interactions", version, {"checked_version": version}
+
+    fresh = lambda done: done.get("checked_version") == ws.version("interactions")  # noqa: E731
+    params = {"by": "user_id", "min_rows": min_rows, "rows_per_fragment": rows_per_fragment}
+    info = run_step(ws, Step(STEP, "cluster:interactions", {}, params, build, fresh), force)
+    return out if not info["skipped"] else {"table": "interactions", "skipped": True}
+
+
 def resume_forgets(ws: Workspace) -> list[dict]:
     """Carry out the forget requests a crash left pending (recipes/unlearning/forget.py `resume_pending`)."""
     from recipes.unlearning.forget import resume_pending

@@ -10,6 +10,7 @@ writer can be committing the files it deletes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,10 @@ _ROWID_DELETE_MAX = 200_000
 _CHUNK = 20_000
 _SCAN_BATCH = 65_536  # rows per batch when matching, which reads only the id columns
 CLUSTER_ROWS = 131_072
+CLUSTER_CHUNK = 262_144  # rows taken at a time when clustering, at most
+CLUSTER_CHUNK_BYTES = 16 << 20  # and about this many bytes (64 MB chunks of 2.5 KB rows peaked 170 MB higher)
+CLUSTER_SLACK = 0.05  # unclustered share of a table that `cluster_if_needed` tolerates
+CLUSTER_KEY = "mmfeat.cluster"  # table config key: the last `cluster` (key column, version, fragment size)
 _TEMP_DIRS = {".tmp", "_tmp", "tmp", ".cache", "_cache", "cache"}
 
 
@@ -206,25 +211,116 @@ def compact(ws: Workspace, name: str, target_rows_per_fragment: int | None = Non
     return out
 
 
-def cluster(ws: Workspace, name: str, by: str, rows_per_fragment: int = CLUSTER_ROWS) -> dict:
+def cluster(
+    ws: Workspace,
+    name: str,
+    by: str,
+    rows_per_fragment: int = CLUSTER_ROWS,
+    chunk_rows: int = CLUSTER_CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Rewrite a table ordered by `by` in fragments of at most `rows_per_fragment` rows, so that the rows of one
     key (a user's interactions) sit in one or two fragments and erasing them rewrites only those (`compact`).
-    A maintenance step under the workspace's write lease: the previous version keeps the old layout until
-    versions are cleaned up."""
+    Memory is bounded by the key column and 8 bytes a row (the sort order), plus a chunk of rows taken at a time
+    (`chunk_rows`, at most ~16 MB): never the whole table. The rows and their order are those of a stable sort
+    of the whole table by `by`.
+    A maintenance step under the workspace's write lease; the rewrite commits as one new version (a crash before
+    the commit leaves the current version as it was), recorded in the table's config (`CLUSTER_KEY`).
+    `progress`, when given, is called with the rows taken so far after each chunk."""
     with write_lease(ws, holder=f"cluster:{name}"):
         ds = ws.dataset(name)
         specs = index_specs(ds)
-        rows = ds.to_table()
-        rows = rows.take(pc.sort_indices(rows, [(by, "ascending")]))
-        lance.write_dataset(
-            rows,
+        keys = ds.to_table(columns=[by])[by]  # a scan's row offsets are take()'s indices
+        order = pc.sort_indices(keys).to_numpy()  # stable, nulls last: as sorting the whole table by `by`
+        del keys
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            start, step = 0, min(chunk_rows, 1024)
+            while start < len(order):
+                rows = ds.take(pa.array(order[start : start + step]))
+                start += rows.num_rows
+                # chunks of about CLUSTER_CHUNK_BYTES, whatever the row width (texts can be kilobytes a row)
+                step = max(1, min(chunk_rows, CLUSTER_CHUNK_BYTES * rows.num_rows // max(rows.nbytes, 1)))
+                yield from rows.to_batches()
+                if progress is not None:
+                    progress(start)
+
+        written = lance.write_dataset(
+            pa.RecordBatchReader.from_batches(ds.schema, batches()),
             ws.table_uri(name),
             mode="overwrite",
             max_rows_per_file=rows_per_fragment,
             storage_options=ws.storage_options or None,
         )
-        fragments = len(ws.dataset(name).get_fragments())
-        return {"rows": rows.num_rows, "fragments": fragments, "indices": rebuild_indices(ws, name, specs)}
+        fragments = len(written.get_fragments())
+        out = {"rows": len(order), "fragments": fragments, "indices": rebuild_indices(ws, name, specs)}
+        record = {
+            "by": by,
+            "version": written.version,
+            "rows": len(order),
+            "rows_per_fragment": rows_per_fragment,
+        }
+        ws.dataset(name).update_config({CLUSTER_KEY: json.dumps(record)})
+        return out
+
+
+def cluster_state(ws: Workspace, name: str) -> dict:
+    """How far a table is from the layout `cluster` left: its config record (by, version, rows_per_fragment) and
+    `unclustered_rows`, the rows of fragments a forget would rewrite for most keys. A fragment counts as
+    unclustered when it is larger than the recorded fragment size or its key range contains two or more other
+    fragments' ranges (rows appended since: each batch spans most users). Compaction of a clustered fragment keeps
+    a narrow range, so a forget does not make the table unclustered. Reads only the key column, fragment by
+    fragment; records no key (a forgotten user's id must not survive in the table's metadata)."""
+    ds = ws.dataset(name)
+    rows = ds.count_rows()
+    record = json.loads(ds.config().get(CLUSTER_KEY, "null") or "null")
+    if record is None:
+        return {"clustered": False, "rows": rows, "unclustered_rows": rows}
+    lows, highs, sizes = [], [], []
+    for fragment in ds.get_fragments():
+        keys = fragment.to_table(columns=[record["by"]])[record["by"]].drop_null()
+        if len(keys) == 0:
+            continue
+        lo_hi = pc.min_max(keys)
+        lows.append(lo_hi["min"].as_py())
+        highs.append(lo_hi["max"].as_py())
+        sizes.append((fragment.metadata.physical_rows, fragment.count_rows()))
+    ranks = {k: i for i, k in enumerate(sorted(set(lows) | set(highs)))}
+    lo = np.array([ranks[k] for k in lows], dtype=np.int64)
+    hi = np.array([ranks[k] for k in highs], dtype=np.int64)
+    scattered = 0
+    for i, (physical, live) in enumerate(sizes):
+        inside = int(np.count_nonzero((lo >= lo[i]) & (hi <= hi[i]))) - 1
+        if physical > record["rows_per_fragment"] or inside >= 2:
+            scattered += live
+    return {"clustered": True, **record, "rows": rows, "unclustered_rows": scattered}
+
+
+def cluster_if_needed(
+    ws: Workspace,
+    name: str,
+    by: str,
+    min_rows: int = 0,
+    max_unclustered: float = CLUSTER_SLACK,
+    rows_per_fragment: int = CLUSTER_ROWS,
+    force: bool = False,
+) -> dict:
+    """`cluster` a table of at least `min_rows` rows, clustered by another key or never, or whose unclustered
+    rows (`cluster_state`) exceed `max_unclustered` of it; otherwise report why not. The entry point of
+    `mmfeat optimize` and of the refresh's automatic step."""
+    if not ws.exists(name):
+        return {"table": name, "clustered": False, "skipped": "no such table"}
+    rows = ws.count(name)
+    if not force and rows < min_rows:  # decided before reading any key
+        return {"table": name, "by": by, "rows": rows, "skipped": f"fewer than {min_rows} rows"}
+    state = cluster_state(ws, name)
+    out = {"table": name, "by": by, "rows": state["rows"], "unclustered_rows": state["unclustered_rows"]}
+    if not force:
+        same_key = state.get("by") == by
+        if same_key and state["unclustered_rows"] <= max_unclustered * state["rows"]:
+            return out | {"skipped": "already clustered", "version": state["version"]}
+    done = cluster(ws, name, by, rows_per_fragment)
+    return out | {"skipped": False, "version": ws.version(name)} | done
 
 
 def purge_versions(ws: Workspace, name: str) -> dict:
