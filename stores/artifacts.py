@@ -298,7 +298,8 @@ def write_ui_pairs(
     ws: Workspace, name: str, train: sp.spmatrix, users: np.ndarray, items: np.ndarray, norm: str
 ) -> tuple[int, dict]:
     """Write user-item graph `graph_<name>` as the pairs of `train` (binary users x items over the split's id
-    maps): one row (src user, dst item, weight 1) per pair, users in id order, each user's items in id order.
+    maps): one row (src user, dst item, weight 1) per pair, users in id order, each user's items in id order
+    (a set of rows to its readers: a forget's compaction appends the fragments it rewrites).
     The normalised adjacency is derived on read (`ui_pairs_matrix`), so erasing a user deletes that user's rows
     only (a few fragments) and erasing an item its rows: no stored weight depends on another node's degree.
     Returns the version and the manifest's {node_kind, nodes, edges (of the normalised matrix), layout, pairs}."""
