@@ -40,6 +40,7 @@ CLUSTER_CHUNK_BYTES = 16 << 20  # and about this many bytes (64 MB chunks of 2.5
 CLUSTER_SLACK = 0.05  # unclustered share of a table that `cluster_if_needed` tolerates
 _CLUSTER_MAX_FILES = 256  # temporary files a cluster writes at once, at most (chunks grow past that)
 _RANK = "_mmfeat_rank"
+_CLUSTER_SCAN = {"batch_readahead": 2, "fragment_readahead": 1}  # Lance reads ahead 16 batches by default
 CLUSTER_KEY = "mmfeat.cluster"  # table config key: the last `cluster` (key column, version, fragment size)
 _TEMP_DIRS = {".tmp", "_tmp", "tmp", ".cache", "_cache", "cache"}
 
@@ -225,8 +226,8 @@ def cluster(
 ) -> dict:
     """Rewrite a table ordered by `by` in fragments of at most `rows_per_fragment` rows, so that the rows of one
     key (a user's interactions) sit in one or two fragments and erasing them rewrites only those (`compact`).
-    Memory is bounded by the key column and 8 bytes a row (the sort order), plus a chunk of rows (`chunk_rows`,
-    at most ~16 MB; `_in_order`): never the whole table. The rows and their order are those of a stable sort of
+    Memory is bounded by the distinct keys and ~16 bytes a row (int32 codes, then the sort order), plus a chunk
+    of rows (`chunk_rows`, at most ~16 MB; `_in_order`): never the whole table. The rows and their order are those of a stable sort of
     the whole table by `by`.
     A maintenance step under the workspace's write lease; the rewrite commits as one new version (a crash before
     the commit leaves the current version as it was), recorded in the table's config (`CLUSTER_KEY`).
@@ -234,9 +235,7 @@ def cluster(
     with write_lease(ws, holder=f"cluster:{name}"):
         ds = ws.dataset(name)
         specs = index_specs(ds)
-        keys = ds.to_table(columns=[by])[by]
-        order = pc.sort_indices(keys).to_numpy()  # stable, nulls last: as sorting the whole table by `by`
-        del keys
+        order = _sort_order(ds, by)
         rows = len(order)
         batches = _in_order(ds, order, chunk_rows, progress)
         del order
@@ -260,6 +259,26 @@ def cluster(
         return out
 
 
+def _sort_order(ds: lance.LanceDataset, by: str) -> np.ndarray:
+    """The row positions of `ds` (in scan order) stably sorted by `by`, nulls last: `pc.sort_indices` of the
+    whole column, from two scans of it: the sorted distinct keys, then each row's int32 code among them (4 bytes
+    a row) and a stable argsort of the codes, so that the key column is never held whole."""
+    seen: list[pa.Array] = []
+    for batch in ds.to_batches(columns=[by], batch_size=_SCAN_BATCH, **_CLUSTER_SCAN):
+        seen.append(pc.unique(batch[by]).drop_null())
+        if len(seen) > 16:
+            seen = [pc.unique(pa.concat_arrays(seen))]
+    uniques = pc.unique(pa.concat_arrays(seen)) if seen else pa.array([], ds.schema.field(by).type)
+    uniques = uniques.take(pc.sort_indices(uniques))
+    codes = np.empty(ds.count_rows(), dtype=np.int32)
+    at = 0
+    for batch in ds.to_batches(columns=[by], batch_size=_SCAN_BATCH, **_CLUSTER_SCAN):
+        found = pc.index_in(batch[by], value_set=uniques).fill_null(len(uniques))  # nulls sort last
+        codes[at : at + batch.num_rows] = found.to_numpy()
+        at += batch.num_rows
+    return np.argsort(codes[:at], kind="stable")
+
+
 def _in_order(
     ds: lance.LanceDataset, order: np.ndarray, chunk_rows: int, progress: Callable[[int], None] | None
 ) -> Iterator[pa.RecordBatch]:
@@ -278,7 +297,7 @@ def _in_order(
     with tempfile.TemporaryDirectory(prefix="mmfeat-cluster-") as tmp:
         writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
         start = 0
-        for batch in ds.to_batches(batch_size=chunk):
+        for batch in ds.to_batches(batch_size=chunk, **_CLUSTER_SCAN):
             ranks = rank[start : start + batch.num_rows]
             start += batch.num_rows
             part = ranks // chunk
