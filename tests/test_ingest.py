@@ -441,3 +441,25 @@ def test_known_id_lookup_equals_is_in_even_on_hash_collisions():
     forced[6] = duck(pa.array(["a"]))[0]  # "b" found only through the fallback
     assert (lookup.has(ids, forced) == expected).all()
     assert not _KnownIds(con, pa.array([], pa.string())).has(ids, duck(ids)).any()
+
+
+def test_seq_numbers_repeats_exactly_across_merged_runs():
+    """`seq` is each key's count of earlier occurrences (earlier batches, then earlier in its batch), whatever the
+    Bloom filter lets through and however earlier batches' hashes were merged into sorted runs."""
+    from collections import Counter
+
+    import numpy as np
+
+    from recipes.ingest.interactions import _Seen
+
+    rng = np.random.default_rng(7)
+    pool = rng.integers(0, 2**64, 300, dtype=np.uint64)  # many repeats, within and across batches
+    seen, counts = _Seen(), Counter()
+    for size in [50] * 30 + [7, 120, 1]:
+        h = pool[rng.integers(0, len(pool), size)]
+        expected = []
+        for key in h.tolist():
+            expected.append(counts[key])
+            counts[key] += 1
+        assert seen.seq(h).tolist() == expected
+    assert len(seen.chunks) < 10, "earlier batches' hashes were never merged into runs"

@@ -469,30 +469,51 @@ def _classify(
 class _Seen:
     """Key hashes of the rows already streamed, to number repeated (user, item, time, event) rows.
 
-    A 16 MB bit map over the high hash bits says which rows cannot have been seen (about 93% of them at 10M rows);
-    only the rest are counted exactly against the sorted hashes of earlier batches. A 64-bit hash collision between two
-    different keys only bumps `seq` for one of them: keys stay unique.
+    A 16 MB Bloom filter (two bits per key: one from the high hash bits, one from the low) says which rows cannot have
+    been seen (about 98% of them at 10M rows; one bit alone let ~7% through); only the rest are counted exactly
+    against the sorted hashes of earlier batches, which are kept in few sorted runs (every RUNS_MERGED runs of about
+    the same size are merged), so the searches per batch grow with log(rows), not with the batch count. A 64-bit hash
+    collision between two different keys only bumps `seq` for one of them: keys stay unique.
     """
 
     SLOT_BITS = 27
     SLOTS = 1 << SLOT_BITS  # bits
+    RUNS_MERGED = 4
+    MERGE_CAP = 1 << 24  # hashes in one sorted run (128 MB): bounds the merge's transient copy
 
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
         self.filter = np.zeros(self.SLOTS // 8, np.uint8)
 
+    def _high(self, h: np.ndarray) -> np.ndarray:
+        return (h >> np.uint64(64 - self.SLOT_BITS)).astype(np.int64)  # sorted when h is
+
+    def _low(self, h: np.ndarray) -> np.ndarray:
+        return (h & np.uint64(self.SLOTS - 1)).astype(np.int64)
+
+    def _test(self, slots: np.ndarray) -> np.ndarray:
+        return (self.filter[slots >> 3] & np.left_shift(np.uint8(1), (slots & 7).astype(np.uint8))) != 0
+
+    def _set(self, sorted_slots: np.ndarray) -> None:
+        """One OR per distinct byte, the bits of its slots combined first: ufunc.at is ~2x slower."""
+        byte, bit = sorted_slots >> 3, np.left_shift(np.uint8(1), (sorted_slots & 7).astype(np.uint8))
+        first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        self.filter[byte[first]] |= np.bitwise_or.reduceat(bit, first)
+
     def seq(self, h: np.ndarray) -> np.ndarray:
         """Occurrences of each row's key before it: in earlier batches, then earlier in this one."""
-        slots = (h >> np.uint64(64 - self.SLOT_BITS)).astype(np.int64)  # high bits: sorted with the hashes
-        byte, bit = slots >> 3, np.left_shift(np.uint8(1), (slots & 7).astype(np.uint8))
         prior = np.zeros(len(h), np.int64)
-        maybe = np.flatnonzero(self.filter[byte] & bit)
+        maybe = np.flatnonzero(self._test(self._high(h)))
+        maybe = maybe[self._test(self._low(h[maybe]))]
         if len(maybe):
             o = np.argsort(h[maybe])
             queries = h[maybe][o]
             counts = np.zeros(len(maybe), np.int64)
-            for chunk in self.chunks:
-                counts += np.searchsorted(chunk, queries, "right") - np.searchsorted(chunk, queries, "left")
+            for chunk in self.chunks:  # one binary search per query; a second only for the queries found
+                left = np.searchsorted(chunk, queries, "left")
+                found = np.flatnonzero(chunk[np.minimum(left, len(chunk) - 1)] == queries)
+                if len(found):
+                    counts[found] += np.searchsorted(chunk, queries[found], "right") - left[found]
             prior[maybe[o]] = counts
         # A plain sort is ~3x cheaper than argsort; the order is needed only when a key repeats in the batch.
         sorted_h = np.sort(h)
@@ -509,12 +530,20 @@ class _Seen:
             seq[order] = prior[order] + np.arange(len(h)) - run_start
         else:  # no key twice in this batch: a row's number is its count in earlier batches
             seq = prior.astype(np.int32)
-        # One OR per distinct byte, the bits of its slots combined first (sorted slots): ufunc.at is ~2x slower.
-        slots = (sorted_h >> np.uint64(64 - self.SLOT_BITS)).astype(np.int64)  # high bits: already sorted
-        byte, bit = slots >> 3, np.left_shift(np.uint8(1), (slots & 7).astype(np.uint8))
-        first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
-        self.filter[byte[first]] |= np.bitwise_or.reduceat(bit, first)
+        self._set(self._high(sorted_h))
+        self._set(np.sort(self._low(h)))
         self.chunks.append(sorted_h)
+        runs, k = self.chunks, self.RUNS_MERGED
+        # timsort merges the k sorted runs in linear time per pass
+        while (
+            len(runs) >= k
+            and len(runs[-k]) < 2 * len(runs[-1])
+            and sum(map(len, runs[-k:])) <= self.MERGE_CAP
+        ):
+            merged = np.concatenate(runs[-k:])
+            merged.sort(kind="stable")
+            del runs[-k:]
+            runs.append(merged)
         return seq
 
 
