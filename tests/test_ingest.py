@@ -441,6 +441,14 @@ def test_known_id_lookup_equals_is_in_even_on_hash_collisions():
     forced[6] = duck(pa.array(["a"]))[0]  # "b" found only through the fallback
     assert (lookup.has(ids, forced) == expected).all()
     assert not _KnownIds(con, pa.array([], pa.string())).has(ids, duck(ids)).any()
+    many = pa.array(
+        [f"item{k:05d}" for k in range(2000)]
+    )  # ~100 buckets hold two ids: the walk past the first
+    probe = pa.array([f"item{k:05d}" for k in range(0, 4000, 3)] + [None])
+    expected = np.asarray(pc.fill_null(pc.is_in(probe, value_set=many), False))
+    lookup = _KnownIds(con, many)
+    assert (np.diff(lookup.starts) > 1).any()
+    assert (lookup.has(probe, duck(probe)) == expected).all()
 
 
 def test_seq_numbers_repeats_exactly_across_merged_runs():

@@ -577,15 +577,21 @@ class _KnownIds:
         if not len(self.hashes):
             return np.zeros(len(ids), bool)
         bucket = (hashes >> self.shift).astype(np.int64)
-        pos, end = self.starts[bucket], self.starts[bucket + 1]
         last = len(self.hashes) - 1
-        while True:  # the first entry of the bucket not below the hash (buckets hold ~1 entry)
-            behind = (pos < end) & (self.hashes[np.minimum(pos, last)] < hashes)
-            if not behind.any():
-                break
-            pos[behind] += 1
-        pos = np.minimum(pos, last)
-        hit = (pos < end) & (self.hashes[pos] == hashes)
+        pos = np.minimum(self.starts[bucket], last)
+        hit = self.hashes[pos] == hashes  # an equal hash is in the row's own bucket
+        miss = np.flatnonzero(~hit)
+        if len(
+            miss
+        ):  # not its bucket's first entry: walk the bucket (~1 entry) to the first not below the hash
+            at, end, wanted = self.starts[bucket[miss]], self.starts[bucket[miss] + 1], hashes[miss]
+            while True:
+                behind = (at < end) & (self.hashes[np.minimum(at, last)] < wanted)
+                if not behind.any():
+                    break
+                at[behind] += 1
+            pos[miss] = np.minimum(at, last)
+            hit[miss] = (at < end) & (self.hashes[pos[miss]] == wanted)
         same = pc.fill_null(pc.equal(self.sorted_ids.take(pa.array(pos)), ids), False)
         known = hit & np.asarray(same)
         collided = np.flatnonzero(hit & ~known & np.asarray(ids.is_valid()))
