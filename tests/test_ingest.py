@@ -471,3 +471,55 @@ def test_seq_numbers_repeats_exactly_across_merged_runs():
             counts[key] += 1
         assert seen.seq(h).tolist() == expected
     assert len(seen.chunks) < 10, "earlier batches' hashes were never merged into runs"
+
+
+@pytest.mark.parametrize("with_users", [False, True])
+def test_dictionary_read_ids_equal_the_plain_path(tmp_path, monkeypatch, with_users):
+    """Ids read dictionary-encoded (trimmed, UTF-8 checked, hashed and looked up once per distinct id in a batch)
+    store and quarantine exactly what ids read as plain bytes do, on hostile ids across small batches: padded,
+    Unicode-blank, empty, non-UTF-8 (in a dictionary value), unknown, mapped columns and repeated keys (same seq)."""
+    from recipes.ingest import interactions
+
+    monkeypatch.setattr(interactions, "BATCH_BYTES", 256)  # many batches, each with its own dictionary
+    rng = random.Random(3)
+    pool = [b"i1", b" i1", b"i1\xc2\xa0", b"i2", b"", b"  ", b"i9", b"\xff", b"0042", b"42", b"i\xed\xa0\x80"]
+    users = [b"u1", b" u1 ", b"u2", b"", b"\xc3\x28", b"u3", b"\xc2\xa0u4", b"u5"]
+    lines = [b"who,what,timestamp,event,value"]
+    for k in range(300):
+        ts = rng.choice([b"1700000000", b" 1700000001", b"x", str(1700000000 + k % 5).encode()])
+        lines.append(b",".join([rng.choice(users), rng.choice(pool), ts, b"view", b"1"]))
+        if k % 97 == 0:
+            lines.append(b"u1,i1")  # ragged
+    (tmp_path / "inter.csv").write_bytes(b"\n".join(lines) + b"\n")
+    items = _write_csv(
+        tmp_path / "items.csv", ["item_id", "title"], [["i1", "a"], ["i2", "b"], ["0042", "c"]]
+    )
+    user_file = (
+        _write_csv(tmp_path / "users.csv", ["user_id"], [["u1"], ["u2"], ["u4"]]) if with_users else None
+    )
+
+    def run(root: Path) -> tuple[dict, list, list]:
+        ws = Workspace(root)
+        source = table(
+            items,
+            tmp_path / "inter.csv",
+            users=user_file,
+            mapping={"who": "user_id", "what": "item_id"},
+            name="d",
+        )
+        report = ingest(ws, source).to_dict()
+        report.pop("tables")
+
+        def rows(name: str) -> list:
+            got = ws.read(name).drop_columns(["created_at"] if name == "quarantine" else []).to_pylist()
+            return sorted(got, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+        return report, rows("interactions"), rows("quarantine")
+
+    dictionary = run(tmp_path / "dictionary")
+    monkeypatch.setattr(interactions, "ID_FIELDS", ())  # every column read as plain bytes
+    plain = run(tmp_path / "plain")
+    reasons = dictionary[0]["files"]["inter.csv"]["reasons"]
+    assert {"non_utf8", "empty_id", "unknown_item", "malformed_row"} <= set(reasons)
+    assert max(r["seq"] for r in dictionary[1]) > 0
+    assert dictionary == plain

@@ -49,6 +49,10 @@ from stores.workspace import UpsertResult, Workspace
 BATCH_BYTES = 4 << 20
 PARQUET_BATCH_ROWS = 1 << 17
 FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
+# Ids repeat within a batch (a catalogue's popular items, a user's sessions): the CSV reader dictionary-encodes them,
+# so trims, UTF-8 checks, hashes and known-id lookups run once per distinct id in the batch, not once per row.
+ID_FIELDS = ("user_id", "item_id")
+ID_BYTES = pa.dictionary(pa.int32(), pa.binary())
 
 MIN_SECONDS = 0  # 1970-01-01: no interaction log predates the unix epoch
 MIN_SCALED_SECONDS = 946_684_800  # 2000-01-01: the earliest a millisecond/micro/nano epoch is taken to mean
@@ -104,7 +108,8 @@ class CsvStream:
             block_size=BATCH_BYTES, column_names=self.column_names, autogenerate_column_names=False
         )
         convert = pacsv.ConvertOptions(
-            column_types={n: pa.binary() for n in names}, strings_can_be_null=False
+            column_types={n: ID_BYTES if self.mapping.get(n, n) in ID_FIELDS else pa.binary() for n in names},
+            strings_can_be_null=False,
         )
 
         def skip(row: pacsv.InvalidRow) -> str:
@@ -281,12 +286,26 @@ def iter_batches(interactions: pa.Table | Stream) -> Iterator[pa.Table]:
         yield from (pa.Table.from_batches([b]) for b in interactions.to_batches(max_chunksize=1 << 20))
 
 
+def _utf8_dictionary(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary column of bytes as a dictionary of strings, checking only its distinct values; its rows as
+    plain bytes when a value is not UTF-8 (then checked row by row like any bytes column)."""
+    try:
+        return pa.chunked_array(
+            [pa.DictionaryArray.from_arrays(c.indices, c.dictionary.cast(pa.string())) for c in col.chunks],
+            pa.dictionary(pa.int32(), pa.string()),
+        )
+    except pa.ArrowInvalid:
+        return col.cast(pa.binary())
+
+
 def _utf8(batch: pa.Table) -> tuple[pa.Table, list[int]]:
     """Cast bytes columns to strings; rows with invalid UTF-8 are dropped and their positions returned."""
     bad: set[int] = set()
     columns = {}
     for name in batch.column_names:
         col = batch[name]
+        if col.type == ID_BYTES:
+            col = _utf8_dictionary(col)
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             try:
                 col = col.cast(pa.string())
@@ -320,7 +339,12 @@ def _strings(batch: pa.Table, name: str, n: int) -> pa.Array:
     """A column as trimmed strings with empty strings as null (all nulls when the column is absent)."""
     if name not in batch.column_names:
         return pa.nulls(n, pa.string())
-    col = pc.utf8_trim_whitespace(batch[name].combine_chunks().cast(pa.string()))
+    return _trimmed(batch[name].combine_chunks().cast(pa.string()))
+
+
+def _trimmed(strings: pa.Array) -> pa.Array:
+    """Strings trimmed of surrounding whitespace, empty ones as null."""
+    col = pc.utf8_trim_whitespace(strings)
     empty = pc.equal(col, "")
     if not pc.any(empty).as_py():  # the common case: no copy of the column through if_else
         return col
@@ -337,6 +361,34 @@ def _strings_cast(batch: pa.Table, name: str, n: int, to: pa.DataType) -> tuple[
         except pa.ArrowInvalid:
             pass
     return _strings(batch, name, n), None
+
+
+def _hashes(con: duckdb.DuckDBPyConnection, strings: pa.Array) -> np.ndarray:
+    """DuckDB's `hash` of each string (null included: any value, its row is quarantined as empty_id)."""
+    con.register("ids", pa.table({"id": strings}))
+    out = _uint64(con.sql("SELECT hash(id) AS h FROM ids").to_arrow_table()["h"])
+    con.unregister("ids")
+    return out
+
+
+def _ids(
+    con: duckdb.DuckDBPyConnection, batch: pa.Table, name: str, n: int, known: _KnownIds | None
+) -> tuple[pa.Array, np.ndarray, np.ndarray | None]:
+    """An id column as `_strings` makes it, each id's hash and (given the known ids) whether it is known. A
+    dictionary column (the CSV reader's) is trimmed, hashed and looked up once per distinct value, then taken per
+    row: the same answers as the row-by-row path, which other sources take."""
+    col = batch[name] if name in batch.column_names else None
+    if col is not None and pa.types.is_dictionary(col.type) and col.num_chunks == 1:
+        codes = col.chunk(0).indices
+        if not codes.null_count:
+            values = _trimmed(col.chunk(0).dictionary.cast(pa.string()))
+            hashes = _hashes(con, values)
+            found = known.has(values, hashes) if known is not None else None
+            rows = codes.to_numpy()
+            return values.take(codes), hashes[rows], found[rows] if found is not None else None
+    ids = _strings(batch, name, n)
+    hashes = _hashes(con, ids)
+    return ids, hashes, known.has(ids, hashes) if known is not None else None
 
 
 def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
@@ -422,7 +474,8 @@ def _classify(
     """Arrow-native validation of one batch: typed columns, a reason code per bad row (first rule wins) and a
     64-bit hash of the (user, item, time, event) key."""
     n = batch.num_rows
-    u, i = _strings(batch, "user_id", n), _strings(batch, "item_id", n)
+    u, hu, known_u = _ids(con, batch, "user_id", n, known_users)
+    i, hi, known_i = _ids(con, batch, "item_id", n, known_items)
     ts, seconds = _strings_cast(batch, "timestamp", n, pa.int64())
     v, val = _strings_cast(batch, "value", n, pa.float64())
     e = pc.fill_null(_strings(batch, "event", n), default_event)
@@ -436,20 +489,19 @@ def _classify(
     if denied:
         rules.append(("forgotten", pc.or_(_denied_mask(u, "user", denied), _denied_mask(i, "item", denied))))
         rules.append(("forgotten", _denied_pairs(u, i, denied)))
-    con.register("keys", pa.table({"u": u, "i": i, "t": t, "e": e}))
-    id_hashes = ", hash(i) AS hi" * (known_items is not None) + ", hash(u) AS hu" * (known_users is not None)
-    hashes = con.sql(f"SELECT hash(u, i, t, e) AS h{id_hashes} FROM keys").to_arrow_table()
+    # the key hash combines the ids' hashes (computed once per distinct id) with the time and event
+    con.register("keys", pa.table({"hu": hu, "hi": hi, "t": t, "e": e}))
+    h1 = con.sql("SELECT hash(hu, hi, t, e) AS h FROM keys").to_arrow_table()["h"]
     con.unregister("keys")
-    if known_items is not None:
-        rules.append(("unknown_item", pa.array(~known_items.has(i, _uint64(hashes["hi"])))))
-    if known_users is not None:
-        rules.append(("unknown_user", pa.array(~known_users.has(u, _uint64(hashes["hu"])))))
+    if known_i is not None:
+        rules.append(("unknown_item", pa.array(~known_i)))
+    if known_u is not None:
+        rules.append(("unknown_user", pa.array(~known_u)))
     reason = pa.nulls(n, pa.string())
     # A clean batch (the common case) flags nothing: skip the per-row if_else chain over it.
     flagged = [(code, pc.fill_null(mask, False)) for code, mask in rules]
     for code, mask in reversed([(c, m) for c, m in flagged if pc.any(m).as_py()]):
         reason = pc.if_else(mask, pa.scalar(code), reason)
-    h1 = hashes["h"]
     return pa.table(
         {
             "u": u,
