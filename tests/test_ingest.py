@@ -477,7 +477,8 @@ def test_seq_numbers_repeats_exactly_across_merged_runs():
 def test_dictionary_read_ids_equal_the_plain_path(tmp_path, monkeypatch, with_users):
     """Ids read dictionary-encoded (trimmed, UTF-8 checked, hashed and looked up once per distinct id in a batch)
     store and quarantine exactly what ids read as plain bytes do, on hostile ids across small batches: padded,
-    Unicode-blank, empty, non-UTF-8 (in a dictionary value), unknown, mapped columns and repeated keys (same seq)."""
+    Unicode-blank, empty, non-UTF-8 (in a dictionary value), unknown, mapped columns, padded and empty events
+    (the default) and repeated keys (same seq)."""
     from recipes.ingest import interactions
 
     monkeypatch.setattr(interactions, "BATCH_BYTES", 256)  # many batches, each with its own dictionary
@@ -487,7 +488,8 @@ def test_dictionary_read_ids_equal_the_plain_path(tmp_path, monkeypatch, with_us
     lines = [b"who,what,timestamp,event,value"]
     for k in range(300):
         ts = rng.choice([b"1700000000", b" 1700000001", b"x", str(1700000000 + k % 5).encode()])
-        lines.append(b",".join([rng.choice(users), rng.choice(pool), ts, b"view", b"1"]))
+        event = rng.choice([b"view", b" view", b"buy", b"", b"\xfe"])
+        lines.append(b",".join([rng.choice(users), rng.choice(pool), ts, event, b"1"]))
         if k % 97 == 0:
             lines.append(b"u1,i1")  # ragged
     (tmp_path / "inter.csv").write_bytes(b"\n".join(lines) + b"\n")

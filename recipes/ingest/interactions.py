@@ -49,9 +49,10 @@ from stores.workspace import UpsertResult, Workspace
 BATCH_BYTES = 4 << 20
 PARQUET_BATCH_ROWS = 1 << 17
 FIELDS = ("user_id", "item_id", "timestamp", "event", "value")
-# Ids repeat within a batch (a catalogue's popular items, a user's sessions): the CSV reader dictionary-encodes them,
-# so trims, UTF-8 checks, hashes and known-id lookups run once per distinct id in the batch, not once per row.
-ID_FIELDS = ("user_id", "item_id")
+# Ids and events repeat within a batch (a catalogue's popular items, a user's sessions): the CSV reader
+# dictionary-encodes them, so trims, UTF-8 checks, hashes and known-id lookups run once per distinct value in the
+# batch, not once per row.
+ID_FIELDS = ("user_id", "item_id", "event")
 ID_BYTES = pa.dictionary(pa.int32(), pa.binary())
 
 MIN_SECONDS = 0  # 1970-01-01: no interaction log predates the unix epoch
@@ -371,24 +372,43 @@ def _hashes(con: duckdb.DuckDBPyConnection, strings: pa.Array) -> np.ndarray:
     return out
 
 
-def _ids(
-    con: duckdb.DuckDBPyConnection, batch: pa.Table, name: str, n: int, known: _KnownIds | None
-) -> tuple[pa.Array, np.ndarray, np.ndarray | None]:
-    """An id column as `_strings` makes it, each id's hash and (given the known ids) whether it is known. A
-    dictionary column (the CSV reader's) is trimmed, hashed and looked up once per distinct value, then taken per
-    row: the same answers as the row-by-row path, which other sources take."""
+def _distinct(batch: pa.Table, name: str, n: int) -> tuple[pa.Array, np.ndarray | None]:
+    """A column as `_strings` makes it, as (values, each row's position in them): for a dictionary column (the CSV
+    reader's) the values are the batch's distinct ones, trimmed once each; for any other, the rows themselves and
+    None. `values.take(rows)` is exactly `_strings` of the column."""
     col = batch[name] if name in batch.column_names else None
     if col is not None and pa.types.is_dictionary(col.type) and col.num_chunks == 1:
         codes = col.chunk(0).indices
         if not codes.null_count:
-            values = _trimmed(col.chunk(0).dictionary.cast(pa.string()))
-            hashes = _hashes(con, values)
-            found = known.has(values, hashes) if known is not None else None
-            rows = codes.to_numpy()
-            return values.take(codes), hashes[rows], found[rows] if found is not None else None
-    ids = _strings(batch, name, n)
-    hashes = _hashes(con, ids)
-    return ids, hashes, known.has(ids, hashes) if known is not None else None
+            return _trimmed(col.chunk(0).dictionary.cast(pa.string())), codes.to_numpy()
+    return _strings(batch, name, n), None
+
+
+def _per_row(values: pa.Array | np.ndarray, rows: np.ndarray | None):
+    if rows is None:
+        return values
+    return values[rows] if isinstance(values, np.ndarray) else values.take(pa.array(rows))
+
+
+def _fmix(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer: a bijection whose every output bit depends on every input bit."""
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    x ^= x >> np.uint64(33)
+    return x
+
+
+def _key_hash(hu: np.ndarray, hi: np.ndarray, t: pa.Array, he: np.ndarray) -> np.ndarray:
+    """One 64-bit hash of (user, item, time, event) from the ids' and event's hashes: two keys differing only in
+    time never collide (odd multiplier), others as often as random 64-bit values. Null times hash as 0 (their rows
+    are quarantined)."""
+    seconds = pc.fill_null(t, 0).to_numpy(zero_copy_only=False).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = hu * np.uint64(0x9E3779B97F4A7C15) + hi * np.uint64(0xC2B2AE3D27D4EB4F)
+        mixed += seconds * np.uint64(0x165667B19E3779F9) + he
+    return _fmix(mixed)
 
 
 def _seconds(con: duckdb.DuckDBPyConnection, ts: pa.Array) -> pa.Array:
@@ -474,11 +494,19 @@ def _classify(
     """Arrow-native validation of one batch: typed columns, a reason code per bad row (first rule wins) and a
     64-bit hash of the (user, item, time, event) key."""
     n = batch.num_rows
-    u, hu, known_u = _ids(con, batch, "user_id", n, known_users)
-    i, hi, known_i = _ids(con, batch, "item_id", n, known_items)
+    (u_values, u_rows), (i_values, i_rows) = _distinct(batch, "user_id", n), _distinct(batch, "item_id", n)
+    e_values, e_rows = _distinct(batch, "event", n)
+    e_values = pc.fill_null(e_values, default_event)
+    # one DuckDB query hashes the distinct users, items and events together
+    hashes = _hashes(con, pa.concat_arrays([u_values, i_values, e_values]))
+    hu_values, hi_values = hashes[: len(u_values)], hashes[len(u_values) : len(u_values) + len(i_values)]
+    known_u = known_users.has(u_values, hu_values) if known_users is not None else None
+    known_i = known_items.has(i_values, hi_values) if known_items is not None else None
+    u, i, e = _per_row(u_values, u_rows), _per_row(i_values, i_rows), _per_row(e_values, e_rows)
+    hu, hi = _per_row(hu_values, u_rows), _per_row(hi_values, i_rows)
+    he = _per_row(hashes[len(u_values) + len(i_values) :], e_rows)
     ts, seconds = _strings_cast(batch, "timestamp", n, pa.int64())
     v, val = _strings_cast(batch, "value", n, pa.float64())
-    e = pc.fill_null(_strings(batch, "event", n), default_event)
     t = plausible_seconds(seconds if seconds is not None else _seconds(con, ts))
     val = val if val is not None else _floats(v)
     rules = [
@@ -489,14 +517,11 @@ def _classify(
     if denied:
         rules.append(("forgotten", pc.or_(_denied_mask(u, "user", denied), _denied_mask(i, "item", denied))))
         rules.append(("forgotten", _denied_pairs(u, i, denied)))
-    # the key hash combines the ids' hashes (computed once per distinct id) with the time and event
-    con.register("keys", pa.table({"hu": hu, "hi": hi, "t": t, "e": e}))
-    h1 = con.sql("SELECT hash(hu, hi, t, e) AS h FROM keys").to_arrow_table()["h"]
-    con.unregister("keys")
+    h1 = pa.array(_key_hash(hu, hi, t, he))
     if known_i is not None:
-        rules.append(("unknown_item", pa.array(~known_i)))
+        rules.append(("unknown_item", pa.array(~_per_row(known_i, i_rows))))
     if known_u is not None:
-        rules.append(("unknown_user", pa.array(~known_u)))
+        rules.append(("unknown_user", pa.array(~_per_row(known_u, u_rows))))
     reason = pa.nulls(n, pa.string())
     # A clean batch (the common case) flags nothing: skip the per-row if_else chain over it.
     flagged = [(code, pc.fill_null(mask, False)) for code, mask in rules]
@@ -760,7 +785,7 @@ def ingest_interactions(
             tally.stored += good.num_rows
             if not good.num_rows:
                 continue
-            seq = seen.seq(good["h1"].to_numpy().astype(np.uint64))
+            seq = seen.seq(good["h1"].to_numpy())
             if src.derive_items:
                 items.add(good["i"])
             if src.derive_users:
