@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 DIRECT = """
 import time; t0 = time.perf_counter()
 import json, sys
+# model libraries: with the Ray engine only the model actors should import them, never the driver
+HEAVY = ("torch", "torchvision", "open_clip", "transformers", "sentence_transformers")
 from recipes.config import load_config, open_source
 from recipes.ingest.load import ingest
 from recipes import pipeline as rp
@@ -78,7 +80,7 @@ create_snapshot(ws, "bench", cfg.snapshot.split, cfg.snapshot_features(), cfg.sn
 out = output_path(cfg.report.out, ws.uri)
 out.write_text(render_report(load_report_data(ws, ReportConfig(), split=cfg.snapshot.split), ReportConfig()))
 print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time(), "model_calls": calls,
-                  "ray_init": ray_init}))
+                  "ray_init": ray_init, "heavy": sorted(m for m in HEAVY if m in sys.modules)}))
 """
 
 SERVER = """
@@ -93,13 +95,16 @@ with prefect_test_harness(server_startup_timeout=180):
 ORCHESTRATED = """
 import time; t0 = time.perf_counter()
 import json, sys
+# model libraries: with the Ray engine only the model actors should import them, never the driver
+HEAVY = ("torch", "torchvision", "open_clip", "transformers", "sentence_transformers")
 from flows.pipeline import refresh_flow
 first = refresh_flow(sys.argv[1], sys.argv[2])
 t1, cpu = time.perf_counter(), time.process_time()
 second = refresh_flow(sys.argv[1], sys.argv[2])
 t2 = time.perf_counter()
 print(json.dumps({"seconds": t1 - t0, "cpu": cpu, "model_calls": first["model_calls"], "second_seconds": t2 - t1,
-                  "second_model_calls": second["model_calls"], "second_rows_written": second["rows_written"]}))
+                  "second_model_calls": second["model_calls"], "second_rows_written": second["rows_written"],
+                  "heavy": sorted(m for m in HEAVY if m in sys.modules)}))
 """
 
 
@@ -249,6 +254,8 @@ def main() -> None:
         f"long-running). Prefect's CPU in the flow's own process (import, engine, log and event threads; "
         f"robust to a loaded machine): {cpu['flow'] - cpu['ray']:.1f} s. The second refresh wrote {runs['flow'][0]['second_rows_written']} rows."
     )
+    heavy = {k: v[0].get("heavy", []) for k, v in runs.items()}
+    summary += f" Model libraries imported by each variant's driver process: {heavy}."
     if ray_start is not None:
         summary += (
             f" The Ray variants joined a Ray head started once before the runs ({ray_start:.1f} s, not counted: "

@@ -37,7 +37,7 @@ def model_key(spec: Any) -> tuple:
     """The identity of the model a spec loads: (family, model, weights, device, other settings). Two specs with
     the same key are served by the same actors."""
     kwargs = dict(spec.kwargs)
-    family = _FAMILIES.get(spec.cls.__name__, f"{spec.cls.__module__}.{spec.cls.__qualname__}")
+    family = _FAMILIES.get(spec.name, spec.path)
     head = (kwargs.pop("model", None), kwargs.pop("pretrained", None), kwargs.pop("device", None))
     if family == "clip":  # the towers' other arguments (batch size, column names) do not change the model
         kwargs = {}
@@ -45,8 +45,8 @@ def model_key(spec: Any) -> tuple:
 
 
 def spec_id(spec: Any) -> tuple:
-    """A hashable identity of one extractor spec (its class and arguments)."""
-    return spec.cls, tuple(sorted((k, repr(v)) for k, v in spec.kwargs.items()))
+    """A hashable identity of one extractor spec (its class's "module:Class" and arguments)."""
+    return spec.path, tuple(sorted((k, repr(v)) for k, v in spec.kwargs.items()))
 
 
 class ModelActor:
@@ -69,12 +69,13 @@ class ModelActor:
 
     def built(self) -> list[str]:
         """The extractor classes this actor has built (each once), for reports and tests."""
-        return [cls.__name__ for cls, _ in self.models]
+        return [path.rsplit(":", 1)[-1] for path, _ in self.models]
 
-    def facts(self, spec: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The provenance the model reports here and its image preprocessing config (the driver's probe)."""
+    def facts(self, spec: Any) -> tuple[dict[str, Any], dict[str, Any] | None, frozenset[str]]:
+        """The provenance the model reports here, its image preprocessing config and its class's traits
+        (runner.ExtractorSpec.traits): the driver's probe, so the driver imports no model library."""
         model = self.model(spec)
-        return dict(model.provenance), getattr(model, "preprocess_cfg", None)
+        return dict(model.provenance), getattr(model, "preprocess_cfg", None), spec.traits()
 
     def run(self, spec: Any, stage: Callable[..., Any], batch: dict[str, Any]) -> dict[str, Any]:
         """`stage(model=...)` wraps the built model for one feature (runner.ModelStage); kept per feature."""
@@ -125,7 +126,9 @@ class ModelPool:
             if not self.actors[key]:
                 del self.actors[key]
 
-    def facts(self, spec: Any, use_gpu: bool, threads: int | None) -> tuple[dict[str, Any], Any]:
+    def facts(
+        self, spec: Any, use_gpu: bool, threads: int | None
+    ) -> tuple[dict[str, Any], Any, frozenset[str]]:
         import ray
 
         return ray.get(self.handles(spec, 1, use_gpu, threads)[0].facts.remote(spec))

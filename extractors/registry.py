@@ -41,23 +41,17 @@ def _clip(model: str | None, pretrained: str | None) -> dict[str, Any]:
 def image_spec(model: str | None, pretrained: str | None = None) -> ExtractorSpec:
     """CLIP's image tower: `model` None for ViT-B-32 / laion2b_s34b_b79k, "tiny-test", an open_clip
     architecture (with `pretrained`), or an "hf-hub:" / "local-dir:" id."""
-    from extractors.clip import ClipImageEncoder
-
-    return ExtractorSpec(ClipImageEncoder, _clip(model, pretrained))
+    return ExtractorSpec("extractors.clip:ClipImageEncoder", _clip(model, pretrained))
 
 
 def clip_text_spec(model: str | None, pretrained: str | None = None) -> ExtractorSpec:
     """CLIP's text tower, with the same model choice as `image_spec`."""
-    from extractors.clip import ClipTextEncoder
-
-    return ExtractorSpec(ClipTextEncoder, _clip(model, pretrained))
+    return ExtractorSpec("extractors.clip:ClipTextEncoder", _clip(model, pretrained))
 
 
 def text_spec(model: str | None) -> ExtractorSpec:
     """A sentence-transformers encoder: None for the packaged all-MiniLM-L6-v2, else a hub id or folder."""
-    from extractors.text import TextEncoder
-
-    return ExtractorSpec(TextEncoder, {"model": model})
+    return ExtractorSpec("extractors.text:TextEncoder", {"model": model})
 
 
 def caption_spec(
@@ -77,9 +71,7 @@ def caption_spec(
         return ExtractorSpec(VllmCaptioner, kwargs)
     if engine != "transformers":
         raise TerminalError(f"caption engine {engine!r} is unknown; use transformers or vllm")
-    from extractors.captioner import Captioner
-
-    return ExtractorSpec(Captioner, kwargs)
+    return ExtractorSpec("extractors.captioner:Captioner", kwargs)
 
 
 def config_spec(
@@ -118,7 +110,7 @@ def preflight(spec: ExtractorSpec) -> None:
     cache."""
     from extractors.vllm_captioner import VllmCaptioner, require_vllm
 
-    if spec.cls is VllmCaptioner:
+    if spec.path == f"{VllmCaptioner.__module__}:{VllmCaptioner.__qualname__}":  # imports no model library
         require_vllm()
     model, pretrained = spec.kwargs.get("model"), spec.kwargs.get("pretrained")
     if model is None or str(model).startswith(_TEST_PREFIX) or Path(str(model)).exists():

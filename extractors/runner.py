@@ -20,6 +20,7 @@ against, skips the probe: the workers hash the inputs and report their provenanc
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -27,6 +28,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -37,7 +39,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from extractors.images import ImageError, decode_image, device_decodable
-from extractors.model_pool import active_pool
+from extractors.model_pool import active_pool, model_pool
 from stores.errors import MmfeatError, TerminalError
 from stores.features import (
     CAPTION_FEATURE,
@@ -62,29 +64,57 @@ TEXT_FIELDS = ("title", "text")
 
 @dataclass(frozen=True)
 class ExtractorSpec:
-    """How to build an extractor inside a worker: its class and constructor arguments (models are never pickled)."""
+    """How to build an extractor inside a worker: its class and constructor arguments (models are never pickled).
+    The class may be named "module:Class" and is then imported only where it is built or inspected: a Ray run's
+    driver, whose models run in actors, never imports torch or the model libraries."""
 
-    cls: type
+    cls: type | str
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        """The class as "module:Class", the same for a class and its name."""
+        return self.cls if isinstance(self.cls, str) else f"{self.cls.__module__}:{self.cls.__qualname__}"
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(":", 1)[-1]
+
+    def resolve(self) -> type:
+        """The class (imports its module when the spec names it)."""
+        if not isinstance(self.cls, str):
+            return self.cls
+        module, name = self.cls.split(":", 1)
+        return getattr(importlib.import_module(module), name)
+
+    def traits(self) -> frozenset[str]:
+        """Which input paths the class takes (see `TRAITS`)."""
+        cls = self.resolve()
+        return frozenset(t for t in TRAITS if callable(getattr(cls, t, None)))
 
     def build(self, **overrides: Any) -> Any:
         """The extractor, built where it runs. Loading a model is the model boundary: a failure here is the
         configuration's (weights missing offline, a bad id), so it is a TerminalError naming the fix."""
         kwargs = self.kwargs | overrides
         try:
-            return self.cls(**kwargs)
+            return self.resolve()(**kwargs)
         except MmfeatError:
             raise
         except Exception as exc:
             model = kwargs.get("model")
             raise TerminalError(
-                f"cannot load {self.cls.__name__} model {model!r}: {type(exc).__name__}: "
+                f"cannot load {self.name} model {model!r}: {type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; pass --model tiny-test (untrained, "
                 "for tests) or a local path, or download the weights while online"
             ) from exc
 
     def takes(self, name: str) -> bool:
-        return name in inspect.signature(self.cls).parameters
+        return name in inspect.signature(self.resolve()).parameters
+
+
+# Methods that choose an extractor's input path: pictures decoded in the CPU stage (`caption_decoded`), or uint8
+# pixels prepared there (`encode_prepared`).
+TRAITS = ("caption_decoded", "encode_prepared")
 
 
 @dataclass
@@ -221,16 +251,16 @@ def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: v for name, v in batch.items() if name != "image"} | {"decoded": decoded, "error": errors}
 
 
-def decoded_pipeline(extractor: ExtractorSpec, source: Source) -> bool:
-    """Whether images for this extractor are decoded in the CPU stage and reach the model as RGB arrays: a model
-    that takes decoded pictures (`caption_decoded`)."""
-    return source == "image" and callable(getattr(extractor.cls, "caption_decoded", None))
+def decoded_pipeline(traits: frozenset[str], source: Source) -> bool:
+    """Whether images for an extractor with `traits` (ExtractorSpec.traits) are decoded in the CPU stage and
+    reach the model as RGB arrays: a model that takes decoded pictures (`caption_decoded`)."""
+    return source == "image" and "caption_decoded" in traits
 
 
-def pixel_pipeline(extractor: ExtractorSpec, source: Source) -> bool:
-    """Whether images for this extractor are decoded, resized and cropped in the CPU stage and reach the model as
-    uint8 pixels: an image encoder that takes prepared pixels (`encode_prepared`, e.g. ClipImageEncoder)."""
-    return source == "image" and callable(getattr(extractor.cls, "encode_prepared", None))
+def pixel_pipeline(traits: frozenset[str], source: Source) -> bool:
+    """Whether images for an extractor with `traits` are decoded, resized and cropped in the CPU stage and reach
+    the model as uint8 pixels: an image encoder that takes prepared pixels (`encode_prepared`, ClipImageEncoder)."""
+    return source == "image" and "encode_prepared" in traits
 
 
 def decode_route(data: bytes | None, device_decode: bool) -> Literal["device", "cpu"]:
@@ -442,30 +472,75 @@ def run_extraction(
         raise ValueError(f"cannot extract {feature!r} from {source}: {missing} missing in {ws.uri}; {fix}")
     summary = ExtractSummary(feature, table_name, inputs=dict(versions))
     untrained_input = untrained_captions(ws, source, versions)
+    # Text streams: its rows are read in batches while earlier batches are encoded and written (TextStream).
+    stream = source == "text"
     read_started = time.perf_counter()
-    eligible, summary.items = _inputs(ws, source, fields, versions)
-    stages = summary.stages = {"read": time.perf_counter() - read_started, "encode": 0.0, "write": 0.0}
-    summary.eligible, summary.no_input = eligible.num_rows, summary.items - eligible.num_rows
+    if stream:
+        eligible, summary.items = None, ws.dataset("items", versions["items"]).count_rows()
+    else:
+        eligible, summary.items = _inputs(ws, source, fields, versions)
+        summary.eligible, summary.no_input = eligible.num_rows, summary.items - eligible.num_rows
+    summary.stages = {"read": time.perf_counter() - read_started, "encode": 0.0, "write": 0.0}
     stored, failed = hashes(ws, table_name), hashes(ws, FAILURES.name, feature)
 
     use_ray, use_gpu = engine == "ray", False
     if use_ray:
         use_gpu = _init_ray()
-    # Inside `model_pool()` (a refresh) the model runs on the pool's actors, started once per model per refresh.
-    pool = active_pool() if use_ray else None
+    # Inside `model_pool()` (a refresh) the model runs on the pool's actors, started once per model per refresh;
+    # a text run outside one takes a pool of its own, which consumes the driver's stream of batches.
+    with ExitStack() as scope:
+        pool = active_pool() if use_ray else None
+        if use_ray and stream and pool is None:
+            pool = scope.enter_context(model_pool())
+        return _run(ws, summary, extractor, source, fields, output, versions, eligible, stored, failed, pool,
+                    use_ray, use_gpu, stream, started, chunk_rows=chunk_rows, batch_size=batch_size,
+                    concurrency=concurrency, threads=threads, retry_failed=retry_failed, overwrite=overwrite,
+                    index_min_rows=index_min_rows, progress=progress, untrained_input=untrained_input)  # fmt: skip
+
+
+def _run(
+    ws: Workspace,
+    summary: ExtractSummary,
+    extractor: ExtractorSpec,
+    source: Source,
+    fields: tuple[str, ...],
+    output: str,
+    versions: dict[str, int],
+    eligible: pa.Table | None,
+    stored: dict[str, str],
+    failed: dict[str, str],
+    pool: Any,
+    use_ray: bool,
+    use_gpu: bool,
+    stream: bool,
+    started: float,
+    *,
+    chunk_rows: int,
+    batch_size: int,
+    concurrency: int | None,
+    threads: int | None,
+    retry_failed: bool,
+    overwrite: bool,
+    index_min_rows: int | None,
+    progress: bool,
+    untrained_input: bool,
+) -> ExtractSummary:
+    """run_extraction after the inputs are pinned and the engine chosen: probe, reconcile, run, commit."""
+    feature, table_name, stages = summary.feature, summary.table, summary.stages
     provenance: dict[str, Any] | None = None
     model = None
     # With nothing stored there is nothing to compare, and every eligible item is to do whatever the model: the
     # workers hash the inputs themselves, and the driver loads no model (that is most of a first run's overhead).
     # The pixel pipeline's CPU stage needs the model's preprocessing config before any worker starts.
-    pixels = pixel_pipeline(extractor, source)
-    decoded = decoded_pipeline(extractor, source)
     preprocess_cfg: dict[str, Any] | None = None
-    if pixels or stored or failed or overwrite or not use_ray or eligible.num_rows <= batch_size:
-        if pool is not None:
-            provenance, preprocess_cfg = pool.facts(extractor, use_gpu, threads or 1)
-        else:
-            provenance, model, preprocess_cfg = _probe(extractor, use_gpu, local=not use_ray)
+    if pool is not None:  # the actor that will run the model loads it now and says what it is
+        provenance, preprocess_cfg, traits = pool.facts(extractor, use_gpu, threads or 1)
+    else:
+        traits = extractor.traits()
+    pixels, decoded = pixel_pipeline(traits, source), decoded_pipeline(traits, source)
+    if pool is None and (pixels or stream or stored or failed or overwrite or not use_ray
+                         or eligible.num_rows <= batch_size):  # fmt: skip
+        provenance, model, preprocess_cfg = _probe(extractor, use_gpu, local=not use_ray)
         if not use_ray and threads:
             import torch
 
@@ -478,30 +553,36 @@ def run_extraction(
         if had not in (None, int(provenance["dim"])):
             stored = {}  # the old table was dropped
     todo = eligible
-    if provenance is not None:
+    if provenance is not None and not stream:
         todo = _reconcile(ws, summary, eligible, provenance, source, fields, stored, failed, retry_failed,
                           untrained_input)  # fmt: skip
     # A job that fits in one batch gains nothing from a pipeline: run it on the model the probe loaded here.
-    if use_ray and model is not None and todo.num_rows <= batch_size:
+    if use_ray and model is not None and not stream and todo.num_rows <= batch_size:
         use_ray = False
     summary.engine = "ray" if use_ray else "local"
     # Commits re-check the inputs and the deny-list: an image forget also voids what was derived from the image.
     deny = ("item",) if source == "text" else ("item", "image")
-    writer = OutputWriter(ws, feature, set(stored), set(failed), overwrite, tuple(needed[source]), deny)
+    writer = OutputWriter(ws, feature, set(stored), set(failed), overwrite, tuple(versions), deny)
     if provenance is not None:
         summary.provenance = provenance
         writer.start(provenance["model"], provenance["revision"], output_params(provenance, source, fields,
                      untrained_input), provenance.get("dim"))  # fmt: skip
-    if todo.num_rows:
-        bar = tqdm(total=todo.num_rows, desc=feature, unit="item", disable=not progress)
+    text = None
+    if stream:
+        text = TextStream(ws, summary, writer, fields, versions["items"], batch_size, provenance, stored, failed,
+                          retry_failed, output_params(provenance, source, fields, untrained_input))  # fmt: skip
+    if stream or todo.num_rows:
+        bar = tqdm(total=summary.items if stream else todo.num_rows, desc=feature, unit="item",
+                   disable=not progress)  # fmt: skip
         if pool is not None:
             expect = provenance_json(provenance) if provenance is not None else None
             stage = partial(
                 ModelStage, None, source, fields, output, expect=expect, untrained_input=untrained_input
             )
             inputs = _timed(
+                iter(text) if stream else
                 _pool_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, use_gpu, decoded), stages
-            )
+            )  # fmt: skip
             count = concurrency or _default_actors(use_gpu)
             batches = pool.run(extractor, stage, inputs, count, use_gpu, threads or 1)
         elif use_ray:
@@ -512,9 +593,10 @@ def run_extraction(
             stage = ModelStage(None, source, fields, output, model=model, untrained_input=untrained_input)
             device_decode = pixels and str(getattr(model, "device", "cpu")).startswith("cuda")
             inputs = _timed(
+                iter(text) if stream else
                 _local_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, device_decode, decoded),
                 stages,
-            )
+            )  # fmt: skip
             batches = (stage(batch) for batch in inputs)
         pending: list[dict[str, np.ndarray]] = []
         rows = 0
@@ -533,8 +615,14 @@ def run_extraction(
             if rows >= chunk_rows:
                 _flush(writer, pending, output, summary)
                 pending, rows = [], 0
+                stages.setdefault("first_write", time.perf_counter() - loop_started)
         _flush(writer, pending, output, summary)
+        stages.setdefault("first_write", time.perf_counter() - loop_started)
         stages["loop"] = time.perf_counter() - loop_started
+        if text is not None and text.reads:
+            # When the last input batch was read, after the loop started: above "first_write", reading overlapped
+            # the commits (and the model, which ran before them).
+            stages["last_read"] = text.reads[-1][0] - loop_started
         summary.skipped_forgotten = writer.skipped_forgotten
         bar.close()
         merge_small_fragments(ws, table_name)
@@ -578,6 +666,90 @@ def _reconcile(
     summary.skipped = sum(stored.get(i) == h for i, h in current.items())
     summary.known_failed = summary.eligible - summary.skipped - sum(todo)
     return eligible.filter(pa.array(todo, pa.bool_()))
+
+
+class TextStream:
+    """The text path's inputs, read while the model runs: the pinned `items` version scanned in row batches of
+    `batch_size`, each batch's text composed, hashed under `provenance` and reconciled as `_reconcile` does for
+    a whole table (stale outputs and matched failures tidied per batch), yielding only the items to do. When the
+    scan ends, outputs and failures of items that no longer have input go. Memory: one scan batch plus the hash
+    maps `stored` and `failed`. `reads` keeps (start, end) perf_counter seconds of each batch read."""
+
+    def __init__(
+        self,
+        ws: Workspace,
+        summary: ExtractSummary,
+        writer: OutputWriter,
+        fields: tuple[str, ...],
+        version: int,
+        batch_size: int,
+        provenance: dict[str, Any],
+        stored: dict[str, str],
+        failed: dict[str, str],
+        retry_failed: bool,
+        params_json: str,
+    ):
+        self.ws, self.summary, self.writer, self.fields = ws, summary, writer, fields
+        self.version, self.batch_size, self.provenance = version, batch_size, provenance
+        self.stored, self.failed, self.retry_failed, self.params_json = (
+            stored,
+            failed,
+            retry_failed,
+            params_json,
+        )
+        self.reads: list[tuple[float, float]] = []
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        summary, stored, failed = self.summary, self.stored, self.failed
+        seen: set[str] = set()
+        scan = self.ws.dataset("items", self.version).to_batches(
+            columns=["item_id", *self.fields], batch_size=self.batch_size
+        )
+        while True:
+            started = time.perf_counter()
+            rows = next(scan, None)
+            if rows is None:
+                break
+            texts = [
+                compose_text(list(v)) for v in zip(*(rows[f].to_pylist() for f in self.fields), strict=True)
+            ]
+            pairs = [(i, t) for i, t in zip(rows["item_id"].to_pylist(), texts, strict=True) if t]
+            summary.no_input += rows.num_rows - len(pairs)
+            summary.eligible += len(pairs)
+            digests = [hashlib.sha256(t.encode()).hexdigest() for _, t in pairs]
+            current = {i: input_hash("text", d, self.provenance, self.params_json)
+                       for (i, _), d in zip(pairs, digests, strict=True)}  # fmt: skip
+            seen.update(current)
+            stale = [i for i, h in current.items() if failed.get(i) == h and i in stored and stored[i] != h]
+            delete_items(self.ws, summary.table, stale)
+            cleared = [i for i, h in current.items() if i in failed and stored.get(i) == h]
+            delete_items(self.ws, FAILURES.name, cleared, summary.feature)
+            for i in stale:
+                stored.pop(i, None)
+                self.writer.stored.discard(i)
+            for i in cleared:
+                failed.pop(i, None)
+                self.writer.failed.discard(i)
+            todo = [
+                stored.get(i) != h and (self.retry_failed or failed.get(i) != h) for i, h in current.items()
+            ]
+            skipped = sum(stored.get(i) == h for i, h in current.items())
+            summary.skipped += skipped
+            summary.known_failed += len(pairs) - skipped - sum(todo)
+            keep = [k for k, t in enumerate(todo) if t]
+            self.reads.append((started, time.perf_counter()))
+            if keep:
+                yield {
+                    "item_id": np.array([pairs[k][0] for k in keep], dtype=object),
+                    "digest": np.array([digests[k] for k in keep], dtype=object),
+                    "text": np.array([pairs[k][1] for k in keep], dtype=object),
+                }
+        gone = [i for i in stored if i not in seen]
+        summary.pruned = delete_items(self.ws, summary.table, gone)
+        delete_items(self.ws, FAILURES.name, [i for i in failed if i not in seen], summary.feature)
+        for i in gone:
+            self.writer.stored.discard(i)
+        self.writer.failed.difference_update(i for i in list(self.writer.failed) if i not in seen)
 
 
 def _check_fields(fields: tuple[str, ...]) -> None:
@@ -749,6 +921,9 @@ def prepare_block(
     return decode_images(batch) if decoded else check_images(batch)
 
 
+SMALL_JOB_BLOCKS = 4  # image jobs of at most this many batches decode in the driver (see _pool_inputs)
+
+
 def _pool_inputs(
     ws: Workspace,
     todo: pa.Table,
@@ -760,9 +935,13 @@ def _pool_inputs(
     decoded: bool = False,
 ) -> Iterator[Any]:
     """Inputs for the model pool: text batches as they are, image blocks as the ObjectRefs of CPU tasks that
-    read and decode them (the pool's window bounds how many run ahead of the model)."""
-    if source != "image":
-        yield from _local_inputs(ws, todo, source, versions, batch_size)
+    read and decode them (the pool's window bounds how many run ahead of the model). A job of a few blocks is
+    read and decoded here: starting a worker process for the tasks (Python, Ray, Arrow, Lance, PIL) costs more CPU
+    than decoding `SMALL_JOB_BLOCKS` batches."""
+    if source != "image" or todo.num_rows <= SMALL_JOB_BLOCKS * batch_size:
+        yield from _local_inputs(
+            ws, todo, source, versions, batch_size, preprocess_cfg, device_decode, decoded
+        )
         return
     import ray
 

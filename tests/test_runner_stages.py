@@ -36,13 +36,53 @@ def test_every_stage_is_timed_and_vectors_match_the_extractor(tmp_path, ray_loca
         summary = run_extraction(ws, "t", spec, source="text", batch_size=8, chunk_rows=16, engine=engine,
                                  progress=False)  # fmt: skip
     assert summary.done == 40 and summary.failed == 0
-    assert set(summary.stages) == {"read", "encode", "write", "loop", "first_batch"}
+    assert set(summary.stages) == {
+        "read",
+        "encode",
+        "write",
+        "loop",
+        "first_batch",
+        "first_write",
+        "last_read",
+    }
     assert summary.stages["encode"] > 0 and summary.stages["write"] > 0 and summary.stages["loop"] > 0
     rows = ws.read("feat_t", columns=["item_id", "vector"]).sort_by("item_id")
     texts = [f"title {k}. some text about item {k}" for k in range(40)]
     want = spec.build()({"text": np.array(texts, dtype=object)})["vector"]
     got = np.stack([np.asarray(v, np.float32) for v in rows["vector"].to_pylist()])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_text_is_read_in_batches_while_earlier_batches_are_encoded_and_written(tmp_path, ray_local, engine):
+    """The text path streams: the first chunk is committed before the last input batch is read (reading is not a
+    scan that ends before the model starts), and a rerun after edits, a deleted item and an emptied text makes the
+    same decisions as reconciling the whole table at once: unchanged items skipped, changed ones re-encoded, the
+    deleted and the emptied item's outputs pruned."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.upsert(ITEMS, _items(60))
+    spec = clip_text_spec(TINY_CLIP)
+    with model_pool():
+        first = run_extraction(ws, "t", spec, source="text", batch_size=6, chunk_rows=12, engine=engine,
+                               progress=False)  # fmt: skip
+    assert first.done == 60 and first.eligible == 60 and first.no_input == 0
+    assert first.stages["first_write"] < first.stages["last_read"], first.stages
+    edited = _items(60).to_pylist()
+    edited[5]["text"] = "a new overview"
+    edited[7]["title"], edited[7]["text"] = "", ""
+    edited[5]["content_hash"], edited[7]["content_hash"] = "edited 5", "edited 7"
+    ws.upsert(ITEMS, pa.Table.from_pylist(edited, schema=ITEMS.schema))
+    ws.open("items").delete("item_id = 'i010'")
+    with model_pool():
+        second = run_extraction(ws, "t", spec, source="text", batch_size=6, chunk_rows=12, engine=engine,
+                                progress=False)  # fmt: skip
+    assert (second.items, second.eligible, second.no_input) == (59, 58, 1), second
+    assert (second.done, second.skipped, second.pruned) == (1, 57, 2), second
+    rows = ws.read("feat_t", columns=["item_id", "vector"])
+    assert rows.num_rows == 58 and {"i007", "i010"}.isdisjoint(rows["item_id"].to_pylist())
+    got = dict(zip(rows["item_id"].to_pylist(), rows["vector"].to_pylist(), strict=True))
+    want = spec.build()({"text": np.array(["title 5. a new overview"], dtype=object)})["vector"][0]
+    np.testing.assert_allclose(np.asarray(got["i005"], np.float32), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])

@@ -105,7 +105,7 @@ def test_qwen_prompt_is_the_one_transformers_renders_and_its_placeholder_expands
 def test_engine_choice_reaches_the_vllm_class_from_cli_spec_and_config():
     """`caption_spec(engine="vllm")` and a config entry with `caption_engine: vllm` (what recipes/refresh.py passes
     to config_spec) both give a VllmCaptioner spec; the default stays the transformers Captioner."""
-    assert caption_spec("tiny-test").cls is Captioner
+    assert caption_spec("tiny-test").resolve() is Captioner
     assert caption_spec("Qwen/Qwen2-VL-2B-Instruct", engine="vllm").cls is VllmCaptioner
     entry = parse_config(_config("vllm")).extract[0]
     spec = config_spec(
@@ -114,7 +114,7 @@ def test_engine_choice_reaches_the_vllm_class_from_cli_spec_and_config():
     assert spec.cls is VllmCaptioner and spec.kwargs["model"] == "test:tiny-captioner"
     default = parse_config(_config()).extract[0]
     assert default.caption_engine == "transformers"
-    assert config_spec("caption", default.model, caption_engine=default.caption_engine).cls is Captioner
+    assert config_spec("caption", default.model, caption_engine=default.caption_engine).resolve() is Captioner
     with pytest.raises(TerminalError, match="transformers or vllm"):
         caption_spec("x", engine="onnx")
 
