@@ -478,7 +478,7 @@ def test_dictionary_read_ids_equal_the_plain_path(tmp_path, monkeypatch, with_us
     """Ids read dictionary-encoded (trimmed, UTF-8 checked, hashed and looked up once per distinct id in a batch)
     store and quarantine exactly what ids read as plain bytes do, on hostile ids across small batches: padded,
     Unicode-blank, empty, non-UTF-8 (in a dictionary value), unknown, mapped columns, padded and empty events
-    (the default) and repeated keys (same seq)."""
+    (the default), repeated keys (same seq) and users derived from the clean rows (same users table)."""
     from recipes.ingest import interactions
 
     monkeypatch.setattr(interactions, "BATCH_BYTES", 256)  # many batches, each with its own dictionary
@@ -500,7 +500,7 @@ def test_dictionary_read_ids_equal_the_plain_path(tmp_path, monkeypatch, with_us
         _write_csv(tmp_path / "users.csv", ["user_id"], [["u1"], ["u2"], ["u4"]]) if with_users else None
     )
 
-    def run(root: Path) -> tuple[dict, list, list]:
+    def run(root: Path) -> tuple[dict, list, list, list]:
         ws = Workspace(root)
         source = table(
             items,
@@ -513,10 +513,10 @@ def test_dictionary_read_ids_equal_the_plain_path(tmp_path, monkeypatch, with_us
         report.pop("tables")
 
         def rows(name: str) -> list:
-            got = ws.read(name).drop_columns(["created_at"] if name == "quarantine" else []).to_pylist()
+            got = ws.read(name).drop_columns(["created_at"] if name != "interactions" else []).to_pylist()
             return sorted(got, key=lambda r: json.dumps(r, sort_keys=True, default=str))
 
-        return report, rows("interactions"), rows("quarantine")
+        return report, rows("interactions"), rows("quarantine"), rows("users")
 
     dictionary = run(tmp_path / "dictionary")
     monkeypatch.setattr(interactions, "ID_FIELDS", ())  # every column read as plain bytes

@@ -490,9 +490,9 @@ def _classify(
     denied: DenyList,
     known_items: _KnownIds | None,
     known_users: _KnownIds | None,
-) -> pa.Table:
+) -> tuple[pa.Table, tuple[pa.Array, np.ndarray | None], tuple[pa.Array, np.ndarray | None]]:
     """Arrow-native validation of one batch: typed columns, a reason code per bad row (first rule wins) and a
-    64-bit hash of the (user, item, time, event) key."""
+    64-bit hash of the (user, item, time, event) key; with it, the user and item ids as `_distinct` gives them."""
     n = batch.num_rows
     (u_values, u_rows), (i_values, i_rows) = _distinct(batch, "user_id", n), _distinct(batch, "item_id", n)
     e_values, e_rows = _distinct(batch, "event", n)
@@ -527,7 +527,7 @@ def _classify(
     flagged = [(code, pc.fill_null(mask, False)) for code, mask in rules]
     for code, mask in reversed([(c, m) for c, m in flagged if pc.any(m).as_py()]):
         reason = pc.if_else(mask, pa.scalar(code), reason)
-    return pa.table(
+    out = pa.table(
         {
             "u": u,
             "i": i,
@@ -541,6 +541,19 @@ def _classify(
             "h1": h1,
         }
     )
+    return out, (u_values, u_rows), (i_values, i_rows)
+
+
+def _clean_ids(ids: tuple[pa.Array, np.ndarray | None], reason: pa.Array) -> pa.Array:
+    """The ids the clean rows hold (each at least once): a dictionary's values that a clean row points at, so the
+    distinct ids of a batch are collected from its ~10k distinct values, not its ~100k rows."""
+    values, rows = ids
+    clean = np.asarray(reason.is_null())
+    if rows is None:
+        return values.filter(pa.array(clean))
+    held = np.zeros(len(values), bool)
+    held[rows[clean]] = True
+    return values.filter(pa.array(held))
 
 
 class _Seen:
@@ -755,7 +768,9 @@ def ingest_interactions(
             for col in ("user_id", "item_id", "timestamp"):
                 if col not in raw.column_names:
                     raise SourceError(f"{name} has no {col} column; map one with --map COLUMN={col}")
-            out = _classify(con, raw, src.default_event, denied, known_items, known_users)
+            out, batch_users, batch_items = _classify(
+                con, raw, src.default_event, denied, known_items, known_users
+            )
             reason = out["reason"]
             clean = reason.null_count == len(reason)  # no bad row: no filter copies of the batch
             bad = out.slice(0, 0) if clean else out.filter(pc.is_valid(reason))
@@ -787,9 +802,9 @@ def ingest_interactions(
                 continue
             seq = seen.seq(good["h1"].to_numpy())
             if src.derive_items:
-                items.add(good["i"])
+                items.add(_clean_ids(batch_items, reason))
             if src.derive_users:
-                users.add(good["u"])
+                users.add(_clean_ids(batch_users, reason))
             rows = pa.table(
                 {
                     "user_id": good["u"],
