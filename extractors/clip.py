@@ -50,7 +50,9 @@ _LOADED: weakref.WeakValueDictionary[tuple, _Clip] = weakref.WeakValueDictionary
 def _load_clip(model: str, pretrained: str | None, device: str | None) -> _Clip:
     """The model on `device` (CUDA if present), fp16 on GPU, in eval mode; shared with a live tower of the same
     checkpoint in this process."""
-    key = (model, pretrained, device)
+    # a checkpoint file is known by its size and mtime too: a file rewritten in place is loaded again
+    stat = Path(pretrained).stat() if pretrained is not None and Path(pretrained).is_file() else None
+    key = (model, pretrained, device, stat and (stat.st_size, stat.st_mtime_ns))
     loaded = _LOADED.get(key)
     if loaded is None:
         loaded = _LOADED[key] = _build_clip(model, pretrained, device)

@@ -5,6 +5,8 @@ Models are offline: tiny untrained open_clip / BLIP / LLaVA built from config, a
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 
 import numpy as np
@@ -94,6 +96,8 @@ def test_clip_untrained_is_deterministic_across_workers(clip_image: ClipImageEnc
 def test_clip_local_checkpoint_round_trip(clip_image: ClipImageEncoder, tmp_path) -> None:
     """A state_dict saved to disk loads back through open_clip's checkpoint path and reproduces the vectors."""
     trained = ClipImageEncoder(TINY_CLIP, device="cpu")
+    # towers of one checkpoint share its loaded network in a process: perturb a copy, not the shared one
+    trained._clip = dataclasses.replace(trained._clip, net=copy.deepcopy(trained._clip.net))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)  # weights that differ from the seeded init, so loading them must matter
         for param in trained._clip.net.parameters():
