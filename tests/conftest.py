@@ -90,6 +90,43 @@ def run_driver(address: str, script: str, *args: str) -> dict:
     return json.loads(lines[-1][7:])
 
 
+def wide_interactions(root, users, width: int = 2_500, step: int = 100_000):
+    """A workspace whose interactions are one row per entry of `users` (item "i{row % 503}", increasing
+    timestamps), each with a `width`-character `source` drawn from 64 texts: large in memory, a few MB on disk
+    (Lance compresses the repeats), for memory-cap tests of whole-table work."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import pyarrow as pa
+
+    from stores.schema import INTERACTIONS
+    from stores.workspace import Workspace
+
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(list("abcdefghij"), width)) for _ in range(64)]
+    ws = Workspace(str(root))
+    start_us = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp() * 1e6)
+    for start in range(0, len(users), step):
+        idx = np.arange(start, min(len(users), start + step))
+        part = pa.table(
+            {
+                "user_id": users[idx],
+                "item_id": np.char.add("i", (idx % 503).astype(str)),
+                "timestamp": pa.array(start_us + idx, INTERACTIONS.schema.field("timestamp").type),
+                "event": ["buy"] * len(idx),
+                "seq": pa.array(np.zeros(len(idx), dtype=np.int32)),
+                "value": pa.array(np.ones(len(idx))),
+                "source": [texts[i % 64] for i in idx],
+            },
+            schema=INTERACTIONS.schema,
+        )
+        if start == 0:
+            ws.db.create_table("interactions", data=part, schema=INTERACTIONS.schema)
+        else:
+            ws.open("interactions").add(part)
+    return ws
+
+
 def run_capped(code: str, *args: str, timeout: float = 300) -> dict:
     """Run `code` in a child (`python -c code *args`) for a memory-cap test; returns the JSON of its last stdout
     line (the test fails with the child's stderr when it exits non-zero). glibc's per-thread malloc arenas (64 MB

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from stores.erasure.physical import CLUSTER_KEY, cluster, cluster_state
 from stores.erasure.requests import ForgetRequest
 from stores.schema import INTERACTIONS
 from stores.workspace import Workspace
-from tests.conftest import REPO, run_capped
+from tests.conftest import REPO, run_capped, wide_interactions
 from tests.test_forget_layout import _rows
 
 CHILD = """
@@ -55,33 +54,7 @@ MARGIN_MB = 350  # over a tiny cluster's address space: measured +130-200 MB chu
 def _wide(root: Path, rows: int) -> Workspace:
     """`rows` interactions of 997 users in arrival order (every batch holds every user), each with a
     WIDE-character source."""
-    rng = np.random.default_rng(0)
-    texts = ["".join(rng.choice(list("abcdefghij"), WIDE)) for _ in range(64)]
-    ws = Workspace(str(root))
-    step = 25_000
-    for start in range(0, rows, step):
-        idx = np.arange(start, min(rows, start + step))
-        n = len(idx)
-        part = pa.table(
-            {
-                "user_id": np.char.add("u", (idx % 997).astype(str)),
-                "item_id": np.char.add("i", (idx % 503).astype(str)),
-                "timestamp": pa.array(
-                    np.full(n, int(datetime(2024, 1, 1, tzinfo=UTC).timestamp() * 1e6)) + idx,
-                    INTERACTIONS.schema.field("timestamp").type,
-                ),
-                "event": ["buy"] * n,
-                "seq": pa.array(np.zeros(n, dtype=np.int32)),
-                "value": pa.array(np.ones(n)),
-                "source": [texts[i % 64] for i in idx],
-            },
-            schema=INTERACTIONS.schema,
-        )
-        if start == 0:
-            ws.db.create_table("interactions", data=part, schema=INTERACTIONS.schema)
-        else:
-            ws.open("interactions").add(part)
-    return ws
+    return wide_interactions(root, np.char.add("u", (np.arange(rows) % 997).astype(str)), WIDE, step=25_000)
 
 
 def _sorted_reference(ws: Workspace) -> pa.Table:

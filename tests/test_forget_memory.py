@@ -3,16 +3,13 @@ rows are wide completes in a child whose address space is capped well under the 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from stores.schema import INTERACTIONS
 from stores.workspace import Workspace
-from tests.conftest import run_capped
+from tests.conftest import run_capped, wide_interactions
 
 CHILD = """
 import json, resource, sys
@@ -37,34 +34,8 @@ MARGIN_MB = 450  # over a tiny forget's address space: less than the table in me
 def _workspace(root: Path, rows: int, heavy: int) -> Workspace:
     """`rows` interactions, `heavy` of them by user "u0" (enough for erasure to rewrite the table rather than
     commit row-id deletes), each with a WIDE-character source."""
-    rng = np.random.default_rng(0)
-    texts = ["".join(rng.choice(list("abcdefghij"), WIDE)) for _ in range(64)]
     users = np.where(np.arange(rows) < heavy, "u0", np.char.add("u", (1 + np.arange(rows) % 997).astype(str)))
-    ws = Workspace(str(root))
-    step = 100_000
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        idx = np.arange(start, start + n)
-        part = pa.table(
-            {
-                "user_id": users[idx],
-                "item_id": np.char.add("i", (idx % 503).astype(str)),
-                "timestamp": pa.array(
-                    np.full(n, int(datetime(2024, 1, 1, tzinfo=UTC).timestamp() * 1e6)) + idx,
-                    INTERACTIONS.schema.field("timestamp").type,
-                ),
-                "event": ["buy"] * n,
-                "seq": pa.array(np.zeros(n, dtype=np.int32)),
-                "value": pa.array(np.ones(n)),
-                "source": [texts[i % 64] for i in idx],
-            },
-            schema=INTERACTIONS.schema,
-        )
-        if start == 0:
-            ws.db.create_table("interactions", data=part, schema=INTERACTIONS.schema)
-        else:
-            ws.open("interactions").add(part)
-    return ws
+    return wide_interactions(root, users, WIDE)
 
 
 def _child(ws: Workspace, cap_mb: int, user: str) -> dict:
