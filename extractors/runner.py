@@ -185,10 +185,7 @@ def _inputs(
         return table, len(item_ids)
     if source == "text":
         rows = ws.read("items", columns=["item_id", *fields], version=versions["items"])
-        texts = [
-            compose_text(list(values)) for values in zip(*(rows[f].to_pylist() for f in fields), strict=True)
-        ]
-        ids = rows["item_id"].to_pylist()
+        texts, ids = _texts(rows, fields), rows["item_id"].to_pylist()
     else:
         rows = ws.read(CAPTIONS.name, columns=["item_id", "caption"], version=versions[CAPTIONS.name])
         present = set(item_ids.to_pylist())
@@ -632,6 +629,25 @@ def _run(
     return summary
 
 
+def _texts(rows: pa.Table | pa.RecordBatch, fields: tuple[str, ...]) -> list[str]:
+    """Each row's text input: its `fields` joined by `compose_text` ("" when all are blank)."""
+    return [compose_text(list(values)) for values in zip(*(rows[f].to_pylist() for f in fields), strict=True)]
+
+
+def _triage(
+    current: dict[str, str], stored: dict[str, str], failed: dict[str, str], retry_failed: bool
+) -> tuple[list[str], list[str], list[bool], int]:
+    """Decisions for items with input hashes `current`: outputs gone stale (their recorded failure matches the
+    input, a different output is stored), failures cleared (the stored output matches the input), whether each
+    item is to do (its hash matches neither its output nor, unless `retry_failed`, its failure), and how many
+    are skipped (output current)."""
+    stale = [i for i, h in current.items() if failed.get(i) == h and i in stored and stored[i] != h]
+    cleared = [i for i, h in current.items() if i in failed and stored.get(i) == h]
+    todo = [stored.get(i) != h and (retry_failed or failed.get(i) != h) for i, h in current.items()]
+    skipped = sum(stored.get(i) == h for i, h in current.items())
+    return stale, cleared, todo, skipped
+
+
 def _reconcile(
     ws: Workspace,
     summary: ExtractSummary,
@@ -654,16 +670,14 @@ def _reconcile(
     # Each item keeps its output or its failure, whichever matches its current input; rows of items without input
     # go. After a clean run none of this finds anything, and nothing is written.
     summary.pruned = delete_items(ws, table_name, [i for i in stored if i not in current])
-    stale = [i for i, h in current.items() if failed.get(i) == h and i in stored and stored[i] != h]
+    stale, cleared, todo, summary.skipped = _triage(current, stored, failed, retry_failed)
+    cleared += [i for i in failed if i not in current]
     delete_items(ws, table_name, stale)
-    cleared = [i for i in failed if i not in current or stored.get(i) == current[i]]
     delete_items(ws, FAILURES.name, cleared, feature)
     for i in [*stale, *(i for i in stored if i not in current)]:
         stored.pop(i, None)
     for i in cleared:
         failed.pop(i, None)
-    todo = [stored.get(i) != h and (retry_failed or failed.get(i) != h) for i, h in current.items()]
-    summary.skipped = sum(stored.get(i) == h for i, h in current.items())
     summary.known_failed = summary.eligible - summary.skipped - sum(todo)
     return eligible.filter(pa.array(todo, pa.bool_()))
 
@@ -710,9 +724,7 @@ class TextStream:
             rows = next(scan, None)
             if rows is None:
                 break
-            texts = [
-                compose_text(list(v)) for v in zip(*(rows[f].to_pylist() for f in self.fields), strict=True)
-            ]
+            texts = _texts(rows, self.fields)
             pairs = [(i, t) for i, t in zip(rows["item_id"].to_pylist(), texts, strict=True) if t]
             summary.no_input += rows.num_rows - len(pairs)
             summary.eligible += len(pairs)
@@ -720,9 +732,8 @@ class TextStream:
             current = {i: input_hash("text", d, self.provenance, self.params_json)
                        for (i, _), d in zip(pairs, digests, strict=True)}  # fmt: skip
             seen.update(current)
-            stale = [i for i, h in current.items() if failed.get(i) == h and i in stored and stored[i] != h]
+            stale, cleared, todo, skipped = _triage(current, stored, failed, self.retry_failed)
             delete_items(self.ws, summary.table, stale)
-            cleared = [i for i, h in current.items() if i in failed and stored.get(i) == h]
             delete_items(self.ws, FAILURES.name, cleared, summary.feature)
             for i in stale:
                 stored.pop(i, None)
@@ -730,10 +741,6 @@ class TextStream:
             for i in cleared:
                 failed.pop(i, None)
                 self.writer.failed.discard(i)
-            todo = [
-                stored.get(i) != h and (self.retry_failed or failed.get(i) != h) for i, h in current.items()
-            ]
-            skipped = sum(stored.get(i) == h for i, h in current.items())
             summary.skipped += skipped
             summary.known_failed += len(pairs) - skipped - sum(todo)
             keep = [k for k, t in enumerate(todo) if t]

@@ -204,9 +204,9 @@ def counts_after_delete(ws, info: dict, gone: pa.Table, scope: ForgetScope) -> d
 
 def delete_ui_pairs(ws, info: dict, users: set[str], items: set[str]) -> tuple[int, int, int]:
     """Remove whole users and items from stored pairs-layout user-item graph `info` (stores/artifacts.py
-    `write_ui_pairs`): their rows are deleted and the fragments that held them rewritten (`compact`), the other
-    rows are kept as they are, in their order; the weights are derived on read from the pairs left, so the table
-    is the one a rebuild on the retained split writes. Returns (version, pairs removed, pairs left).
+    `write_ui_pairs`): their rows are deleted and the fragments that held them rewritten (`compact`, which appends
+    the rewritten fragments), the other rows are kept as they are; the weights are derived on read from the pairs
+    left, so the table holds the set of rows a rebuild on the retained split writes. Returns (version, pairs removed, pairs left).
 
     The caller holds the workspace's write lease (erasure does)."""
     from stores.erasure.physical import compact

@@ -2,15 +2,13 @@
 
 The retained kNN graph is patched (`knn_patch`): items whose top-k held a removed item are recomputed against the
 retained items, every other item keeps its neighbours (re-weighted), which equals `knn_retained`, a rebuild on the
-retained items. `ui_weights` re-weighs the kept edges of a stored user-item graph with the degrees left, as
-`ui_graph.sym_normalize` weighs a rebuild. The store steps that read and write graphs are in graphs.py.
+retained items. (A user-item graph needs no patch math: it is stored as its train pairs and normalised on read,
+so losing nodes only deletes their rows.) The store steps that read and write graphs are in graphs.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from recipes.graphs.knn import KnnConfig, l2_normalize, normalize_knn, topk_edges
@@ -102,46 +100,3 @@ def knn_patch(
 def edges_matrix(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int) -> sp.csr_matrix:
     """Square float32 CSR of an edge list (explicit zero weights kept, as `knn_graph` keeps them)."""
     return sp.csr_matrix((np.asarray(w, np.float32), (src, dst)), shape=(n, n), dtype=np.float32)
-
-
-# ---- retained user-item graphs ------------------------------------------------------------------------------
-
-
-def ui_runs(edges: pa.Table) -> tuple[np.ndarray, int] | None:
-    """The source run of every row of a stored user-item graph in save_graph's order (users first, each
-    source's edges together) and the number of user rows; None when the table is not in that order."""
-    n = edges.num_rows
-    is_user = pc.equal(edges["src_kind"], "user")
-    n_user = int(pc.sum(is_user).as_py() or 0)
-    if n_user and pc.index(is_user, False).as_py() not in (-1, n_user):
-        return None
-    src = edges["src"].combine_chunks()
-    starts = np.ones(n, dtype=bool)
-    if n > 1:
-        starts[1:] = pc.not_equal(src.slice(1), src.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    if 0 < n_user < n:
-        starts[n_user] = True
-    return np.cumsum(starts) - 1, n_user
-
-
-def ui_weights(
-    edges: pa.Table, keep: np.ndarray, runs: tuple[np.ndarray, int] | None = None
-) -> np.ndarray | None:
-    """D^-1/2 A D^-1/2 weights (float32, as `ui_graph.sym_normalize`) of the kept rows of a stored user-item
-    graph, from the degrees left after dropping the other rows. The table is in save_graph's order (`ui_runs`),
-    so a source's degree is the length of its run and a target's degree its count among the kept rows of the
-    other section; None when the table is not in that order."""
-    n = edges.num_rows
-    runs = runs or ui_runs(edges)
-    if runs is None:
-        return None
-    run, n_user = runs
-    src_degree = np.bincount(run[keep], minlength=int(run[-1]) + 1 if n else 0).astype(np.float64)
-    weight = np.power(src_degree[run] + 1e-7, -0.5)
-    for lo, hi in ((0, n_user), (n_user, n)):
-        if hi > lo:
-            codes = pc.dictionary_encode(edges["dst"].slice(lo, hi)).combine_chunks().indices
-            codes = codes.to_numpy(zero_copy_only=False)
-            dst_degree = np.bincount(codes[keep[lo:hi]], minlength=int(codes.max()) + 1).astype(np.float64)
-            weight[lo:hi] *= np.power(dst_degree[codes] + 1e-7, -0.5)
-    return weight[keep].astype(np.float32)

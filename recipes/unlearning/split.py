@@ -23,9 +23,9 @@ generators follow their published rules:
 
 The retained kNN graph is patched (`knn_patch`): items whose top-k held a removed item are recomputed against the
 retained items, every other item keeps its neighbours (re-weighted), which equals `knn_retained`, a rebuild on the
-retained items. A user-item graph losing whole users or items is patched from its stored edges
-(`patched_ui_edges`: their edges go, degrees and D^-1/2 A D^-1/2 weights are recomputed), row for row what
-`pipeline.build_ui_graph` writes; other graphs are rebuilt with their parameters.
+retained items. A user-item graph losing whole users or items loses their rows (`graphs.delete_ui_pairs`: it is
+stored as its train pairs, normalised on read), the same set of rows `pipeline.build_ui_graph` writes; other graphs
+are rebuilt with their parameters.
 
 The parts live beside this module, by role: stores/erasure/requests.py (requests, scopes, matching: the data
 model erasure shares), scenarios.py (forget/retain cuts and the scenario generators), patch.py (patching math)
