@@ -387,49 +387,68 @@ def test_untrained_captions_mark_the_features_embedded_from_them(ws):
 CLI = "from flows.cli import main; main()"
 
 
-def _encode_cmd(ws_path: Path, engine: str = "ray") -> list[str]:
-    return [sys.executable, "-c", CLI, "--workspace", str(ws_path), "encode", "image", "--model", "tiny-test",
+def _encode_cmd(ws_path: Path, engine: str = "ray", source: str = "image") -> list[str]:
+    what = ["image"] if source == "image" else ["text", "--clip-text", "--fields", "text", "--feature", "t"]
+    return [sys.executable, "-c", CLI, "--workspace", str(ws_path), "encode", *what, "--model", "tiny-test",
             "--chunk-rows", "16", "--batch-size", "8", "--engine", engine, "--no-progress"]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_resume_leaves_exactly_one_row_per_item(tmp_path, ray_local):
+@pytest.mark.parametrize("source", ["image", "text"])
+def test_sigkill_at_random_points_then_resume_leaves_exactly_one_row_per_item(tmp_path, ray_local, source):
     """Killing the encode CLI with SIGKILL at random points, again and again, then finishing, leaves exactly one
     row per eligible item in the feature table and one failure row for the bad image: none missing, none twice.
     Kills land after a random number of further rows were committed, so each interrupts a run mid-stream; they
     alternate between the Ray engine (driver killed with its actor working in the cluster) and the local one
-    (same commit loop, a third of the start-up cost)."""
+    (same commit loop, a third of the start-up cost). Text is read in batches while earlier ones commit
+    (TextStream), so there a kill also lands between a batch's reconcile and its commit."""
     ws = Workspace(tmp_path / "ws")
-    add_items(ws, 240, no_image={10, 20}, corrupt={30})
+    if source == "image":
+        add_items(ws, 240, no_image={10, 20}, corrupt={30})
+        table, missing, bad = (
+            "feat_clip_image",
+            {"i010", "i020", "i030"},
+            [{"item_id": "i030", "reason": "corrupt_image"}],
+        )
+    else:
+        add_items(ws, 240, blank_text={10, 20})
+        table, missing, bad = "feat_t", {"i010", "i020"}, []
     env = os.environ | {"RAY_ADDRESS": ray_local, "PYTHONPATH": str(REPO)}
     rng = random.Random(7)
     kills: list[tuple[str, int, int]] = []
     for attempt in range(12):
-        before = ws.count("feat_clip_image")
+        before = ws.count(table)
         if len(kills) >= 5 or before >= 230:
             break
         engine = "ray" if attempt % 2 == 0 else "local"
         target = before + rng.randint(1, 30)
-        proc = subprocess.Popen(_encode_cmd(ws.uri, engine), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_encode_cmd(ws.uri, engine, source), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            if ws.count("feat_clip_image") >= target:
+            if ws.count(table) >= target:
                 break
             time.sleep(rng.uniform(0.01, 0.2))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the CLI's whole process group: no orphans left behind
-            kills.append((engine, before, ws.count("feat_clip_image")))
+            kills.append((engine, before, ws.count(table)))
         proc.wait()
     assert len(kills) >= 5 and {k[0] for k in kills} == {"ray", "local"}, kills
     done = subprocess.run(
-        _encode_cmd(ws.uri) + ["--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        _encode_cmd(ws.uri, source=source) + ["--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    ids = ws.read("feat_clip_image", columns=["item_id"])["item_id"].to_pylist()
-    eligible = {f"i{k:03d}" for k in range(240)} - {"i010", "i020", "i030"}
+    ids = ws.read(table, columns=["item_id"])["item_id"].to_pylist()
+    eligible = {f"i{k:03d}" for k in range(240)} - missing
     assert len(ids) == len(set(ids)) == len(eligible) and set(ids) == eligible
-    failures = ws.read(FAILURES.name, columns=["item_id", "reason"]).to_pylist()
-    assert failures == [{"item_id": "i030", "reason": "corrupt_image"}]
+    failures = (
+        ws.read(FAILURES.name, columns=["item_id", "reason"]).to_pylist() if ws.exists(FAILURES.name) else []
+    )
+    assert failures == bad
     summary = json.loads(done.stdout[done.stdout.index("{") :])
-    assert summary["no_input"] == 2 and summary["skipped"] + summary["done"] == 237
+    assert summary["no_input"] == 2 and summary["skipped"] + summary["done"] == 240 - 2 - len(bad)
