@@ -44,6 +44,16 @@ def model_key(spec: Any) -> tuple:
     return (family, *head, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
 
 
+def cpu_threads() -> int:
+    """Torch threads of a CPU slot actor: the cluster's CPUs over the actors a step runs by default (one fewer
+    than the CPUs, at least one; runner._default_actors), so that the CPUs a step's actors do not take are
+    used: on a 2-CPU machine the one actor gets both (the driver mostly waits on it); on larger ones, one each."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, cpus // max(1, cpus - 1))
+
+
 def spec_id(spec: Any) -> tuple:
     """A hashable identity of one extractor spec (its class's "module:Class" and arguments)."""
     return spec.path, tuple(sorted((k, repr(v)) for k, v in spec.kwargs.items()))
@@ -51,20 +61,50 @@ def spec_id(spec: Any) -> tuple:
 
 class ModelActor:
     """One Ray actor: the extractors of one model, each built once on first use, and the `ModelStage`s that
-    apply them (one per feature's source, fields and provenance check)."""
+    apply them (one per feature's source, fields and provenance check).
+
+    It serves two calls at a time (`max_concurrency=2`): a model being built ahead of its use (`warm`) does not
+    hold up a step whose model is ready. Builds still run one at a time (`building`: they are import-bound and
+    two would only share the interpreter lock), as do batches (`running`), on the torch threads the actor was
+    given. With more than one thread, OpenMP's workers sleep rather than spin while they wait (unless
+    $OMP_WAIT_POLICY says otherwise): on a 2-core machine a second process busy beside two spinning threads
+    made MiniLM 1.5x slower than one thread, 1.1x with sleeping ones, and 0.56x when nothing else ran."""
 
     def __init__(self, threads: int | None) -> None:
         if threads:
+            if threads > 1:  # read when torch loads OpenMP: an actor's fresh process has not imported it yet
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             import torch
 
             torch.set_num_threads(threads)
         self.models: dict[Any, Any] = {}
         self.stages: dict[tuple, Any] = {}
+        self.guard = threading.Lock()
+        self.built_event: dict[Any, threading.Event] = {}  # set when a model's build ends (built or failed)
+        self.building = threading.Lock()
+        self.running = threading.Lock()
 
     def model(self, spec: Any) -> Any:
+        """`spec`'s model, built once; a call for a model another call is building waits for that build only."""
         key = spec_id(spec)
-        if key not in self.models:
-            self.models[key] = spec.build()
+        while key not in self.models:
+            with self.guard:
+                done = self.built_event.get(key)
+                mine = done is None
+                if mine:
+                    done = self.built_event[key] = threading.Event()
+            if not mine:
+                done.wait()  # built, or failed: then the loop tries again (a failed build is not kept)
+                continue
+            try:
+                with self.building:
+                    self.models[key] = spec.build()
+            except BaseException:
+                with self.guard:
+                    del self.built_event[key]
+                raise
+            finally:
+                done.set()
         return self.models[key]
 
     def built(self) -> list[str]:
@@ -80,9 +120,23 @@ class ModelActor:
     def run(self, spec: Any, stage: Callable[..., Any], batch: dict[str, Any]) -> dict[str, Any]:
         """`stage(model=...)` wraps the built model for one feature (runner.ModelStage); kept per feature."""
         key = (spec_id(spec), repr(stage))
-        if key not in self.stages:
-            self.stages[key] = stage(model=self.model(spec))
-        return self.stages[key](batch)
+        model = self.model(spec)
+        with self.running:
+            if key not in self.stages:
+                self.stages[key] = stage(model=model)
+            return self.stages[key](batch)
+
+    def warm(self, specs: list[Any]) -> list[str]:
+        """Build `specs`' models, in order, ahead of their first batches (one call, so that the actor's second
+        thread stays free for the steps); failures are returned, not raised (the extraction's own `facts` call
+        meets them again and reports them)."""
+        failures = []
+        for spec in specs:
+            try:
+                self.model(spec)
+            except Exception as exc:
+                failures.append(f"{spec.name}: {type(exc).__name__}: {exc}")
+        return failures
 
     def pid(self) -> int:
         return os.getpid()
@@ -94,6 +148,7 @@ class ModelPool:
 
     actors: dict[tuple, list[Any]] = field(default_factory=dict)
     starts: dict[tuple, int] = field(default_factory=dict)  # actors started per model, for reports and tests
+    warmed: list[tuple] = field(default_factory=list)  # specs whose models `warm` asked an actor to build
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def handles(self, spec: Any, count: int, use_gpu: bool, threads: int | None) -> list[Any]:
@@ -102,18 +157,40 @@ class ModelPool:
         import ray
 
         key = model_key(spec) if use_gpu else CPU_SLOTS
+        if not use_gpu and threads is None:
+            threads = cpu_threads()
         with self.lock:
             have = self.actors.pop(key, [])
             self.actors[key] = have  # most recently used last
             if len(have) < count and use_gpu:
                 self._free_gpus(count - len(have), keep=key)
-            options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
+            options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 2}
             options |= {"num_gpus": 1} if use_gpu else {"scheduling_strategy": "SPREAD"}
             while len(have) < count:
                 actor = ray.remote(ModelActor).options(**options).remote(None if use_gpu else threads)
                 have.append(actor)
                 self.starts[key] = self.starts.get(key, 0) + 1
             return have[:count]
+
+    def warm(self, specs: list[Any], address: str | None = None) -> None:
+        """Start Ray and build `specs`' models on the actor each extraction asks first, in the background
+        (extractors/ray_start.py `in_background`), so that a refresh's ingest and forget overlap Ray's start,
+        the actor's process start and the model loads. On CPUs one slot actor builds them all, in this order
+        (the order of the refresh's extractions); on a GPU cluster only the first model is built, since the
+        next would take its GPU. Returns at once; `run` and `facts` wait for the start (`init_ray` settles it)
+        and for their own model's build, not for the builds queued after it (ModelActor serves two calls at a
+        time)."""
+        from extractors.ray_start import connect_ray, in_background, start_ray
+
+        def start() -> None:
+            connect_ray(address)
+            use_gpu = start_ray()
+            wanted = specs[:1] if use_gpu else specs
+            self.handles(wanted[0], 1, use_gpu, None)[0].warm.remote(wanted)
+            self.warmed += [spec_id(spec) for spec in wanted]
+
+        if specs:
+            in_background(start)
 
     def _free_gpus(self, needed: int, keep: tuple) -> None:
         import ray
@@ -170,6 +247,9 @@ class ModelPool:
     def close(self) -> None:
         import ray
 
+        from extractors.ray_start import settle
+
+        settle()  # a warm-up still starting actors would leave them behind
         with self.lock:
             if ray.is_initialized():
                 for handles in self.actors.values():

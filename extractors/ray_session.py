@@ -15,13 +15,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from extractors.ray_start import connect_ray, settle
 from stores.errors import MmfeatError, TransientError, classified
 
-
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at `address` (else $RAY_ADDRESS, else a local Ray the runner starts)."""
-    if address:
-        os.environ["RAY_ADDRESS"] = address
+__all__ = ["alive_cpus", "connect_ray", "ray_errors", "reset_ray"]
 
 
 def reset_ray() -> None:
@@ -31,6 +28,7 @@ def reset_ray() -> None:
 
     from extractors.model_pool import active_pool
 
+    settle()
     pool = active_pool()
     if pool is not None:
         pool.forget()
@@ -42,6 +40,7 @@ def alive_cpus() -> int:
     """CPUs of the Ray nodes alive now (connecting as the runner would)."""
     import ray
 
+    settle()
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS") or None,

@@ -24,9 +24,7 @@ import importlib
 import inspect
 import json
 import logging
-import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from tqdm.auto import tqdm
 
 from extractors.images import ImageError, decode_image, device_decodable
 from extractors.model_pool import active_pool, model_pool
+from extractors.ray_start import init_ray
 from stores.errors import MmfeatError, TerminalError
 from stores.features import (
     CAPTION_FEATURE,
@@ -482,7 +481,7 @@ def run_extraction(
 
     use_ray, use_gpu = engine == "ray", False
     if use_ray:
-        use_gpu = _init_ray()
+        use_gpu = init_ray()
     # Inside `model_pool()` (a refresh) the model runs on the pool's actors, started once per model per refresh;
     # a text run outside one takes a pool of its own, which consumes the driver's stream of batches.
     with ExitStack() as scope:
@@ -531,7 +530,7 @@ def _run(
     # The pixel pipeline's CPU stage needs the model's preprocessing config before any worker starts.
     preprocess_cfg: dict[str, Any] | None = None
     if pool is not None:  # the actor that will run the model loads it now and says what it is
-        provenance, preprocess_cfg, traits = pool.facts(extractor, use_gpu, threads or 1)
+        provenance, preprocess_cfg, traits = pool.facts(extractor, use_gpu, threads)
     else:
         traits = extractor.traits()
     pixels, decoded = pixel_pipeline(traits, source), decoded_pipeline(traits, source)
@@ -581,7 +580,7 @@ def _run(
                 _pool_inputs(ws, todo, source, versions, batch_size, preprocess_cfg, use_gpu, decoded), stages
             )  # fmt: skip
             count = concurrency or _default_actors(use_gpu)
-            batches = pool.run(extractor, stage, inputs, count, use_gpu, threads or 1)
+            batches = pool.run(extractor, stage, inputs, count, use_gpu, threads)
         elif use_ray:
             expect = provenance_json(provenance) if provenance is not None else None
             batches = _ray_batches(ws, extractor, todo, source, fields, output, versions, batch_size, concurrency,
@@ -791,31 +790,17 @@ def _facts_of(extractor: ExtractorSpec) -> tuple[dict[str, Any], dict[str, Any] 
     return dict(model.provenance), getattr(model, "preprocess_cfg", None)
 
 
-def _init_ray() -> bool:
-    """Local Ray with this machine's CPUs, or the cluster at $RAY_ADDRESS; reuses a running session.
-    Returns whether the cluster has a GPU."""
-    import ray
+def _quiet_ray_data() -> None:
+    """Ray Data without its progress bars and start banners (the runner has its own bar). Imported only by the
+    path that uses Ray Data: a refresh's model pool does not."""
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count() or 1}
-        with warnings.catch_warnings():
-            # Starting Ray's processes forks this one; lance warns about forks it is not part of.
-            warnings.filterwarnings("ignore", message=".*fork", category=Warning)
-            ray.init(
-                include_dashboard=False,
-                ignore_reinit_error=True,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                **kwargs,
-            )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # It would warn "progress bars disabled" on every run; the runner has its own.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    return ray.cluster_resources().get("GPU", 0) >= 1
 
 
 def _blocks(todo: pa.Table, rows: int) -> list[pa.Table]:
@@ -859,6 +844,7 @@ def _ray_batches(
         # As many torch threads as CPUs the actor claims. More oversubscribes: on a busy 2-core machine two
         # threads made a small model 30x slower than one (OpenMP workers spinning for cores others hold).
         threads = 1
+    _quiet_ray_data()
     ds = ray.data.from_arrow(_blocks(todo, batch_size))
     if source == "image":
         where = {"uri": ws.table_uri("item_images"), "version": versions["item_images"],

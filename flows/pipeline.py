@@ -220,11 +220,15 @@ def refresh_flow(
     result: dict[str, Any] = {"config": cfg.name, "workspace": ws.uri}
     # The stages run as tasks of this one flow run, not as subflows: each flow run costs about a second of
     # Prefect bookkeeping, which a refresh with nothing to do would otherwise spend several times over.
-    result["ingest"] = ingest_stage(cfg, ws, force)
-    result["forget"] = forget_stage(cfg, ws) if serve_forget else []
-    result["cluster"] = _with(cluster_step, cfg)(ws.uri, cluster_min_rows)
     # One Ray actor per model for the whole refresh (extractors/model_pool.py), released even when a step fails.
-    with model_pool() if cfg.run.engine == "ray" else nullcontext():
+    # Ray, the actor and the models of the extractions to come start in the background while ingest and forget
+    # run: on the demo that hides Ray's start and the model loads behind work the driver does anyway.
+    with model_pool() if cfg.run.engine == "ray" else nullcontext() as pool:
+        if pool is not None:
+            pool.warm(steps.models_to_warm(ws, cfg, force, serve_forget), cfg.run.ray_address)
+        result["ingest"] = ingest_stage(cfg, ws, force)
+        result["forget"] = forget_stage(cfg, ws) if serve_forget else []
+        result["cluster"] = _with(cluster_step, cfg)(ws.uri, cluster_min_rows)
         result["extract"] = extract_stage(cfg, ws, force)
     result["recipes"] = recipes_stage(cfg, ws, force)
     result["snapshot"] = _with(snapshot_step, cfg)(ws.uri, cfg, snapshot) if snapshot else None

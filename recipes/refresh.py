@@ -9,6 +9,7 @@ same without Prefect.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from recipes.config import (
 )
 from stores import artifacts
 from stores.errors import TerminalError
-from stores.steps import Step, last_manifest, run_step
+from stores.features import CAPTION_FEATURE, feature_table
+from stores.steps import Built, Step, last_manifest, run_step, unchanged
 from stores.workspace import Workspace
 
 STEP = "step"  # artifacts kind of the refresh's step records
@@ -54,6 +56,65 @@ def _open(cfg: PipelineConfig, spec: Any, ws: Workspace) -> Any:
         return open_source(cfg, spec, ws.uri)
     except SourceError as exc:
         raise TerminalError(f"source {spec.name!r}: {exc}") from None
+
+
+def _ingest_step(spec: Any, files: list[Path], build: Callable[[], Built]) -> Step:
+    return Step(
+        STEP, f"ingest:{spec.name}", {"files": _stat_digest(files)}, spec.model_dump(), build, lambda _: True
+    )
+
+
+def _extract_step(ws: Workspace, cfg: PipelineConfig, feature: str, build: Callable[[], Built]) -> Step:
+    e = cfg.extractor(feature)
+    inputs = {name: ws.version(name) for name in INPUT_TABLES[e.source]}
+    params = {"extractor": e.model_dump(), "engine": cfg.run.engine}
+    fresh = lambda done: done.get("output_version") == ws.version(feature_table(feature))  # noqa: E731
+    return Step(STEP, f"extract:{feature}", inputs, params, build, fresh)
+
+
+def _unbuilt() -> Built:
+    raise AssertionError("a step built only to be compared is never run")
+
+
+def models_to_warm(
+    ws: Workspace, cfg: PipelineConfig, force: bool = False, serve_forget: bool = True
+) -> list:
+    """The extractor specs of the extractions a refresh is about to run, in the order it runs them, as far as can be
+    told before its ingest: all of them when forced, when a source's files changed or a forget request is to be
+    served (either can change every extraction's input), else those whose step is not fresh, with the
+    caption-fed ones after a captioner that is to run. The refresh warms their models while it ingests
+    (extractors/model_pool.py `ModelPool.warm`); a wrong guess costs a model load, never a result."""
+    from extractors.registry import config_spec
+    from stores.erasure.log import logged, pending_requests
+
+    def changed() -> bool:
+        for spec in cfg.sources:
+            files = source_files(cfg, spec, ws.uri)
+            if (
+                not all(p.exists() for p in files)
+                or unchanged(ws, _ingest_step(spec, files, _unbuilt)) is None
+            ):
+                return True
+        served = lambda rid: (logged(ws, rid) or {}).get("status") == "done"  # noqa: E731
+        return serve_forget and (
+            bool(pending_requests(ws)) or not all(served(r.request_id) for r in cfg.forget)
+        )
+
+    if force or changed():
+        todo = [e.feature for e in cfg.extract]
+    else:
+        todo = [
+            e.feature
+            for e in cfg.extract
+            if unchanged(ws, _extract_step(ws, cfg, e.feature, _unbuilt)) is None
+        ]
+        if CAPTION_FEATURE in todo:
+            todo += [e.feature for e in cfg.extract if e.source == "caption" and e.feature not in todo]
+    wanted = [cfg.extractor(f) for f in todo]
+    return [
+        config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens, e.caption_engine)
+        for e in wanted
+    ]
 
 
 def ingest_source(ws: Workspace, cfg: PipelineConfig, source: str, force: bool = False) -> dict:
@@ -86,10 +147,7 @@ def ingest_source(ws: Workspace, cfg: PipelineConfig, source: str, force: bool =
         )
         return "items", ws.version("items") or 0, {"versions": versions, "written": written}
 
-    step = Step(
-        STEP, f"ingest:{source}", {"files": _stat_digest(files)}, spec.model_dump(), build, lambda _: True
-    )
-    info = run_step(ws, step, force)
+    info = run_step(ws, _ingest_step(spec, files, build), force)
     if info["skipped"]:
         return out | {"skipped": True, "written": 0, "versions": info["versions"]}
     return out | {"skipped": False}
@@ -103,7 +161,6 @@ def extract_feature(
     from extractors.ray_session import ray_errors
     from extractors.registry import config_spec, preflight
     from extractors.runner import run_extraction
-    from stores.features import feature_table
 
     e = cfg.extractor(feature)
     table = feature_table(feature)
@@ -135,10 +192,7 @@ def extract_feature(
         )
         return table, version or 0, {"output_version": version}
 
-    inputs = {name: ws.version(name) for name in INPUT_TABLES[e.source]}
-    params = {"extractor": e.model_dump(), "engine": cfg.run.engine}
-    fresh = lambda done: done.get("output_version") == ws.version(table)  # noqa: E731
-    info = run_step(ws, Step(STEP, f"extract:{feature}", inputs, params, build, fresh), force)
+    info = run_step(ws, _extract_step(ws, cfg, feature, build), force)
     if info["skipped"]:
         return out | {"skipped": True, "model_calls": 0, "written": 0, "version": ws.version(table)}
     return out | {"skipped": False, "version": info["output_version"]}
@@ -194,7 +248,6 @@ def build_semantic_ids(ws: Workspace, cfg: PipelineConfig, name: str) -> dict:
 def export_split(ws: Workspace, cfg: PipelineConfig, index: int, force: bool = False) -> dict:
     """Export a split unless the split and features are at the versions of the last export to the same path."""
     from recipes.pipeline import export
-    from stores.features import feature_table
 
     x = cfg.exports[index]
     out = output_path(x.out, ws.uri, format=x.format, split=x.split)

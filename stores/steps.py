@@ -53,16 +53,25 @@ def last_manifest(ws: Workspace, kind: str, name: str) -> dict | None:
         return None
 
 
+def unchanged(ws: Workspace, step: Step) -> dict | None:
+    """The stored manifest of `step` when a run would skip it (same fingerprint, artifact still usable), else None."""
+    done = last_manifest(ws, step.kind, step.name)
+    if done is None or done.get("fingerprint") != fingerprint(step.inputs, step.params):
+        return None
+    return done if (step.fresh(done) if step.fresh is not None else ws.exists(done["table"])) else None
+
+
 def run_step(ws: Workspace, step: Step, force: bool = False) -> dict:
     """Run `step` unless it is unchanged; returns its manifest, with skipped=True when the build was skipped."""
-    fp = fingerprint(step.inputs, step.params)
     # the step's reads and writes meet the workspace (maybe an object store) and model hubs: a timeout or a
     # dropped connection there is transient
     with network_boundary(f"{step.kind} {step.name} on {ws.uri}"):
-        if not force and (done := last_manifest(ws, step.kind, step.name)) is not None:
-            fresh = step.fresh(done) if step.fresh is not None else ws.exists(done["table"])
-            if done.get("fingerprint") == fp and fresh:
-                return done | {"skipped": True}
+        if not force and (done := unchanged(ws, step)) is not None:
+            return done | {"skipped": True}
         table, version, body = step.build()
-        body = body | {"inputs": step.inputs, "params": step.params, "fingerprint": fp}
+        body = body | {
+            "inputs": step.inputs,
+            "params": step.params,
+            "fingerprint": fingerprint(step.inputs, step.params),
+        }
         return artifacts.record_artifact(ws, step.kind, step.name, table, version, body) | {"skipped": False}

@@ -4,7 +4,10 @@ the extractor's own; the actors are gone when the block ends, also when it raise
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from extractors.registry import TINY_CLIP, caption_spec, clip_text_spec, image_s
 from recipes import refresh as steps
 from recipes.config import CONFIG_DIR, load_config
 from stores.workspace import Workspace
+from tests.conftest import run_capped
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +96,135 @@ def test_gpu_actors_are_keyed_by_the_model_they_hold():
     assert model_key(image_spec(None)) != clip
     assert model_key(image_spec(TINY_CLIP, "/weights.pt")) != clip
     assert model_key(caption_spec("tiny-test")) not in (clip, model_key(text_spec(None)))
+
+
+# ---- warm-up: models load while the refresh ingests ------------------------------------------------------------
+
+
+class _Gated:
+    """A model whose build waits for the test's go-ahead (`gate`) and counts its builds; `fail` builds raise."""
+
+    builds = 0
+    fail = 0
+    gate = threading.Event()
+
+    def __init__(self, name: str = "", tag: int = 0) -> None:
+        if name == "gated":
+            assert _Gated.gate.wait(60), "the test never opened the gate"
+        _Gated.builds += 1
+        if _Gated.fail:
+            _Gated.fail -= 1
+            raise OSError("weights unreadable")
+
+
+def test_model_actor_builds_each_model_once_and_a_ready_model_waits_for_no_build():
+    """ModelActor serves two calls at a time: concurrent calls for one model build it once; a failed build is
+    raised to its caller, not kept (the next call builds again), and `warm` returns it instead of raising; a
+    call for a model already built returns while another model is still being built."""
+    from extractors.model_pool import ModelActor
+    from extractors.runner import ExtractorSpec
+
+    actor = ModelActor(None)
+    gated = ExtractorSpec(_Gated, {"name": "gated"})
+    _Gated.builds, _Gated.fail = 0, 0
+    _Gated.gate.clear()
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(actor.model, gated) for _ in range(4)]
+        time.sleep(0.5)  # the four calls meet while the one build waits at the gate
+        _Gated.gate.set()
+        models = [call.result(timeout=60) for call in calls]
+    assert _Gated.builds == 1 and all(m is models[0] for m in models)
+
+    flaky = ExtractorSpec(_Gated, {"name": "flaky"})
+    _Gated.builds, _Gated.fail = 0, 1
+    (failure,) = actor.warm([flaky])  # returned, not raised
+    assert failure.startswith("_Gated: TerminalError: cannot load _Gated") and "weights unreadable" in failure
+    assert actor.model(flaky) is not None and _Gated.builds == 2
+
+    later = ExtractorSpec(_Gated, {"name": "gated", "tag": 1})
+    _Gated.gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        warming = pool.submit(actor.warm, [later])
+        assert actor.model(gated) is models[0]  # returns although `later` is still being built
+        assert not warming.done()
+        _Gated.gate.set()
+        assert warming.result(timeout=60) == []
+
+
+def _demo_refresh_config(tmp_path: Path, forget: bool = False, engine: str = "local") -> Path:
+    """The demo's four extractions (captioner, CLIP, MiniLM over text and over captions) on 16 items."""
+    data = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
+    data["sources"][0].update(n_items=16, n_users=8, dir=str(tmp_path / "source"))
+    for key in ("splits", "graphs", "exports", "snapshot", "report", "schedules"):
+        data.pop(key, None)
+    if not forget:
+        data.pop("forget")
+    else:
+        data["forget"][0]["users"] = ["u00001"]
+    data["run"]["engine"] = engine
+    path = tmp_path / f"warm-{engine}{int(forget)}.yaml"
+    path.write_text("# Run: mmfeat run warm.yaml\n" + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_models_to_warm_names_the_extractions_a_refresh_will_run(tmp_path):
+    """Before a refresh's ingest: every extraction's model when the source is new or changed, when forced, or
+    when a forget request is to be served; none once everything is fresh; only the stale extraction's model
+    (and, for the captioner, those of the extractions that read its captions) otherwise."""
+    cfg = load_config(_demo_refresh_config(tmp_path))
+    ws = Workspace(str(tmp_path / "ws"))
+    names = lambda specs: [s.name for s in specs]  # noqa: E731
+    everything = ["Captioner", "ClipImageEncoder", "TextEncoder", "TextEncoder"]
+    assert names(steps.models_to_warm(ws, cfg)) == everything  # nothing ingested yet
+    steps.ingest_source(ws, cfg, "demo")
+    for e in cfg.extract:
+        steps.extract_feature(ws, cfg, e.feature)
+    assert steps.models_to_warm(ws, cfg) == []
+    assert names(steps.models_to_warm(ws, cfg, force=True)) == everything
+
+    first = ws.read("items", columns=["item_id"])["item_id"][0].as_py()
+    ws.open("feat_text").delete(f"item_id = '{first}'")  # one output changed: only its extraction runs again
+    assert names(steps.models_to_warm(ws, cfg)) == ["TextEncoder"]
+    ws.open("captions").delete(
+        f"item_id = '{first}'"
+    )  # the captioner's: the extraction of its captions follows
+    assert names(steps.models_to_warm(ws, cfg)) == ["Captioner", "TextEncoder", "TextEncoder"]
+    for e in cfg.extract:
+        steps.extract_feature(ws, cfg, e.feature)
+    assert steps.models_to_warm(ws, cfg) == []
+
+    source = next((tmp_path / "source").glob("*.csv"))
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert names(steps.models_to_warm(ws, cfg)) == everything  # the source changed
+    steps.ingest_source(ws, cfg, "demo")
+    with_forget = load_config(_demo_refresh_config(tmp_path, forget=True))
+    assert names(steps.models_to_warm(ws, with_forget)) == everything  # a request not served yet
+    assert steps.models_to_warm(ws, with_forget, serve_forget=False) == []
+
+
+def test_a_refresh_warms_its_models_in_the_background_and_builds_each_once(tmp_path):
+    """In a fresh process (Ray not started): the warm-up starts Ray on the starter thread and the models on one
+    slot actor while the driver ingests; Ray stays up after that thread's job ended (its processes outlive the
+    job), each model is built once, and the vectors are written."""
+    cfg_path = _demo_refresh_config(tmp_path, engine="ray")
+    code = f"""
+import json, time
+import ray
+from extractors.model_pool import model_pool
+from recipes import refresh as steps
+from recipes.config import load_config
+from stores.workspace import Workspace
+cfg, ws = load_config({str(cfg_path)!r}), Workspace({str(tmp_path / "ws")!r})
+with model_pool() as pool:
+    pool.warm(steps.models_to_warm(ws, cfg))
+    steps.ingest_source(ws, cfg, "demo")
+    time.sleep(3)  # the warm-up's job has ended: Ray's processes must outlive the thread that started them
+    out = [steps.extract_feature(ws, cfg, e.feature) for e in cfg.extract]
+    print(json.dumps({{"started_here": ray.is_initialized(), "starts": list(pool.starts.values()),
+          "built": list(pool.built().values()), "warmed": len(pool.warmed),
+          "done": [o["done"] for o in out], "calls": [o["model_calls"] for o in out]}}))
+"""
+    result = run_capped(code, timeout=600)
+    assert result["started_here"] and result["starts"] == [1] and result["warmed"] == 4
+    assert [sorted(b) for b in result["built"][0]] == [["Captioner", "ClipImageEncoder", "TextEncoder"]]
+    assert result["done"] == [16, 16, 16, 16] and all(c > 0 for c in result["calls"])
