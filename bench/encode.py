@@ -31,6 +31,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from extractors.model_pool import slot_threads  # noqa: E402
 from extractors.runner import compose_text  # noqa: E402
 from stores.schema import ITEMS  # noqa: E402
 from stores.workspace import Workspace  # noqa: E402
@@ -129,8 +130,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--bare-threads", type=int, default=1,
-                        help="torch threads of the bare loop: 1 matches the pipeline's one CPU actor; 0 = torch's default")  # fmt: skip
+    parser.add_argument("--bare-threads", type=int, default=slot_threads(os.cpu_count() or 1),
+                        help="torch threads of the bare loop (default: those of the pipeline's CPU actor, "
+                             "extractors/model_pool.py slot_threads); 0 = torch's default")  # fmt: skip
     parser.add_argument("--record", action="store_true", help="Append the results to BENCHMARKS.md.")
     args = parser.parse_args()
 
@@ -166,7 +168,8 @@ def main() -> None:
     lines = [
         f"{args.items:,} synthetic item texts (title + 40-70 word overview), all-MiniLM-L6-v2 (packaged), CPU, "
         f"batch {args.batch_size}; {os.cpu_count()} CPUs, load average {load:.1f} at start; bare loop with "
-        f"{threads} torch thread(s), pipeline: local Ray, 1 model actor (1 CPU, 1 thread).",
+        f"{threads} torch thread(s), pipeline: local Ray, 1 model actor "
+        f"({slot_threads(os.cpu_count() or 1)} torch thread(s)).",
         "",
         "| run | wall s | items/s | notes |",
         "|---|---:|---:|---|",

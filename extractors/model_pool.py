@@ -44,14 +44,19 @@ def model_key(spec: Any) -> tuple:
     return (family, *head, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
 
 
+def slot_threads(cpus: int) -> int:
+    """Torch threads of a CPU slot actor on a cluster of `cpus` CPUs: the CPUs over the actors a step runs by
+    default (one fewer than the CPUs, at least one; runner._default_actors), so that the CPUs a step's actors do
+    not take are used: on 2 CPUs the one actor gets both (the driver mostly waits on it); on more, one each."""
+    cpus = max(1, cpus)
+    return max(1, cpus // max(1, cpus - 1))
+
+
 def cpu_threads() -> int:
-    """Torch threads of a CPU slot actor: the cluster's CPUs over the actors a step runs by default (one fewer
-    than the CPUs, at least one; runner._default_actors), so that the CPUs a step's actors do not take are
-    used: on a 2-CPU machine the one actor gets both (the driver mostly waits on it); on larger ones, one each."""
+    """`slot_threads` of the Ray cluster this driver is connected to."""
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return max(1, cpus // max(1, cpus - 1))
+    return slot_threads(int(ray.cluster_resources().get("CPU", 1)))
 
 
 def spec_id(spec: Any) -> tuple:

@@ -79,11 +79,12 @@ def _unbuilt() -> Built:
 def models_to_warm(
     ws: Workspace, cfg: PipelineConfig, force: bool = False, serve_forget: bool = True
 ) -> list:
-    """The extractor specs of the extractions a refresh is about to run, in the order it runs them, as far as can be
+    """The extractor specs of the extractions a refresh is about to run, in the config's order, as far as can be
     told before its ingest: all of them when forced, when a source's files changed or a forget request is to be
     served (either can change every extraction's input), else those whose step is not fresh, with the
-    caption-fed ones after a captioner that is to run. The refresh warms their models while it ingests
-    (extractors/model_pool.py `ModelPool.warm`); a wrong guess costs a model load, never a result."""
+    caption-fed ones when the captioner is to run. None when it cannot tell (a source the ingest will report).
+    The refresh warms their models while it ingests (extractors/model_pool.py `ModelPool.warm`); a wrong guess
+    costs a model load or a later start, never a result."""
     from extractors.registry import config_spec
     from stores.erasure.log import logged, pending_requests
 
@@ -100,17 +101,16 @@ def models_to_warm(
             bool(pending_requests(ws)) or not all(served(r.request_id) for r in cfg.forget)
         )
 
-    if force or changed():
-        todo = [e.feature for e in cfg.extract]
-    else:
-        todo = [
-            e.feature
-            for e in cfg.extract
-            if unchanged(ws, _extract_step(ws, cfg, e.feature, _unbuilt)) is None
-        ]
-        if CAPTION_FEATURE in todo:
-            todo += [e.feature for e in cfg.extract if e.source == "caption" and e.feature not in todo]
-    wanted = [cfg.extractor(f) for f in todo]
+    def stale(feature: str) -> bool:
+        return unchanged(ws, _extract_step(ws, cfg, feature, _unbuilt)) is None
+
+    try:
+        everything = force or changed()
+        todo = {e.feature for e in cfg.extract if everything or stale(e.feature)}
+    except Exception:
+        return []
+    captions = CAPTION_FEATURE in todo
+    wanted = [e for e in cfg.extract if e.feature in todo or (captions and e.source == "caption")]
     return [
         config_spec(e.kind, e.model, e.pretrained, e.prompt, e.max_new_tokens, e.caption_engine)
         for e in wanted

@@ -228,3 +228,41 @@ with model_pool() as pool:
     assert result["started_here"] and result["starts"] == [1] and result["warmed"] == 4
     assert [sorted(b) for b in result["built"][0]] == [["Captioner", "ClipImageEncoder", "TextEncoder"]]
     assert result["done"] == [16, 16, 16, 16] and all(c > 0 for c in result["calls"])
+
+
+def test_a_refresh_that_fails_while_its_models_warm_keeps_its_error_and_releases_the_actors(
+    prefect_api, tmp_path, ray_local, monkeypatch
+):
+    """A Ray refresh whose source is missing: the warm-up has started the slot actor and its model builds when
+    the ingest fails; the flow fails with the ingest's own error (the one `mmfeat ingest` gives), and the
+    actors the warm-up started are killed when the refresh's pool closes."""
+    import ray
+
+    from extractors import model_pool as pools
+    from flows.pipeline import refresh_flow
+    from stores.errors import TerminalError
+
+    data = yaml.safe_load(_config(tmp_path).read_text())
+    data["sources"] = [{"kind": "table", "name": "shop", "items": str(tmp_path / "missing.csv"),
+                        "interactions": str(tmp_path / "missing_inter.csv")}]  # fmt: skip
+    cfg_path = tmp_path / "missing.yaml"
+    cfg_path.write_text("# Run: mmfeat run missing.yaml\n" + yaml.safe_dump(data, sort_keys=False))
+    seen, close = [], pools.ModelPool.close
+
+    def recording_close(pool: pools.ModelPool) -> None:
+        from extractors.ray_start import settle
+
+        settle()  # the warm-up's job has created its actors
+        seen.append((list(pool.warmed), [a for handles in pool.actors.values() for a in handles]))
+        close(pool)
+
+    monkeypatch.setattr(pools.ModelPool, "close", recording_close)
+    with pytest.raises(TerminalError, match="source 'shop'"):
+        refresh_flow(str(cfg_path), str(tmp_path / "ws"))
+    ((warmed, actors),) = seen
+    assert len(warmed) == len(EXTRACT) and len(actors) == 1
+    with pytest.raises(ray.exceptions.RayActorError):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ray.get(actors[0].pid.remote(), timeout=60)
+            time.sleep(0.5)
