@@ -452,8 +452,10 @@ def run_extraction(
     "title. text", or the captions (when any of them came from untrained weights, the rows record
     `input.untrained` in their params, so the feature lists as untrained whatever its own encoder).
     `concurrency` is the number of model actors (default: one per GPU, else one fewer than the CPUs, at least
-    one); a CPU job that fits in one batch runs in this process on the model loaded to read its provenance. `threads` is the torch threads of each CPU actor (default 1, the CPU it
-    claims) or, with `engine="local"`, of this process (default: torch's).
+    one); a CPU job that fits in one batch runs in this process on the model loaded to read its provenance.
+    `threads` is the torch threads of each CPU actor (default: the model pool's `slot_threads`, the CPUs its
+    actors leave, 2 on a 2-CPU machine; 1 for the Ray Data path, the CPU each actor claims) or, with
+    `engine="local"`, of this process (default: torch's).
     """
     started = time.perf_counter()
     output = "caption" if feature == CAPTION_FEATURE else "vector"
