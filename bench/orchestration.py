@@ -99,7 +99,7 @@ snapshot = steps.snapshot_name(ws, cfg)
 out, ray_wait = {}, 0.0
 with model_pool() if cfg.run.engine == "ray" else nullcontext() as pool:
     if pool is not None:
-        pool.warm(lambda: steps.models_to_warm(Workspace(ws.uri), cfg), cfg.run.ray_address)
+        pool.warm(steps.models_to_warm(ws, cfg), cfg.run.ray_address)
     out["ingest"] = [steps.ingest_source(ws, cfg, s.name) for s in cfg.sources]
     out["forget"] = steps.resume_forgets(ws) + [steps.serve_forget(ws, cfg, r.request_id) for r in cfg.forget]
     steps.cluster_interactions(ws)

@@ -177,28 +177,25 @@ class ModelPool:
                 self.starts[key] = self.starts.get(key, 0) + 1
             return have[:count]
 
-    def warm(self, specs: list[Any] | Callable[[], list[Any]], address: str | None = None) -> None:
+    def warm(self, specs: list[Any], address: str | None = None) -> None:
         """Start Ray and build `specs`' models on the actor each extraction asks first, in the background
         (extractors/ray_start.py `in_background`), so that a refresh's ingest and forget overlap Ray's start,
-        the actor's process start and the model loads. `specs` may be a function that says which, called in
-        the background too (recipes/refresh.py `models_to_warm`: none means no Ray is started). On CPUs one
-        slot actor builds them all, in this order (the order of the refresh's extractions); on a GPU cluster
-        only the first model is built, since the next would take its GPU. Returns at once; `run` and `facts`
-        wait for the start (`init_ray` settles it) and for their own model's build, not for the builds queued
-        after it (ModelActor serves two calls at a time)."""
+        the actor's process start and the model loads. On CPUs one slot actor builds them all, in this order
+        (the order of the refresh's extractions); on a GPU cluster only the first model is built, since the
+        next would take its GPU. Returns at once; `run` and `facts` wait for the start (`init_ray` settles it)
+        and for their own model's build, not for the builds queued after it (ModelActor serves two calls at a
+        time)."""
         from extractors.ray_start import connect_ray, in_background, start_ray
 
         def start() -> None:
-            wanted = specs() if callable(specs) else specs
-            if not wanted:
-                return
             connect_ray(address)
             use_gpu = start_ray()
-            wanted = wanted[:1] if use_gpu else wanted
+            wanted = specs[:1] if use_gpu else specs
             self.handles(wanted[0], 1, use_gpu, None)[0].warm.remote(wanted)
             self.warmed += [spec_id(spec) for spec in wanted]
 
-        in_background(start)
+        if specs:
+            in_background(start)
 
     def _free_gpus(self, needed: int, keep: tuple) -> None:
         import ray

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -223,12 +222,10 @@ def refresh_flow(
     # Prefect bookkeeping, which a refresh with nothing to do would otherwise spend several times over.
     # One Ray actor per model for the whole refresh (extractors/model_pool.py), released even when a step fails.
     # Ray, the actor and the models of the extractions to come start in the background while ingest and forget
-    # run: on the demo that hides Ray's start and the model loads behind work the driver does anyway. Which
-    # models is worked out there too (it stats the source files as the ingest does).
+    # run: on the demo that hides Ray's start and the model loads behind work the driver does anyway.
     with model_pool() if cfg.run.engine == "ray" else nullcontext() as pool:
         if pool is not None:
-            upcoming = partial(steps.models_to_warm, Workspace(ws.uri), cfg, force, serve_forget)
-            pool.warm(upcoming, cfg.run.ray_address)
+            pool.warm(steps.models_to_warm(ws, cfg, force, serve_forget), cfg.run.ray_address)
         result["ingest"] = ingest_stage(cfg, ws, force)
         result["forget"] = forget_stage(cfg, ws) if serve_forget else []
         result["cluster"] = _with(cluster_step, cfg)(ws.uri, cluster_min_rows)

@@ -90,12 +90,11 @@ def models_to_warm(
 
     def changed() -> bool:
         for spec in cfg.sources:
-            try:
-                files = source_files(cfg, spec, ws.uri)
-                step = _ingest_step(spec, files, _unbuilt)
-            except OSError:  # files moving under the scan (a catalog being written): the ingest has work
-                return True
-            if unchanged(ws, step) is None:
+            files = source_files(cfg, spec, ws.uri)
+            if (
+                not all(p.exists() for p in files)
+                or unchanged(ws, _ingest_step(spec, files, _unbuilt)) is None
+            ):
                 return True
         served = lambda rid: (logged(ws, rid) or {}).get("status") == "done"  # noqa: E731
         return serve_forget and (
