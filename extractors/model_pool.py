@@ -72,8 +72,9 @@ class ModelActor:
     hold up a step whose model is ready. Builds still run one at a time (`building`: they are import-bound and
     two would only share the interpreter lock), as do batches (`running`), on the torch threads the actor was
     given. With more than one thread, OpenMP's workers sleep rather than spin while they wait (unless
-    $OMP_WAIT_POLICY says otherwise): on a 2-core machine a second process busy beside two spinning threads
-    made MiniLM 1.5x slower than one thread, 1.1x with sleeping ones, and 0.56x when nothing else ran."""
+    $OMP_WAIT_POLICY says otherwise): on a 2-core machine, beside one busy process, two spinning threads made
+    MiniLM 1.4x slower than one thread, two sleeping ones 1.05x, and with nothing else running they took 0.55x
+    its time (bench/threads.py)."""
 
     def __init__(self, threads: int | None) -> None:
         if threads:
@@ -162,8 +163,6 @@ class ModelPool:
         import ray
 
         key = model_key(spec) if use_gpu else CPU_SLOTS
-        if not use_gpu and threads is None:
-            threads = cpu_threads()
         with self.lock:
             have = self.actors.pop(key, [])
             self.actors[key] = have  # most recently used last
@@ -171,6 +170,8 @@ class ModelPool:
                 self._free_gpus(count - len(have), keep=key)
             options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 2}
             options |= {"num_gpus": 1} if use_gpu else {"scheduling_strategy": "SPREAD"}
+            if len(have) < count and not use_gpu and threads is None:
+                threads = cpu_threads()  # asked of the cluster only when an actor starts
             while len(have) < count:
                 actor = ray.remote(ModelActor).options(**options).remote(None if use_gpu else threads)
                 have.append(actor)

@@ -10,12 +10,10 @@ succeed); a task that failed on its own error keeps that error's class, so a `Te
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from extractors.ray_start import connect_ray, settle
+from extractors.ray_start import connect_ray, init_ray, settle
 from stores.errors import MmfeatError, TransientError, classified
 
 __all__ = ["alive_cpus", "connect_ray", "ray_errors", "reset_ray"]
@@ -37,18 +35,10 @@ def reset_ray() -> None:
 
 
 def alive_cpus() -> int:
-    """CPUs of the Ray nodes alive now (connecting as the runner would)."""
+    """CPUs of the Ray nodes alive now (connecting as the runner does: `init_ray`)."""
     import ray
 
-    settle()
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+    init_ray()
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

@@ -24,6 +24,13 @@ def _items(n: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ITEMS.schema)
 
 
+def _encode(ws: Workspace, engine: str, batch_size: int, chunk_rows: int):
+    """Feature `t`, tiny CLIP's text tower over the items' text, inside a refresh's model pool."""
+    with model_pool():
+        return run_extraction(ws, "t", clip_text_spec(TINY_CLIP), source="text", batch_size=batch_size,
+                              chunk_rows=chunk_rows, engine=engine, progress=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_every_stage_is_timed_and_vectors_match_the_extractor(tmp_path, ray_local, engine):
     """A text extraction in several batches and chunks reports each stage's seconds (the input scan, the model
@@ -32,9 +39,7 @@ def test_every_stage_is_timed_and_vectors_match_the_extractor(tmp_path, ray_loca
     ws = Workspace(str(tmp_path / "ws"))
     ws.upsert(ITEMS, _items(40))
     spec = clip_text_spec(TINY_CLIP)
-    with model_pool():
-        summary = run_extraction(ws, "t", spec, source="text", batch_size=8, chunk_rows=16, engine=engine,
-                                 progress=False)  # fmt: skip
+    summary = _encode(ws, engine, batch_size=8, chunk_rows=16)
     assert summary.done == 40 and summary.failed == 0
     assert set(summary.stages) == {
         "read",
@@ -62,9 +67,7 @@ def test_text_is_read_in_batches_while_earlier_batches_are_encoded_and_written(t
     ws = Workspace(str(tmp_path / "ws"))
     ws.upsert(ITEMS, _items(60))
     spec = clip_text_spec(TINY_CLIP)
-    with model_pool():
-        first = run_extraction(ws, "t", spec, source="text", batch_size=6, chunk_rows=12, engine=engine,
-                               progress=False)  # fmt: skip
+    first = _encode(ws, engine, batch_size=6, chunk_rows=12)
     assert first.done == 60 and first.eligible == 60 and first.no_input == 0
     assert first.stages["first_write"] < first.stages["last_read"], first.stages
     edited = _items(60).to_pylist()
@@ -73,9 +76,7 @@ def test_text_is_read_in_batches_while_earlier_batches_are_encoded_and_written(t
     edited[5]["content_hash"], edited[7]["content_hash"] = "edited 5", "edited 7"
     ws.upsert(ITEMS, pa.Table.from_pylist(edited, schema=ITEMS.schema))
     ws.open("items").delete("item_id = 'i010'")
-    with model_pool():
-        second = run_extraction(ws, "t", spec, source="text", batch_size=6, chunk_rows=12, engine=engine,
-                                progress=False)  # fmt: skip
+    second = _encode(ws, engine, batch_size=6, chunk_rows=12)
     assert (second.items, second.eligible, second.no_input) == (59, 58, 1), second
     assert (second.done, second.skipped, second.pruned) == (1, 57, 2), second
     rows = ws.read("feat_t", columns=["item_id", "vector"])
